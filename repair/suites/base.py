@@ -1,0 +1,108 @@
+"""What every suite shares: the scoring requests it sends, the result it returns, its configuration,
+and the deterministic search/report split by template."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol, Sequence
+
+import numpy as np
+
+from repair.stats import Metric
+
+Split = Literal["search", "report", "all"]
+REPORT_FRACTION = 0.3
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """Score each option as a continuation of the prompt.
+
+    `prompt` is the full text before the options (chat template already applied where wanted);
+    each option is appended verbatim, so options usually start with a space. Only the option tokens
+    are scored.
+    """
+
+    prompt: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class OptionScores:
+    """Summed log-probability of each option's tokens, and how many tokens each option has."""
+
+    logprob: np.ndarray  # float64, shape (n_options,)
+    n_tokens: np.ndarray  # int64, shape (n_options,)
+
+    @property
+    def mean_logprob(self) -> np.ndarray:
+        return self.logprob / self.n_tokens
+
+
+class Scorer(Protocol):
+    """What a suite needs from the model: the fast evaluator and the reference scorer both provide it."""
+
+    tokenizer: object
+
+    def score_choices(self, requests: Sequence[ChoiceRequest], desc: str = "") -> list[OptionScores]: ...
+
+    def token_nll(self, token_ids: np.ndarray, window: int, stride: int, desc: str = "") -> np.ndarray:
+        """Negative log-likelihood of every token after the first, predicted with a sliding window
+        of at most `window` tokens advancing by `stride` (each token scored exactly once)."""
+        ...
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything the suites read. The CLI maps its flags onto this one to one."""
+
+    data_dir: Path | None = None
+    split: Split = "all"
+    limit: int | None = None  # at most N items per BBQ category / association attribute
+    categories: tuple[str, ...] | None = None  # BBQ categories or association attributes
+    bbq_mode: Literal["cloze", "choice"] = "cloze"
+    mmlu_subjects: tuple[str, ...] | None = None
+    mmlu_shots: int = 0
+    ppl_tokens: int = 4096  # tokens scored by the perplexity suites
+    ppl_window: int = 512
+    ppl_stride: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    suite: str
+    metrics: dict[str, Metric]  # flat names, e.g. "overall/s_amb", "Age/acc_ambig"
+    records: list[dict] = field(default_factory=list)  # per-item records
+    files: dict[str, str] = field(default_factory=dict)  # data file path -> sha256
+    info: dict = field(default_factory=dict)  # e.g. {"dropped": 3}
+
+    def as_dict(self) -> dict:
+        return {
+            "suite": self.suite,
+            "metrics": {k: m.as_dict() for k, m in self.metrics.items()},
+            "files": self.files,
+            "info": self.info,
+            "records": self.records,
+        }
+
+
+def assign_splits(template_keys) -> dict[str, Literal["search", "report"]]:
+    """Deterministic split by template, to be called once per group (a BBQ category, an attribute).
+
+    Templates are ordered by a hash of their key and the first 30% (at least one, when there are two
+    or more) go to `report`, so every group has held-out templates and the same template always lands
+    on the same side, whatever else is loaded.
+    """
+    keys = sorted(set(template_keys), key=lambda k: hashlib.sha256(str(k).encode("utf-8")).hexdigest())
+    n_report = max(1, round(REPORT_FRACTION * len(keys))) if len(keys) >= 2 else 0
+    return {k: ("report" if i < n_report else "search") for i, k in enumerate(keys)}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
