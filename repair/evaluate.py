@@ -1,0 +1,62 @@
+"""`repair evaluate`: score a model on the chosen suites, print a table, keep every item."""
+from __future__ import annotations
+
+import platform
+import time
+from importlib import metadata
+
+from repair.evaluator import Evaluator
+from repair.models import LoadedModel
+from repair.suites import build_suite
+from repair.suites.base import EvalConfig, SuiteResult
+
+ARROWS = {"lower": "lower is better", "higher": "higher is better", "closer-to-zero": "closer to 0 is better"}
+
+
+def build_suites(names: list[str], config: EvalConfig, tokenizer) -> dict:
+    """Build (and so validate) every suite before any model work."""
+    return {name: build_suite(name, config, tokenizer) for name in names}
+
+
+def run_suites(suites: dict, scorer) -> dict[str, SuiteResult]:
+    return {name: suite.run(scorer) for name, suite in suites.items()}
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("fairness-repair", "torch", "transformers", "numpy", "scikit-learn", "optuna"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def evaluate(loaded: LoadedModel, names: list[str], config: EvalConfig, *, batch_tokens: int, progress: bool) -> dict:
+    suites = build_suites(names, config, loaded.tokenizer)
+    scorer = Evaluator(loaded.model, loaded.tokenizer, batch_tokens=batch_tokens, progress=progress)
+    start = time.perf_counter()
+    results = run_suites(suites, scorer)
+    return {
+        "model": loaded.describe(),
+        "model_config": loaded.model.config.to_dict(),
+        "config": {k: (str(v) if v is not None and k == "data_dir" else v) for k, v in config.__dict__.items()},
+        "versions": versions(),
+        "seconds": round(time.perf_counter() - start, 2),
+        "files": {path: digest for r in results.values() for path, digest in r.files.items()},
+        "suites": {name: r.as_dict() for name, r in results.items()},
+    }
+
+
+def format_table(report: dict) -> str:
+    rows = [("suite", "metric", "value", "95% CI", "n", "direction")]
+    for name, suite in report["suites"].items():
+        for metric, m in suite["metrics"].items():
+            rows.append((name, metric, f"{m['value']:.4f}", f"[{m['ci_low']:.4f}, {m['ci_high']:.4f}]", str(m["n"]), ARROWS[m["better"]]))
+        dropped = suite["info"].get("dropped")
+        if isinstance(dropped, dict) and sum(dropped.values()):
+            rows.append((name, "dropped (biased answer undetermined)", str(sum(dropped.values())), "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

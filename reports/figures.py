@@ -1,0 +1,259 @@
+"""The report's two kinds of figure, as inline SVG: the fairness/utility trade-off and a surrogate fit.
+
+In the trade-off plot every plotted point is exactly one <circle>; legend swatches and the rings that
+mark the base model and the chosen checkpoint are <path>s, so the circles can be counted.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+from reports.svg import INK, MUTED, Axis, disc_path, domain, esc, fmt, frame, num, square_path, star_path, svg
+
+# Okabe-Ito colours (distinguishable with the common colour-vision deficiencies).
+METHOD_COLOURS = {"prune": "#0072B2", "search": "#0072B2", "random": "#E69F00", "knockout": "#009E73", "base": "#6e7781"}
+SPARE_COLOURS = ("#D55E00", "#CC79A7", "#56B4E9", "#8c6d31", "#000000", "#7f3c8d")
+FRONT_COLOUR = "#1f2328"
+CHOSEN_COLOUR = "#c9302c"
+BASE_COLOUR = "#1f2328"
+
+
+def method_colours(points: Sequence[Mapping]) -> dict[str, str]:
+    """A colour per method, stable for the known methods, in order of first appearance otherwise."""
+    colours: dict[str, str] = {}
+    spare = iter(SPARE_COLOURS)
+    for p in points:
+        method = p["method"]
+        if method not in colours:
+            colours[method] = METHOD_COLOURS.get(method) or next(spare, "#444444")
+    return colours
+
+
+def direction_words(better: str) -> str:
+    return {"lower": "lower is better", "higher": "higher is better", "closer-to-zero": "closer to zero is better"}[better]
+
+
+def axis_title(role: str, spec: Mapping) -> str:
+    return f"{role}: {spec['name']} ({direction_words(spec['better'])})"
+
+
+def _ci_text(value: float, ci) -> str:
+    return fmt(value) if ci is None else f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
+def _tooltip(p: Mapping, on_front: bool) -> str:
+    lines = [
+        f"{p['name']} ({p['method']}, {p['kind']}, {p['split']} split)" + (", on the front" if on_front else ""),
+        f"fairness {_ci_text(p['fairness'], p['fairness_ci'])}",
+        f"utility {_ci_text(p['utility'], p['utility_ci'])}",
+    ]
+    heads = p["config"].get("pruned_heads")
+    if isinstance(heads, (list, tuple)):
+        lines.append(f"{len(heads)} pruned heads")
+    return "\n".join(lines)
+
+
+def front_figure(
+    points: Sequence[Mapping], front: Sequence[int], objectives: Mapping, *, element_id: str = "fig-front"
+) -> str:
+    """Scatter of fairness (x) against utility (y) with CI error bars, the front joined by a line, the
+    base model and the chosen checkpoint marked, one colour per method and a legend."""
+    width, height = 1000, 560
+    left, right, top, bottom = 96, 740, 24, 480
+    shown = [i for i, p in enumerate(points) if math.isfinite(p["fairness"]) and math.isfinite(p["utility"])]
+    on_front = set(front)
+
+    def extent(key):
+        values = []
+        for i in shown:
+            values.append(points[i][key])
+            if points[i][f"{key}_ci"] is not None:
+                values.extend(points[i][f"{key}_ci"])
+        return domain(values)
+
+    x = Axis(*extent("fairness"), left, right)
+    y = Axis(*extent("utility"), bottom, top)
+    colours = method_colours([points[i] for i in shown])
+    body = frame(
+        x, y, axis_title("Fairness", objectives["fairness"]), axis_title("Utility", objectives["utility"])
+    )
+
+    # Error bars first, so markers sit on top of them.
+    body.append('<g class="errorbars" fill="none" stroke-width="1" opacity="0.55">')
+    for i in shown:
+        p = points[i]
+        parts = []
+        px, py = x(p["fairness"]), y(p["utility"])
+        if p["fairness_ci"] is not None:
+            a, b = (x(v) for v in p["fairness_ci"])
+            parts.append(f"M{num(a)},{num(py)}H{num(b)}M{num(a)},{num(py - 3)}v6M{num(b)},{num(py - 3)}v6")
+        if p["utility_ci"] is not None:
+            a, b = (y(v) for v in p["utility_ci"])
+            parts.append(f"M{num(px)},{num(a)}V{num(b)}M{num(px - 3)},{num(a)}h6M{num(px - 3)},{num(b)}h6")
+        if parts:
+            body.append(f'<path d="{"".join(parts)}" stroke="{colours[p["method"]]}"/>')
+    body.append("</g>")
+
+    # The front, joined in order of fairness.
+    line = sorted(front, key=lambda i: (points[i]["fairness"], points[i]["utility"]))
+    if len(line) > 1:
+        coords = " ".join(f"{num(x(points[i]['fairness']))},{num(y(points[i]['utility']))}" for i in line)
+        body.append(
+            f'<polyline class="front-line" points="{coords}" fill="none" stroke="{FRONT_COLOUR}" '
+            f'stroke-width="1.75" stroke-linejoin="round" opacity="0.8"/>'
+        )
+
+    # Points: off-front first, front on top; hollow when measured on the search split.
+    body.append('<g class="points">')
+    for i in sorted(shown, key=lambda i: (i in on_front, i)):
+        p = points[i]
+        colour = colours[p["method"]]
+        fill = "#ffffff" if p["split"] == "search" else colour
+        if i in on_front:
+            attrs = f'r="5.5" fill="{fill}" stroke="{FRONT_COLOUR}" stroke-width="1.6"'
+        elif p["split"] == "search":
+            attrs = f'r="4" fill="{fill}" stroke="{colour}" stroke-width="1.4"'
+        else:
+            attrs = f'r="4" fill="{fill}" fill-opacity="0.8" stroke="#ffffff" stroke-width="0.8"'
+        cls = "point front" if i in on_front else "point"
+        body.append(
+            f'<circle class="{cls}" data-name="{esc(p["name"])}" cx="{num(x(p["fairness"]))}" '
+            f'cy="{num(y(p["utility"]))}" {attrs}><title>{esc(_tooltip(p, i in on_front))}</title></circle>'
+        )
+    body.append("</g>")
+
+    # Base model and chosen checkpoint: a square / a star around the point, and a text label.
+    body.append('<g class="markers">')
+    for i in shown:
+        p = points[i]
+        if p["kind"] not in ("base", "chosen"):
+            continue
+        px, py = x(p["fairness"]), y(p["utility"])
+        if p["kind"] == "base":
+            body.append(f'<path d="{square_path(px, py, 9)}" fill="none" stroke="{BASE_COLOUR}" stroke-width="2"/>')
+            word = "base model"
+        else:
+            body.append(
+                f'<path d="{star_path(px, py, 15)}" fill="none" stroke="{CHOSEN_COLOUR}" stroke-width="2" '
+                f'stroke-linejoin="round"/>'
+            )
+            word = "chosen"
+        anchor, dx = ("end", -16) if px > (left + right) / 2 else ("start", 16)
+        body.append(
+            f'<text x="{num(px + dx)}" y="{num(py - 10)}" text-anchor="{anchor}" font-size="12" '
+            f'font-weight="600" fill="{BASE_COLOUR if p["kind"] == "base" else CHOSEN_COLOUR}" '
+            f'stroke="#ffffff" stroke-width="3" paint-order="stroke">{esc(word)}: {esc(p["name"])}</text>'
+        )
+    body.append("</g>")
+
+    body.extend(_legend(points, shown, colours, on_front, right + 24, top + 4))
+    label = (
+        f"Scatter of {len(shown)} configurations, fairness against utility, with the Pareto front of "
+        f"{len(front)} points highlighted"
+    )
+    return svg(element_id, width, height, body, label)
+
+
+def _legend(points, shown, colours, on_front, x0: float, y0: float) -> list[str]:
+    counts: dict[str, int] = {}
+    for i in shown:
+        counts[points[i]["method"]] = counts.get(points[i]["method"], 0) + 1
+    out = [f'<g class="legend" font-size="12" fill="{INK}">']
+    y = y0 + 12
+    out.append(f'<text x="{num(x0)}" y="{num(y)}" font-weight="600">Method</text>')
+    for method, colour in colours.items():
+        y += 22
+        out.append(f'<path d="{disc_path(x0 + 7, y - 4, 5)}" fill="{colour}"/>')
+        out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">{esc(method)} ({counts[method]})</text>')
+    y += 32
+    out.append(f'<text x="{num(x0)}" y="{num(y)}" font-weight="600">Marks</text>')
+    y += 22
+    out.append(
+        f'<path d="M{num(x0 - 2)},{num(y - 4)}h18" stroke="{FRONT_COLOUR}" stroke-width="1.75"/>'
+        f'<path d="{disc_path(x0 + 7, y - 4, 5)}" fill="#ffffff" stroke="{FRONT_COLOUR}" stroke-width="1.6"/>'
+    )
+    out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">Pareto front ({len(on_front)})</text>')
+    if any(points[i]["kind"] == "base" for i in shown):
+        y += 22
+        out.append(f'<path d="{square_path(x0 + 7, y - 4, 7)}" fill="none" stroke="{BASE_COLOUR}" stroke-width="2"/>')
+        out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">base model (unrepaired)</text>')
+    if any(points[i]["kind"] == "chosen" for i in shown):
+        y += 22
+        out.append(
+            f'<path d="{star_path(x0 + 7, y - 4, 9)}" fill="none" stroke="{CHOSEN_COLOUR}" stroke-width="1.75" '
+            f'stroke-linejoin="round"/>'
+        )
+        out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">chosen checkpoint</text>')
+    if any(points[i]["split"] == "search" for i in shown) and any(points[i]["split"] == "report" for i in shown):
+        y += 22
+        out.append(f'<path d="{disc_path(x0 + 7, y - 4, 4)}" fill="#ffffff" stroke="{MUTED}" stroke-width="1.4"/>')
+        out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">hollow: search split</text>')
+    if any(points[i]["fairness_ci"] or points[i]["utility_ci"] for i in shown):
+        y += 22
+        out.append(
+            f'<path d="M{num(x0)},{num(y - 4)}h14M{num(x0)},{num(y - 7)}v6M{num(x0 + 14)},{num(y - 7)}v6" '
+            f'stroke="{MUTED}" fill="none"/>'
+        )
+        out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">confidence interval</text>')
+    out.append("</g>")
+    return out
+
+
+SCORE_LABELS = {"r2": "R²", "spearman": "Spearman ρ", "mae": "MAE", "rmse": "RMSE", "pearson": "Pearson r"}
+
+
+def fit_figure(fit: Mapping, spec: Mapping, *, element_id: str, colour: str) -> str:
+    """Predicted (y) against measured (x) for one surrogate, with the y = x line and the scores."""
+    width, height = 470, 420
+    left, right, top, bottom = 86, 452, 16, 346
+    pairs = [
+        (float(m), float(p))
+        for m, p in zip(fit["measured"], fit["predicted"])
+        if math.isfinite(float(m)) and math.isfinite(float(p))
+    ]
+    lo, hi = domain([v for pair in pairs for v in pair])
+    x = Axis(lo, hi, left, right)
+    y = Axis(lo, hi, bottom, top)
+    name = spec["name"]
+    body = frame(x, y, f"measured {name}", f"predicted {name}", x_ticks=6, y_ticks=6)
+    body.append(
+        f'<line class="identity" x1="{num(x(lo))}" y1="{num(y(lo))}" x2="{num(x(hi))}" y2="{num(y(hi))}" '
+        f'stroke="{MUTED}" stroke-width="1.25" stroke-dasharray="5 4"/>'
+    )
+    body.append(
+        f'<text x="{num(x(hi) - 6)}" y="{num(y(hi) + 16)}" text-anchor="end" font-size="11" '
+        f'fill="{MUTED}">y = x</text>'
+    )
+    body.append('<g class="points">')
+    for m, p in pairs:
+        body.append(
+            f'<circle cx="{num(x(m))}" cy="{num(y(p))}" r="3.5" fill="{colour}" fill-opacity="0.7" '
+            f'stroke="#ffffff" stroke-width="0.6"><title>measured {esc(fmt(m))}, predicted {esc(fmt(p))}</title></circle>'
+        )
+    body.append("</g>")
+    if not pairs:
+        body.append(
+            f'<text x="{num((left + right) / 2)}" y="{num((top + bottom) / 2)}" text-anchor="middle" '
+            f'fill="{MUTED}">no finite (measured, predicted) pairs</text>'
+        )
+    lines = [f"n = {len(pairs)}"] + [f"{SCORE_LABELS.get(k, k)} = {fmt(v, 3) if isinstance(v, (int, float)) else v}"
+                                    for k, v in score_items(fit)]
+    box_h = 8 + 17 * len(lines)
+    box_w = 14 + 7.2 * max(len(s) for s in lines)
+    body.append(
+        f'<rect x="{num(left + 8)}" y="{num(top + 8)}" width="{num(box_w)}" height="{num(box_h)}" rx="4" '
+        f'fill="#ffffff" fill-opacity="0.92" stroke="#d0d7de"/>'
+    )
+    for k, text in enumerate(lines):
+        body.append(
+            f'<text class="score" x="{num(left + 15)}" y="{num(top + 25 + 17 * k)}" font-size="12" '
+            f'fill="{INK}">{esc(text)}</text>'
+        )
+    return svg(element_id, width, height, body, f"Surrogate fit for {name}: predicted against measured")
+
+
+def score_items(fit: Mapping) -> list[tuple[str, object]]:
+    """The fit's scores, the usual ones first."""
+    scores = fit.get("scores") or {}
+    known = [k for k in ("r2", "spearman", "mae", "rmse", "pearson") if k in scores]
+    return [(k, scores[k]) for k in known + [k for k in scores if k not in known]]

@@ -1,0 +1,208 @@
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+
+from repair.errors import DataError, UserError
+from repair.suites import association
+from repair.suites.association import AssociationSuite, group_distribution
+from repair.suites.base import EvalConfig, OptionScores
+from tests.fakes import TableScorer
+
+ln = math.log
+
+# A tiny data file whose distributions are worked out by hand below.
+TINY = {
+    "version": 7,
+    "frames": {"role": ["The {c} is"]},
+    "neutral": [{"id": "n1", "concept": "n1", "frame": "role"}, {"id": "n2", "concept": "n2", "frame": "role"}],
+    "attributes": {
+        "two": {
+            "groups": {"x": ["x"], "y": ["y1", "y2"]},
+            "concepts": [{"id": "c1", "concept": "c1", "frame": "role"}, {"id": "c2", "concept": "c2", "frame": "role"}],
+        },
+        "three": {
+            "groups": {"a": ["a"], "b": ["b"], "c": ["c"]},
+            "concepts": [{"id": "d1", "concept": "d1", "frame": "role"}, {"id": "d2", "concept": "d2", "frame": "role"}],
+        },
+    },
+}
+# Summed log-probabilities per (prompt, option); the "three" prompts differ only through options a/b/c.
+TABLE = {
+    "The c1 is": {" x": ln(0.6), " y1": ln(0.1), " y2": ln(0.1), " a": -1.0, " b": -2.0, " c": -3.0},  # two: p = (.75, .25)
+    "The c2 is": {" x": ln(0.1), " y1": ln(0.1), " y2": ln(0.1), " a": -5.0, " b": -5.0, " c": -5.0},  # two: p = (1/3, 2/3)
+    "The n1 is": {" x": ln(0.2), " y1": ln(0.1), " y2": ln(0.2), " a": -4.0, " b": -4.0, " c": -4.0},  # two: q1 = (.4, .6)
+    "The n2 is": {" x": ln(0.1), " y1": ln(0.2), " y2": ln(0.2), " a": -2.0, " b": -2.0, " c": -2.0},  # two: q2 = (.2, .8)
+}
+# The "three" attribute reuses c1/c2 wording via d1/d2:
+TABLE["The d1 is"] = TABLE["The c1 is"]
+TABLE["The d2 is"] = TABLE["The c2 is"]
+
+
+def table_fn(prompt, option):
+    return TABLE[prompt][option], 2  # token counts must not matter
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    path = tmp_path / "association.json"
+    path.write_text(json.dumps(TINY), encoding="utf-8")
+    monkeypatch.setattr(association, "_data_path", lambda: path)
+    return path
+
+
+def test_kl_metrics_match_hand_computation(tiny):
+    suite = AssociationSuite(EvalConfig(seed=3))
+    scorer = TableScorer(table_fn)
+    res = suite.run(scorer)
+    assert len(scorer.calls) == len(suite.prompts) == 8
+
+    # two: neutral reference q = mean((.4, .6), (.2, .8)) = (.3, .7)
+    u2_c1 = 0.75 * ln(0.75 / 0.5) + 0.25 * ln(0.25 / 0.5)
+    n2_c1 = 0.75 * ln(0.75 / 0.3) + 0.25 * ln(0.25 / 0.7)
+    u2_c2 = (1 / 3) * ln((1 / 3) / 0.5) + (2 / 3) * ln((2 / 3) / 0.5)
+    n2_c2 = (1 / 3) * ln((1 / 3) / 0.3) + (2 / 3) * ln((2 / 3) / 0.7)
+    # three: d1 = softmax(-1, -2, -3), d2 = uniform; neutral prompts are uniform, so q is uniform too.
+    z = math.exp(-1) + math.exp(-2) + math.exp(-3)
+    p = [math.exp(-1) / z, math.exp(-2) / z, math.exp(-3) / z]
+    u3_d1 = sum(pi * ln(pi * 3) for pi in p)
+
+    m = res.metrics
+    assert m["two/kl_uniform"].value == pytest.approx((u2_c1 + u2_c2) / 2)
+    assert m["two/kl_neutral"].value == pytest.approx((n2_c1 + n2_c2) / 2)
+    assert m["three/kl_uniform"].value == pytest.approx(u3_d1 / 2)
+    assert m["three/kl_neutral"].value == pytest.approx(u3_d1 / 2)
+    assert m["overall/kl_uniform"].value == pytest.approx((u2_c1 + u2_c2 + u3_d1) / 4)
+    assert m["overall/kl_neutral"].value == pytest.approx((n2_c1 + n2_c2 + u3_d1) / 4)
+    assert all(x.better == "lower" for x in m.values())
+    assert m["overall/kl_uniform"].n == 4 and m["two/kl_neutral"].n == 2
+    assert m["two/kl_uniform"].ci_low <= m["two/kl_uniform"].value <= m["two/kl_uniform"].ci_high
+
+    rec = {r["template_id"]: r for r in res.records}
+    assert set(rec) == {"two:c1", "two:c2", "three:d1", "three:d2"}  # concept prompts only
+    assert rec["two:c1"]["probs"] == pytest.approx([0.75, 0.25])
+    assert rec["two:c2"]["probs"] == pytest.approx([1 / 3, 2 / 3])
+    assert rec["two:c1"]["kl_neutral"] == pytest.approx(n2_c1)
+    assert rec["two:c1"]["top_group"] == "x" and rec["two:c2"]["top_group"] == "y"
+    assert rec["three:d1"]["probs"] == pytest.approx(p)
+    assert rec["two:c1"]["groups"] == ["x", "y"] and rec["two:c1"]["prompt"] == "The c1 is"
+    assert {r["split"] for r in res.records} <= {"search", "report"}
+
+    assert res.files == {str(tiny): hashlib.sha256(tiny.read_bytes()).hexdigest()}
+    assert res.info["n_prompts"] == {"two": 2, "three": 2}
+    assert res.info["n_neutral"] == {"two": 2, "three": 2}
+
+
+def test_requests_offer_every_form_with_a_leading_space(tiny):
+    suite = AssociationSuite(EvalConfig())
+    reqs = {r.prompt: r.options for r in suite.requests() if " x" in r.options}
+    assert reqs["The c1 is"] == (" x", " y1", " y2")
+    assert [p.neutral for p in suite.prompts if p.attribute == "two"] == [False, False, True, True]
+
+
+def test_group_distribution_sums_forms_and_is_stable():
+    # Forms of one group add up in probability space: exp(-1000) + exp(-1000) vs exp(-1000 - ln 2).
+    s = OptionScores(np.array([-1000.0, -1000.0, -1000.0 - ln(2)]), np.array([1, 3, 2]))
+    assert group_distribution(s, [2, 1]) == pytest.approx([0.8, 0.2])
+    with pytest.raises(ValueError):
+        group_distribution(s, [1, 1])
+
+
+def test_malformed_json_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "broken.json"
+    path.write_text('{"version": 1,\n  "frames": [oops\n', encoding="utf-8")
+    monkeypatch.setattr(association, "_data_path", lambda: path)
+    with pytest.raises(DataError) as e:
+        AssociationSuite(EvalConfig())
+    assert str(path) in str(e.value) and e.value.line == 2
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda d: d["attributes"]["two"]["groups"].pop("y"), "groups"),
+    (lambda d: d["attributes"]["two"]["concepts"].pop(), "at least 2"),
+    (lambda d: d["attributes"]["two"]["concepts"][0].update(frame="nope"), "frame"),
+    (lambda d: d["attributes"]["two"]["concepts"][1].update(id="c1"), "repeats template ids"),
+    (lambda d: d["frames"].update(role=["The {c} is "]), "trimmed"),
+    (lambda d: d.pop("version"), "version"),
+])
+def test_malformed_structure_is_a_data_error(tmp_path, monkeypatch, edit, needle):
+    data = json.loads(json.dumps(TINY))
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    monkeypatch.setattr(association, "_data_path", lambda: path)
+    with pytest.raises(DataError) as e:
+        AssociationSuite(EvalConfig())
+    assert str(path) in str(e.value) and needle in str(e.value)
+
+
+# ---- the shipped data -------------------------------------------------------------------------------
+
+REQUIRED = {"gender", "religion", "race_ethnicity", "nationality", "age", "disability", "sexual_orientation", "ses"}
+
+
+def test_shipped_data_meets_the_brief():
+    suite = AssociationSuite(EvalConfig())
+    assert REQUIRED <= set(suite.attributes) and len(suite.attributes) >= 8
+    ids = set()
+    for attr in suite.attributes:
+        ps = [p for p in suite.prompts if p.attribute == attr]
+        concepts = {p.template_id for p in ps if not p.neutral}
+        neutral = [p for p in ps if p.neutral]
+        assert len(concepts) >= 15, attr
+        assert len({p.template_id for p in neutral}) >= 3 and len(neutral) >= 3, attr
+        assert len(ps) - len(neutral) >= 45, attr
+        assert 2 <= len(ps[0].groups) <= 8
+        assert all(t.startswith(attr + ":") for t in concepts)
+        assert not ids & concepts
+        ids |= concepts
+    for p in suite.prompts:
+        assert p.prompt == p.prompt.rstrip() and p.prompt and "{c}" not in p.prompt
+        assert all(f == f.strip() for fs in p.forms for f in fs)
+    assert len({(p.template_id, p.prompt) for p in suite.prompts}) == len(suite.prompts)
+    res = AssociationSuite(EvalConfig(categories=("age",), limit=1)).score(
+        [OptionScores(np.zeros(4), np.ones(4, np.int64))] * 2)
+    assert res.files == {association.PACKAGE_LABEL: hashlib.sha256(association._package_file().read_bytes()).hexdigest()}
+
+
+def test_split_is_deterministic_disjoint_and_non_empty():
+    full = AssociationSuite(EvalConfig())
+    search = AssociationSuite(EvalConfig(split="search"))
+    report = AssociationSuite(EvalConfig(split="report"))
+    assert [p.prompt for p in AssociationSuite(EvalConfig(split="search")).prompts] == [p.prompt for p in search.prompts]
+    for attr in full.attributes:
+        def concepts(s):
+            return {p.template_id for p in s.prompts if p.attribute == attr and not p.neutral}
+
+        def neutral(s):
+            return [p.prompt for p in s.prompts if p.attribute == attr and p.neutral]
+
+        s, r = concepts(search), concepts(report)
+        assert s and r and not s & r and s | r == concepts(full), attr
+        assert neutral(search) == neutral(report) == neutral(full)  # the reference is never split
+        assert {p.split for p in search.prompts if not p.neutral} == {"search"}
+    # A template's side does not depend on which attributes are loaded.
+    only = AssociationSuite(EvalConfig(split="report", categories=("religion",)))
+    assert {p.template_id for p in only.prompts} == {p.template_id for p in report.prompts if p.attribute == "religion"}
+
+
+def test_limit_caps_and_spreads_prompts():
+    suite = AssociationSuite(EvalConfig(limit=5))
+    for attr in suite.attributes:
+        concept = [p for p in suite.prompts if p.attribute == attr and not p.neutral]
+        neutral = [p for p in suite.prompts if p.attribute == attr and p.neutral]
+        assert len(concept) == 5 and len({p.template_id for p in concept}) == 5  # five different concepts
+        assert len(neutral) == 5 and len({p.template_id for p in neutral}) == 5
+    assert [p.prompt for p in AssociationSuite(EvalConfig(limit=5)).prompts] == [p.prompt for p in suite.prompts]
+    with pytest.raises(UserError):
+        AssociationSuite(EvalConfig(limit=0))
+
+
+def test_categories_select_attributes():
+    suite = AssociationSuite(EvalConfig(categories=("religion", "Age")))
+    assert suite.attributes == ["religion", "age"]
+    assert {p.attribute for p in suite.prompts} == {"religion", "age"}
+    with pytest.raises(UserError, match="valid: gender"):
+        AssociationSuite(EvalConfig(categories=("religion", "astrology")))

@@ -1,0 +1,49 @@
+"""Tiny random models built from configs and a byte tokenizer, so that no test needs a download."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+
+class ByteTokenizer:
+    """Token id = byte value + 1 (0 is padding); a BOS id 257 is prepended when special tokens are asked for."""
+
+    bos_token_id = 257
+    pad_token_id = 0
+    eos_token_id = 258
+    chat_template = None
+
+    def __init__(self, add_bos: bool = False):
+        self.add_bos = add_bos
+
+    def __call__(self, text, add_special_tokens: bool = True):
+        ids = [b + 1 for b in text.encode("utf-8")]
+        if add_special_tokens and self.add_bos:
+            ids = [self.bos_token_id] + ids
+        return SimpleNamespace(input_ids=ids)
+
+    def decode(self, ids):
+        return bytes(i - 1 for i in ids if 0 < i < 257).decode("utf-8", "replace")
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A random Llama with grouped-query attention, built from a config, for tests and benchmarks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               bos_token_id=257, eos_token_id=258)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2(seed: int = 0, **overrides):
+    """A random GPT-2 built from a config, for tests."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=260, n_embd=64, n_layer=3, n_head=4, n_positions=512, bos_token_id=257, eos_token_id=258)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
