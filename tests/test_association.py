@@ -9,7 +9,7 @@ from repair.errors import DataError, UserError
 from repair.suites import association
 from repair.suites.association import AssociationSuite, group_distribution
 from repair.suites.base import EvalConfig, OptionScores
-from tests.fakes import TableScorer
+from fakes import TableScorer
 
 ln = math.log
 

@@ -112,6 +112,8 @@ def test_argmax_uses_summed_logprob(data_dir):
         (HEADER + "q0?,a,b,c,d,0\n  ,a,b,c,d,1\n", 3, "empty question"),
         # a quoted field over two lines: the bad record starts on physical line 4
         (HEADER + '"multi\nline?",a,b,c,d,0\nq?,a,b,c,d,0,extra\n', 4, "columns"),
+        # the bad record itself spans lines 3-4: reported where it starts
+        (HEADER + 'q0?,a,b,c,d,0\n"two\nlines?",a,b,c,d,9\n', 3, "answer"),
     ],
 )
 def test_malformed_csv(data_dir, body, line, problem):

@@ -67,11 +67,11 @@ def test_perplexity_equals_hand_value(wiki_dir):
     assert result.metrics["overall/nll"].value == pytest.approx(2.0)
     ppl = result.metrics["overall/perplexity"]
     assert ppl.value == pytest.approx(math.exp(2.0))
-    assert ppl.better == "lower" and ppl.n == 4
+    assert ppl.better == "lower" and ppl.n == 5
     assert ppl.ci_low <= ppl.value <= ppl.ci_high
-    # per chunk: chunk 0 scores ids 2..10 (5 even, 4 odd), chunk 1 ids 11..20
+    # per chunk: chunk 0 scores ids 2..10 (5 even, 4 odd), chunk 1 ids 11..20, ..., chunk 4 only id 41
     assert [(r["chunk"], r["n_tokens"], r["nll_sum"]) for r in result.records] == [
-        (0, 9, 5 * 1 + 4 * 3), (1, 10, 20.0), (2, 10, 20.0), (3, 10, 20.0)]
+        (0, 9, 5 * 1 + 4 * 3), (1, 10, 20.0), (2, 10, 20.0), (3, 10, 20.0), (4, 1, 3.0)]
 
 
 def test_uneven_perplexity_is_token_weighted(wiki_dir):
