@@ -6,6 +6,7 @@ mark the base model and the chosen checkpoint are <path>s, so the circles can be
 from __future__ import annotations
 
 import math
+from numbers import Real
 from typing import Mapping, Sequence
 
 from reports.svg import INK, MUTED, Axis, disc_path, domain, esc, fmt, frame, num, square_path, star_path, svg
@@ -58,8 +59,8 @@ def front_figure(
 ) -> str:
     """Scatter of fairness (x) against utility (y) with CI error bars, the front joined by a line, the
     base model and the chosen checkpoint marked, one colour per method and a legend."""
-    width, height = 1000, 560
-    left, right, top, bottom = 96, 740, 24, 480
+    width, height = 1000, 540
+    left, right, top, bottom = 96, 740, 20, 476
     shown = [i for i, p in enumerate(points) if math.isfinite(p["fairness"]) and math.isfinite(p["utility"])]
     on_front = set(front)
 
@@ -142,7 +143,7 @@ def front_figure(
         body.append(
             f'<text x="{num(px + dx)}" y="{num(py - 10)}" text-anchor="{anchor}" font-size="12" '
             f'font-weight="600" fill="{BASE_COLOUR if p["kind"] == "base" else CHOSEN_COLOUR}" '
-            f'stroke="#ffffff" stroke-width="3" paint-order="stroke">{esc(word)}: {esc(p["name"])}</text>'
+            f'stroke="#ffffff" stroke-width="3" paint-order="stroke">{esc(_mark_label(word, p["name"]))}</text>'
         )
     body.append("</g>")
 
@@ -152,6 +153,10 @@ def front_figure(
         f"{len(front)} points highlighted"
     )
     return svg(element_id, width, height, body, label)
+
+
+def _mark_label(word: str, name: str) -> str:
+    return word if name.lower() in word else f"{word}: {name}"
 
 
 def _legend(points, shown, colours, on_front, x0: float, y0: float) -> list[str]:
@@ -204,7 +209,7 @@ SCORE_LABELS = {"r2": "R²", "spearman": "Spearman ρ", "mae": "MAE", "rmse": "R
 
 def fit_figure(fit: Mapping, spec: Mapping, *, element_id: str, colour: str) -> str:
     """Predicted (y) against measured (x) for one surrogate, with the y = x line and the scores."""
-    width, height = 470, 420
+    width, height = 470, 400
     left, right, top, bottom = 86, 452, 16, 346
     pairs = [
         (float(m), float(p))
@@ -215,14 +220,10 @@ def fit_figure(fit: Mapping, spec: Mapping, *, element_id: str, colour: str) -> 
     x = Axis(lo, hi, left, right)
     y = Axis(lo, hi, bottom, top)
     name = spec["name"]
-    body = frame(x, y, f"measured {name}", f"predicted {name}", x_ticks=6, y_ticks=6)
+    body = frame(x, y, f"measured {name}", f"predicted {name}", x_ticks=7, y_ticks=7)
     body.append(
         f'<line class="identity" x1="{num(x(lo))}" y1="{num(y(lo))}" x2="{num(x(hi))}" y2="{num(y(hi))}" '
         f'stroke="{MUTED}" stroke-width="1.25" stroke-dasharray="5 4"/>'
-    )
-    body.append(
-        f'<text x="{num(x(hi) - 6)}" y="{num(y(hi) + 16)}" text-anchor="end" font-size="11" '
-        f'fill="{MUTED}">y = x</text>'
     )
     body.append('<g class="points">')
     for m, p in pairs:
@@ -236,9 +237,11 @@ def fit_figure(fit: Mapping, spec: Mapping, *, element_id: str, colour: str) -> 
             f'<text x="{num((left + right) / 2)}" y="{num((top + bottom) / 2)}" text-anchor="middle" '
             f'fill="{MUTED}">no finite (measured, predicted) pairs</text>'
         )
-    lines = [f"n = {len(pairs)}"] + [f"{SCORE_LABELS.get(k, k)} = {fmt(v, 3) if isinstance(v, (int, float)) else v}"
-                                    for k, v in score_items(fit)]
-    box_h = 8 + 17 * len(lines)
+    lines = [f"n = {len(pairs)}"] + [
+        f"{SCORE_LABELS.get(k, k)} = {fmt(float(v), 3) if isinstance(v, Real) else fmt(None, 3) if v is None else v}"
+        for k, v in score_items(fit)
+    ]
+    box_h = 8 + 17 * (len(lines) + 1)
     box_w = 14 + 7.2 * max(len(s) for s in lines)
     body.append(
         f'<rect x="{num(left + 8)}" y="{num(top + 8)}" width="{num(box_w)}" height="{num(box_h)}" rx="4" '
@@ -249,6 +252,11 @@ def fit_figure(fit: Mapping, spec: Mapping, *, element_id: str, colour: str) -> 
             f'<text class="score" x="{num(left + 15)}" y="{num(top + 25 + 17 * k)}" font-size="12" '
             f'fill="{INK}">{esc(text)}</text>'
         )
+    key_y = top + 25 + 17 * len(lines)
+    body.append(
+        f'<path d="M{num(left + 15)},{num(key_y - 4)}h22" stroke="{MUTED}" stroke-width="1.25" stroke-dasharray="5 4"/>'
+        f'<text x="{num(left + 43)}" y="{num(key_y)}" font-size="12" fill="{MUTED}">y = x</text>'
+    )
     return svg(element_id, width, height, body, f"Surrogate fit for {name}: predicted against measured")
 
 

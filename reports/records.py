@@ -55,6 +55,8 @@ def check_objectives(objectives: Mapping) -> dict:
 def _ci(value, where: str) -> tuple[float, float] | None:
     if value is None:
         return None
+    if hasattr(value, "tolist"):  # a numpy array
+        value = value.tolist()
     if (
         not isinstance(value, (list, tuple))
         or len(value) != 2
@@ -195,7 +197,9 @@ def check_fits(fits: Sequence[Mapping]) -> list[dict]:
             raise ValueError(f"fits[{i}] must be a dict, got {type(f).__name__}")
         if f.get("objective") not in OBJECTIVES:
             raise ValueError(f"fits[{i}]: objective is {f.get('objective')!r}; expected 'fairness' or 'utility'")
-        predicted, measured = list(f.get("predicted") or []), list(f.get("measured") or [])
+        predicted, measured = (
+            list(f[key]) if f.get(key) is not None else [] for key in ("predicted", "measured")
+        )
         if len(predicted) != len(measured):
             raise ValueError(
                 f"fits[{i}] ({f['objective']}): {len(predicted)} predicted values but {len(measured)} measured"

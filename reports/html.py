@@ -1,0 +1,335 @@
+"""The report: one self-contained HTML page plus the Pareto front as CSV and JSON.
+
+The page has inline CSS and inline SVG only: no JavaScript, no fonts, images or style sheets from
+anywhere, so it opens the same from file:// with no network. A Content-Security-Policy meta tag
+enforces that. Every piece of text from the records is escaped.
+
+Figure ids (for browser tests and screenshots): "fig-front" (trade-off plot), "fig-fit-fairness" and
+"fig-fit-utility" (a second fit for the same objective gets "-2", and so on); the front table is
+"table-front", the summary "summary", the run details "meta".
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from reports.atomic import publish_dir
+from reports.figures import direction_words, fit_figure, front_figure, method_colours
+from reports.records import (
+    OBJECTIVES,
+    check_fits,
+    check_objectives,
+    check_points,
+    choose_front,
+    csv_text,
+    json_text,
+    n_pruned,
+    plottable,
+)
+from reports.svg import esc, fmt
+
+DEFAULT_TITLE = "Fairness repair report"
+FIT_COLOURS = {"fairness": "#0072B2", "utility": "#D55E00"}
+
+CSS = """
+:root { color-scheme: light; --ink: #1f2328; --muted: #57606a; --line: #d0d7de; --soft: #f6f8fa; }
+* { box-sizing: border-box; }
+body { margin: 0; background: #ffffff; color: var(--ink);
+  font: 14px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1040px; margin: 0 auto; padding: 28px 24px 48px; }
+header h1 { font-size: 26px; margin: 0 0 4px; letter-spacing: -0.01em; }
+header p { margin: 0; color: var(--muted); }
+h2 { font-size: 18px; margin: 36px 0 12px; padding-bottom: 6px; border-bottom: 1px solid var(--line); }
+figure { margin: 0; }
+figcaption { color: var(--muted); font-size: 13px; margin-top: 6px; max-width: 860px; }
+svg.plot { display: block; max-width: 100%; height: auto; font-family: inherit; }
+.cards { display: grid; grid-template-columns: repeat(auto-fit, minmax(220px, 1fr)); gap: 12px; margin-top: 20px; }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 12px 14px; background: var(--soft); }
+.card h3 { margin: 0 0 6px; font-size: 12px; text-transform: uppercase; letter-spacing: 0.05em; color: var(--muted); }
+.card .name { font-weight: 600; overflow-wrap: anywhere; }
+.card .metric { margin-top: 8px; }
+.card .label { color: var(--muted); font-size: 12px; }
+.card .value { font-size: 16px; font-variant-numeric: tabular-nums; }
+.card .value .ci { color: var(--muted); font-size: 12px; }
+.card .delta { font-size: 12px; font-variant-numeric: tabular-nums; }
+.card dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 10px; margin: 6px 0 0; }
+.card dt { color: var(--muted); }
+.card dd { margin: 0; font-variant-numeric: tabular-nums; }
+.better { color: #1a7f37; }
+.worse { color: #cf222e; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { font-size: 12px; color: var(--muted); font-weight: 600; background: var(--soft); }
+td.num, th.num { text-align: right; }
+td .ci { color: var(--muted); font-size: 12px; }
+td.name { overflow-wrap: anywhere; max-width: 320px; }
+tr.chosen td { background: #fff5f5; }
+tr.base td { background: #f3f4f6; }
+.tag { display: inline-block; padding: 0 6px; border-radius: 10px; font-size: 12px; border: 1px solid var(--line); }
+.tag.chosen { border-color: #c9302c; color: #c9302c; }
+.tag.base { border-color: #57606a; color: #57606a; }
+.swatch { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 6px; }
+.fits { display: flex; flex-wrap: wrap; gap: 20px 28px; }
+.fits figure { flex: 0 1 470px; }
+.fits h3 { font-size: 14px; margin: 0 0 4px; }
+dl.meta { display: grid; grid-template-columns: max-content 1fr; gap: 4px 18px; margin: 0; }
+dl.meta dt { color: var(--muted); }
+dl.meta dd { margin: 0; overflow-wrap: anywhere; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px;
+  background: var(--soft); padding: 1px 4px; border-radius: 4px; }
+.note { color: var(--muted); font-size: 13px; }
+footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+"""
+
+
+def build_report(
+    points: Sequence[Mapping],
+    *,
+    objectives: Mapping,
+    fits: Sequence[Mapping] = (),
+    title: str = "",
+    meta: Mapping | None = None,
+) -> dict[str, str]:
+    """The report's files as {"index.html": ..., "pareto.csv": ..., "pareto.json": ...}."""
+    objectives = check_objectives(objectives)
+    pts = check_points(points)
+    fit_records = check_fits(fits)
+    meta = dict(meta or {})
+    title = str(title or DEFAULT_TITLE)
+    front = choose_front(pts, objectives)
+    return {
+        "index.html": render_html(pts, front, objectives, fit_records, title=title, meta=meta),
+        "pareto.csv": csv_text([pts[i] for i in front]),
+        "pareto.json": json_text(objectives, pts, front, title=title, meta=meta),
+    }
+
+
+def write_report(
+    out_dir: Path,
+    points: Sequence[Mapping],
+    *,
+    objectives: Mapping,
+    fits: Sequence[Mapping] = (),
+    title: str = "",
+    meta: Mapping | None = None,
+) -> Path:
+    """Write out_dir/index.html, pareto.csv and pareto.json all at once; return the index.html path.
+
+    Everything is rendered in memory first, then written into a temporary directory beside `out_dir`
+    and moved into place, so an existing report is only replaced by a complete new one (see
+    reports.atomic.publish_dir). Raises ValueError, naming the record, on malformed input.
+    """
+    files = build_report(points, objectives=objectives, fits=fits, title=title, meta=meta)
+    return publish_dir(Path(out_dir), files) / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------- page
+
+
+def render_html(
+    points: Sequence[Mapping],
+    front: Sequence[int],
+    objectives: Mapping,
+    fits: Sequence[Mapping],
+    *,
+    title: str,
+    meta: Mapping,
+) -> str:
+    """The page for already checked records (see build_report)."""
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'\">",
+        f"<title>{esc(title)}</title>",
+        f"<style>{CSS}</style>",
+        "</head><body><main>",
+        _header(points, front, title, meta),
+        _summary(points, front, objectives),
+        _tradeoff(points, front, objectives),
+        _front_table(points, front, objectives),
+        _fits(fits, objectives),
+        _meta(meta),
+        '<footer>Generated by fairness-repair. Data: <a href="pareto.csv">pareto.csv</a> (the front), '
+        '<a href="pareto.json">pareto.json</a> (all points).</footer>',
+        "</main></body></html>",
+    ]
+    return "\n".join(p for p in parts if p) + "\n"
+
+
+def _header(points, front, title, meta) -> str:
+    bits = []
+    if meta.get("model"):
+        bits.append(f"model {meta['model']}")
+    bits.append(f"{len(points)} configurations, {len(front)} on the Pareto front")
+    if meta.get("date"):
+        bits.append(str(meta["date"]))
+    return f"<header><h1>{esc(title)}</h1><p>{esc(' · '.join(bits))}</p></header>"
+
+
+def _value_ci(value: float, ci) -> str:
+    text = esc(fmt(value))
+    if ci is not None:
+        text += f' <span class="ci">[{esc(fmt(ci[0]))}, {esc(fmt(ci[1]))}]</span>'
+    return text
+
+
+def _change(chosen: float, base: float, better: str) -> str:
+    """The chosen point's change against the base, coloured by whether it is an improvement."""
+    delta = chosen - base
+    if not (math.isfinite(delta)):
+        return ""
+    rel = f" ({delta / abs(base):+.1%})" if base != 0 else ""
+    if better == "closer-to-zero":
+        improved, worsened = abs(chosen) < abs(base), abs(chosen) > abs(base)
+    else:
+        improved = delta < 0 if better == "lower" else delta > 0
+        worsened = delta > 0 if better == "lower" else delta < 0
+    cls, word = ("better", "better") if improved else ("worse", "worse") if worsened else ("", "unchanged")
+    return f'<span class="{cls}">{esc(f"{delta:+.4g}{rel}")} vs base · {word}</span>'
+
+
+def _summary(points, front, objectives) -> str:
+    base = next((p for p in points if p["kind"] == "base"), None)
+    chosen = next((p for p in points if p["kind"] == "chosen"), None)
+    cards = []
+    for label, p in (("Base model (unrepaired)", base), ("Chosen checkpoint", chosen)):
+        if p is None:
+            continue
+        rows = []
+        for key in OBJECTIVES:
+            change = ""
+            if p is chosen and base is not None:
+                change = f'<div class="delta">{_change(p[key], base[key], objectives[key]["better"])}</div>'
+            rows.append(
+                f'<div class="metric"><div class="label">{esc(objectives[key]["name"])}</div>'
+                f'<div class="value">{_value_ci(p[key], p[f"{key}_ci"])}</div>{change}</div>'
+            )
+        count = n_pruned(p)
+        if count is not None:
+            rows.append(f'<div class="metric"><div class="label">pruned heads</div><div class="value">{count}</div></div>')
+        cards.append(
+            f'<div class="card"><h3>{esc(label)}</h3><div class="name">{esc(p["name"])}</div>{"".join(rows)}</div>'
+        )
+    colours = method_colours(points)
+    counts: dict[str, int] = {}
+    for p in points:
+        counts[p["method"]] = counts.get(p["method"], 0) + 1
+    methods = "".join(
+        f'<dt><span class="swatch" style="background:{colours[m]}"></span>{esc(m)}</dt><dd>{n}</dd>'
+        for m, n in counts.items()
+    )
+    cards.append(
+        f'<div class="card"><h3>Configurations</h3><div class="name">{len(points)} measured, '
+        f"{len(front)} on the front</div><dl>{methods}</dl></div>"
+    )
+    return f'<section id="summary" class="cards">{"".join(cards)}</section>'
+
+
+def _better_corner(objectives) -> str:
+    horizontal = {"lower": "left", "higher": "right"}.get(objectives["fairness"]["better"])
+    vertical = {"lower": "bottom", "higher": "top"}.get(objectives["utility"]["better"])
+    if horizontal and vertical:
+        return f" Better is toward the {vertical} {horizontal}."
+    return ""
+
+
+def _tradeoff(points, front, objectives) -> str:
+    usable = [p for p in points if plottable(p)]
+    splits = {p["split"] for p in usable}
+    if any("front" in p for p in points):
+        how = "The front is the set flagged in the records."
+    elif splits == {"report", "search"}:
+        how = ("The front is computed among report-split points only (hollow points were measured on the "
+               "search split and are not compared with them).")
+    else:
+        how = "The front holds the points that no other point beats on both objectives."
+    caption = (
+        f"Fairness ({esc(direction_words(objectives['fairness']['better']))}) against utility "
+        f"({esc(direction_words(objectives['utility']['better']))}) for every configuration; bars are "
+        f"confidence intervals. The line joins the Pareto front. {esc(how)}{esc(_better_corner(objectives))} "
+        f"Hover a point for its name."
+    )
+    missing = [p["name"] for p in points if not plottable(p)]
+    note = ""
+    if missing:
+        note = (
+            f'<p class="note">Not plotted ({len(missing)}, a non-finite fairness or utility): '
+            f"{esc(', '.join(missing))}</p>"
+        )
+    return (
+        '<section id="tradeoff"><h2>Fairness and utility</h2>'
+        f'<figure id="fig-front">{front_figure(points, front, objectives)}'
+        f"<figcaption>{caption}</figcaption></figure>{note}</section>"
+    )
+
+
+def _front_table(points, front, objectives) -> str:
+    show_split = len({points[i]["split"] for i in front}) > 1
+    head = [
+        '<th class="num">#</th>', "<th>Name</th>", "<th>Method</th>", "<th>Kind</th>",
+        f"<th class=\"num\">Fairness: {esc(objectives['fairness']['name'])} [CI]</th>",
+        f"<th class=\"num\">Utility: {esc(objectives['utility']['name'])} [CI]</th>",
+        '<th class="num">Pruned heads</th>',
+    ] + (["<th>Split</th>"] if show_split else [])
+    colours = method_colours(points)
+    rows = []
+    for rank, i in enumerate(front, 1):
+        p = points[i]
+        count = n_pruned(p)
+        kind = esc(p["kind"])
+        cells = [
+            f'<td class="num">{rank}</td>',
+            f'<td class="name">{esc(p["name"])}</td>',
+            f'<td><span class="swatch" style="background:{colours[p["method"]]}"></span>{esc(p["method"])}</td>',
+            f'<td><span class="tag {kind}">{kind}</span></td>',
+            f'<td class="num">{_value_ci(p["fairness"], p["fairness_ci"])}</td>',
+            f'<td class="num">{_value_ci(p["utility"], p["utility_ci"])}</td>',
+            f'<td class="num">{"" if count is None else count}</td>',
+        ] + ([f"<td>{esc(p['split'])}</td>"] if show_split else [])
+        rows.append(f'<tr class="{kind}">{"".join(cells)}</tr>')
+    if not rows:
+        body = f'<tr><td colspan="{len(head)}" class="note">No point could be placed on the front.</td></tr>'
+    else:
+        body = "".join(rows)
+    return (
+        '<section id="front"><h2>Pareto front</h2>'
+        f'<p class="note">{len(front)} non-dominated configurations, best fairness first.</p>'
+        f'<table id="table-front"><thead><tr>{"".join(head)}</tr></thead><tbody>{body}</tbody></table></section>'
+    )
+
+
+def _fits(fits, objectives) -> str:
+    if not fits:
+        return ""
+    figures, used = [], {}
+    for f in fits:
+        key = f["objective"]
+        used[key] = used.get(key, 0) + 1
+        element_id = f"fig-fit-{key}" + ("" if used[key] == 1 else f"-{used[key]}")
+        spec = objectives[key]
+        svg = fit_figure(f, spec, element_id=element_id, colour=FIT_COLOURS[key])
+        figures.append(
+            f'<figure id="{element_id}"><h3>{esc(key.capitalize())}: {esc(spec["name"])}</h3>{svg}'
+            f"<figcaption>Surrogate prediction against the measured value, one dot per configuration "
+            f"in the fit data; the dashed line is y = x (a perfect fit).</figcaption></figure>"
+        )
+    return f'<section id="fits"><h2>Surrogate fits</h2><div class="fits">{"".join(figures)}</div></section>'
+
+
+def _meta_value(value) -> str:
+    if isinstance(value, (dict, list, tuple)):
+        return f"<code>{esc(json.dumps(value, default=str, ensure_ascii=False))}</code>"
+    text = str(value)
+    if "\n" in text or len(text) > 60 or " --" in text:
+        return f"<code>{esc(text)}</code>"
+    return esc(text)
+
+
+def _meta(meta) -> str:
+    if not meta:
+        return ""
+    rows = "".join(f"<dt>{esc(k)}</dt><dd>{_meta_value(v)}</dd>" for k, v in meta.items())
+    return f'<section id="meta"><h2>Run</h2><dl class="meta">{rows}</dl></section>'
