@@ -36,7 +36,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def add_suite_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", type=Path, default=os.environ.get("REPAIR_DATA_DIR"),
+    g.add_argument("--data-dir", type=Path, default=None,
                    help="folder with bbq/, mmlu/, wikitext2/ in their official formats (default: $REPAIR_DATA_DIR)")
     g.add_argument("--categories", type=_csv, default=None, help="BBQ categories or association attributes, comma-separated")
     g.add_argument("--limit", type=int, default=None, help="at most N items per BBQ category / association attribute / MMLU subject")
@@ -61,8 +61,9 @@ def eval_config(args) -> EvalConfig:
         raise UserError(f"--ppl-tokens must be at least 2, got {args.ppl_tokens}")
     if not (2 <= args.ppl_window and 1 <= args.ppl_stride <= args.ppl_window):
         raise UserError(f"need --ppl-window >= 2 and 1 <= --ppl-stride <= --ppl-window, got {args.ppl_window}/{args.ppl_stride}")
+    data_dir = args.data_dir or os.environ.get("REPAIR_DATA_DIR") or None
     return EvalConfig(
-        data_dir=Path(args.data_dir) if args.data_dir else None, split=args.split, limit=args.limit,
+        data_dir=Path(data_dir) if data_dir else None, split=args.split, limit=args.limit,
         categories=args.categories, bbq_mode=args.bbq_mode, mmlu_subjects=args.mmlu_subjects,
         mmlu_shots=args.mmlu_shots, ppl_tokens=args.ppl_tokens, ppl_window=args.ppl_window,
         ppl_stride=args.ppl_stride, seed=args.seed,

@@ -166,7 +166,9 @@ def resolve_source(name: str) -> tuple[str, Path | None]:
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the model and tokenizer in inference mode on the resolved device and dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars show the phases; theirs would interleave
     source, hf_dir = resolve_source(spec.model)
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
