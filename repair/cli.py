@@ -38,7 +38,10 @@ def add_suite_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", type=Path, default=None,
                    help="folder with bbq/, mmlu/, wikitext2/ in their official formats (default: $REPAIR_DATA_DIR)")
-    g.add_argument("--categories", type=_csv, default=None, help="BBQ categories or association attributes, comma-separated")
+    g.add_argument("--categories", type=_csv, default=None, help="BBQ categories, comma-separated (default: all 11)")
+    g.add_argument("--attributes", type=_csv, default=None,
+                   help="association attributes, comma-separated (gender, religion, race_ethnicity, nationality, age, "
+                        "disability, sexual_orientation, ses; default: all)")
     g.add_argument("--limit", type=int, default=None, help="at most N items per BBQ category / association attribute / MMLU subject")
     g.add_argument("--split", choices=["search", "report", "all"], default="all",
                    help="templates searched on, held-out templates for the report, or both")
@@ -64,7 +67,7 @@ def eval_config(args) -> EvalConfig:
     data_dir = args.data_dir or os.environ.get("REPAIR_DATA_DIR") or None
     return EvalConfig(
         data_dir=Path(data_dir) if data_dir else None, split=args.split, limit=args.limit,
-        categories=args.categories, bbq_mode=args.bbq_mode, mmlu_subjects=args.mmlu_subjects,
+        categories=args.categories, attributes=args.attributes, bbq_mode=args.bbq_mode, mmlu_subjects=args.mmlu_subjects,
         mmlu_shots=args.mmlu_shots, ppl_tokens=args.ppl_tokens, ppl_window=args.ppl_window,
         ppl_stride=args.ppl_stride, seed=args.seed,
     )

@@ -9,6 +9,11 @@ does the least work the answers need:
 - prompts are sorted by length and packed into batches of at most `batch_tokens` tokens, padded on
   the right (so no query row is fully masked), with explicit position ids.
 The reference scores each prompt+option alone through the plain model with full logits.
+
+Variants: a search scores many configurations (head masks, say) of one model. `score_choices_variants`
+and `token_nll_variants` run every item once per variant in the same batches and, before every
+forward, tell `on_rows` which variant each batch row belongs to, so an intervention (a `HeadMasker`)
+applies a different configuration to each row of one batched forward.
 """
 from __future__ import annotations
 
@@ -80,8 +85,10 @@ class Evaluator:
     """The fast scorer (see the module docstring). Works on CPU and CUDA alike: the device and dtype
     are the model's."""
 
-    def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, progress: bool = True):
+    def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, progress: bool = True,
+                 on_rows=None):
         self.model, self.tokenizer = model, tokenizer
+        self.on_rows = on_rows  # called with the variant id of every batch row before each forward
         self.backbone = model.base_model  # the decoder stack, ending in the final norm
         self.head = model.get_output_embeddings()
         self.device = _input_device(model)
@@ -90,17 +97,23 @@ class Evaluator:
         self.work = WorkCounter()
 
     # ---- multiple choice -------------------------------------------------------------------
-    @torch.inference_mode()
     def score_choices(self, requests: Sequence[ChoiceRequest], desc: str = "") -> list[OptionScores]:
+        return self.score_choices_variants(requests, 1, desc)[0]
+
+    @torch.inference_mode()
+    def score_choices_variants(self, requests: Sequence[ChoiceRequest], n_variants: int, desc: str = "") -> list[list[OptionScores]]:
+        """Scores of every request under each of `n_variants` variants: result[variant][request]."""
         encoded = [self.tokens.request(r) for r in requests]
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-        results: list[OptionScores | None] = [None] * len(encoded)
-        with tqdm(total=len(encoded), desc=desc or "scoring", unit="item", disable=not self.progress, leave=False) as bar:
-            for batch in self._batches(order, [len(e[0]) for e in encoded]):
-                for i, scores in zip(batch, self._score_batch([encoded[i] for i in batch])):
-                    results[i] = scores
+        jobs = [(v, i) for i in range(len(encoded)) for v in range(n_variants)]
+        order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][1]][0]))
+        results: list[list] = [[None] * len(encoded) for _ in range(n_variants)]
+        with tqdm(total=len(jobs), desc=desc or "scoring", unit="item", disable=not self.progress, leave=False) as bar:
+            for batch in self._batches(order, [len(encoded[i][0]) for _, i in jobs]):
+                variants = torch.tensor([jobs[j][0] for j in batch], device=self.device)
+                for j, scores in zip(batch, self._score_batch([encoded[jobs[j][1]] for j in batch], variants)):
+                    results[jobs[j][0]][jobs[j][1]] = scores
                 bar.update(len(batch))
-        return results  # type: ignore[return-value]
+        return results
 
     def _batches(self, order: list[int], lengths: list[int]):
         batch: list[int] = []
@@ -112,13 +125,18 @@ class Evaluator:
         if batch:
             yield batch
 
-    def _score_batch(self, items: list[tuple[list[int], list[list[int]]]]) -> list[OptionScores]:
+    def _set_rows(self, variants: torch.Tensor) -> None:
+        if self.on_rows is not None:
+            self.on_rows(variants)
+
+    def _score_batch(self, items: list[tuple[list[int], list[list[int]]]], variants: torch.Tensor) -> list[OptionScores]:
         dev = self.device
         lengths = torch.tensor([len(p) for p, _ in items], device=dev)
         ids, mask = _right_pad([p for p, _ in items], dev)
         positions = (torch.arange(ids.shape[1], device=dev)[None, :]).expand_as(ids)
         rows_opts = [(b, o) for b, (_, opts) in enumerate(items) for o in opts]
         needs_rest = any(len(o) > 1 for _, o in rows_opts)
+        self._set_rows(variants)
         out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=needs_rest)
         self.work.tokens += int(mask.sum())
         self.work.padded_tokens += mask.numel()
@@ -130,7 +148,7 @@ class Evaluator:
         totals = first_logp[row_of, first_tok].double()
 
         if needs_rest:
-            totals += self._score_rest(out.past_key_values, mask, lengths, rows_opts)
+            totals += self._score_rest(out.past_key_values, mask, lengths, rows_opts, variants)
         totals = totals.cpu().numpy()
         n_tok = np.array([len(o) for _, o in rows_opts], dtype=np.int64)
         result, k = [], 0
@@ -139,7 +157,7 @@ class Evaluator:
             k += len(opts)
         return result
 
-    def _score_rest(self, cache, prefix_mask, lengths, rows_opts) -> torch.Tensor:
+    def _score_rest(self, cache, prefix_mask, lengths, rows_opts, variants) -> torch.Tensor:
         """Log-probability of each option's tokens after its first, reusing the prompt's cache."""
         dev = self.device
         multi = [j for j, (_, o) in enumerate(rows_opts) if len(o) > 1]
@@ -148,6 +166,7 @@ class Evaluator:
         inputs, cmask = _right_pad([rows_opts[j][1][:-1] for j in multi], dev)
         targets, _ = _right_pad([rows_opts[j][1][1:] for j in multi], dev)
         positions = lengths[rows][:, None] + torch.arange(inputs.shape[1], device=dev)[None, :]
+        self._set_rows(variants[rows])
         out = self.backbone(
             input_ids=inputs,
             attention_mask=torch.cat([prefix_mask[rows], cmask], dim=1),
@@ -171,23 +190,28 @@ class Evaluator:
         return torch.log_softmax(self.head(hidden).float(), dim=-1)
 
     # ---- perplexity ------------------------------------------------------------------------
-    @torch.inference_mode()
     def token_nll(self, token_ids, window: int, stride: int, desc: str = "") -> np.ndarray:
+        return self.token_nll_variants(token_ids, window, stride, 1, desc)[0]
+
+    @torch.inference_mode()
+    def token_nll_variants(self, token_ids, window: int, stride: int, n_variants: int, desc: str = "") -> np.ndarray:
+        """Per-token NLL (see `Scorer.token_nll`) under each variant: shape (n_variants, n_tokens - 1)."""
         ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long, device=self.device)
-        spans = sliding_windows(len(ids), window, stride)
-        nll = torch.zeros(max(len(ids) - 1, 0), dtype=torch.float64, device=self.device)
-        per_batch = max(1, self.batch_tokens // window)
-        with tqdm(total=len(spans), desc=desc or "perplexity", unit="window", disable=not self.progress, leave=False) as bar:
-            for k in range(0, len(spans), per_batch):
-                group = spans[k:k + per_batch]
-                inputs, mask = _right_pad([ids[b:e].tolist() for b, e, _ in group], self.device)
+        jobs = [(v, span) for span in sliding_windows(len(ids), window, stride) for v in range(n_variants)]
+        nll = torch.zeros((n_variants, max(len(ids) - 1, 0)), dtype=torch.float64, device=self.device)
+        per_batch = max(1, min(self.max_rows, self.batch_tokens // window))
+        with tqdm(total=len(jobs), desc=desc or "perplexity", unit="window", disable=not self.progress, leave=False) as bar:
+            for k in range(0, len(jobs), per_batch):
+                group = jobs[k:k + per_batch]
+                inputs, mask = _right_pad([ids[b:e].tolist() for _, (b, e, _) in group], self.device)
+                self._set_rows(torch.tensor([v for v, _ in group], device=self.device))
                 out = self.backbone(input_ids=inputs, attention_mask=mask, use_cache=False)
                 self.work.tokens += int(mask.sum())
                 self.work.padded_tokens += mask.numel()
-                for row, (b, e, t0) in enumerate(group):
+                for row, (v, (b, e, t0)) in enumerate(group):
                     # the hidden state at position t-1 predicts token t
                     logp = self._log_softmax(out.last_hidden_state[row, t0 - 1 - b:e - 1 - b])
-                    nll[t0 - 1:e - 1] = -logp.gather(1, ids[t0:e, None])[:, 0].double()
+                    nll[v, t0 - 1:e - 1] = -logp.gather(1, ids[t0:e, None])[:, 0].double()
                 bar.update(len(group))
         return nll.cpu().numpy()
 

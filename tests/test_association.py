@@ -162,7 +162,7 @@ def test_shipped_data_meets_the_brief():
         assert p.prompt == p.prompt.rstrip() and p.prompt and "{c}" not in p.prompt
         assert all(f == f.strip() for fs in p.forms for f in fs)
     assert len({(p.template_id, p.prompt) for p in suite.prompts}) == len(suite.prompts)
-    res = AssociationSuite(EvalConfig(categories=("age",), limit=1)).score(
+    res = AssociationSuite(EvalConfig(attributes=("age",), limit=1)).score(
         [OptionScores(np.zeros(4), np.ones(4, np.int64))] * 2)
     assert res.files == {association.PACKAGE_LABEL: hashlib.sha256(association._package_file().read_bytes()).hexdigest()}
 
@@ -184,7 +184,7 @@ def test_split_is_deterministic_disjoint_and_non_empty():
         assert neutral(search) == neutral(report) == neutral(full)  # the reference is never split
         assert {p.split for p in search.prompts if not p.neutral} == {"search"}
     # A template's side does not depend on which attributes are loaded.
-    only = AssociationSuite(EvalConfig(split="report", categories=("religion",)))
+    only = AssociationSuite(EvalConfig(split="report", attributes=("religion",)))
     assert {p.template_id for p in only.prompts} == {p.template_id for p in report.prompts if p.attribute == "religion"}
 
 
@@ -201,8 +201,8 @@ def test_limit_caps_and_spreads_prompts():
 
 
 def test_categories_select_attributes():
-    suite = AssociationSuite(EvalConfig(categories=("religion", "Age")))
+    suite = AssociationSuite(EvalConfig(attributes=("religion", "Age")))
     assert suite.attributes == ["religion", "age"]
     assert {p.attribute for p in suite.prompts} == {"religion", "age"}
     with pytest.raises(UserError, match="valid: gender"):
-        AssociationSuite(EvalConfig(categories=("religion", "astrology")))
+        AssociationSuite(EvalConfig(attributes=("religion", "astrology")))

@@ -168,12 +168,12 @@ class AssociationSuite:
         self.config, self.tokenizer = config, tokenizer
         self.data, self.sha256, self.label = load_data()
         attrs = list(self.data["attributes"])
-        if config.categories:
+        if config.attributes:
             by_lower = {a.lower(): a for a in attrs}
-            unknown = [c for c in config.categories if c.lower() not in by_lower]
+            unknown = [c for c in config.attributes if c.lower() not in by_lower]
             if unknown:
                 raise UserError(f"unknown association attribute(s) {unknown}; valid: {', '.join(attrs)}")
-            wanted = {by_lower[c.lower()] for c in config.categories}
+            wanted = {by_lower[c.lower()] for c in config.attributes}
             attrs = [a for a in attrs if a in wanted]
         if config.limit is not None and config.limit < 1:
             raise UserError(f"--limit must be at least 1, got {config.limit}")

@@ -60,7 +60,8 @@ class EvalConfig:
     data_dir: Path | None = None
     split: Split = "all"
     limit: int | None = None  # at most N items per BBQ category / association attribute
-    categories: tuple[str, ...] | None = None  # BBQ categories or association attributes
+    categories: tuple[str, ...] | None = None  # BBQ categories (None: all 11)
+    attributes: tuple[str, ...] | None = None  # association attributes (None: all)
     bbq_mode: Literal["cloze", "choice"] = "cloze"
     mmlu_subjects: tuple[str, ...] | None = None
     mmlu_shots: int = 0
