@@ -99,6 +99,30 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from repair.run import run
+    from repair.rundir import RunConfig
+
+    data_dir = args.data_dir or os.environ.get("REPAIR_DATA_DIR") or None
+    config = RunConfig(
+        out=args.out, model=model_spec(args), method=args.method, data_dir=Path(data_dir) if data_dir else None,
+        fairness=args.fairness, utility=args.utility, budget_evals=args.budget_evals, rounds=args.rounds,
+        per_round=args.per_round, max_prune=args.max_prune, max_utility_loss=args.max_utility_loss,
+        knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
+        search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
+        report_ppl_tokens=args.report_ppl_tokens, verify_top=args.verify_top, bbq_mode=args.bbq_mode,
+        batch_masks=args.batch_masks, storage=args.storage, study=args.study, seed=args.seed,
+    )
+    return run(config)
+
+
+def cmd_report(args) -> int:
+    from repair.run import write_run_report
+
+    print(write_run_report(args.run_dir, storage=args.storage))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="repair", description="Measure and repair social bias in causal language models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -112,6 +136,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch of the evaluator")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev.set_defaults(func=cmd_evaluate)
+
+    rn = sub.add_parser("run", help="search a repair, verify it on held-out data, export a checkpoint and a report",
+                        description="Search a fairness repair, verify it on held-out templates, export the repaired "
+                                    "checkpoint to OUT/checkpoint and a Pareto report to OUT/report/index.html. "
+                                    "Rerunning the same command resumes from the stored evaluations.")
+    add_model_flags(rn)
+    rn.add_argument("--method", default="prune", help="prune (attention-head pruning); fairmed, fairsteer, experts: planned")
+    rn.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
+    rn.add_argument("--data-dir", type=Path, default=None,
+                    help="folder with bbq/, mmlu/, wikitext2/ (default: $REPAIR_DATA_DIR); only needed for those suites")
+    rn.add_argument("--fairness", default="association",
+                    help="fairness objective(s), lower is fairer: association (KL to uniform), association-neutral, "
+                         "bbq-margin, bbq-samb, bbq-sdis; weighted sums as 'association:1,bbq-margin:0.5'")
+    rn.add_argument("--utility", default="text", help="utility objective: text or wikitext (perplexity), mmlu (accuracy)")
+    rn.add_argument("--budget-evals", type=int, default=120, help="LLM evaluations of masks in all (sampling + rounds)")
+    rn.add_argument("--rounds", type=int, default=2, help="active-learning rounds: refit surrogates, anneal, evaluate")
+    rn.add_argument("--per-round", type=int, default=8, help="masks evaluated for real in each round")
+    rn.add_argument("--max-prune", type=float, default=0.2, help="largest fraction of heads a mask may prune")
+    rn.add_argument("--max-utility-loss", type=float, default=0.05,
+                    help="allowed utility loss: perplexity at most x(1+L), accuracy at least x(1-L) of the unrepaired model")
+    rn.add_argument("--knockouts", action="store_true", help="also evaluate every single-head knockout")
+    rn.add_argument("--baselines", type=_csv, default=(), help="random,knockout: baselines with the same budget (planned)")
+    rn.add_argument("--search-limit", type=int, default=6, help="prompts per attribute (items per category) in the search split")
+    rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
+    rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the report split (default: all)")
+    rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the report split")
+    rn.add_argument("--verify-top", type=int, default=6, help="masks verified on the held-out report split")
+    rn.add_argument("--bbq-mode", choices=["cloze", "choice"], default="cloze", help="BBQ scoring mode for bbq objectives")
+    rn.add_argument("--batch-masks", type=int, default=8, help="masks evaluated together in one batched forward")
+    rn.add_argument("--storage", default=None, help="Optuna RDB URL for the records (default: sqlite file in --out)")
+    rn.add_argument("--study", default=None, help="study name in the storage (default: derived from --out)")
+    rn.add_argument("--seed", type=int, default=0, help="seeds sampling, surrogates, annealing and bootstrap intervals")
+    rn.set_defaults(func=cmd_run)
+
+    rp = sub.add_parser("report", help="rebuild RUN_DIR/report from the run's records")
+    rp.add_argument("run_dir", type=Path)
+    rp.add_argument("--storage", default=None, help="the run's storage URL when it was not the default SQLite file")
+    rp.set_defaults(func=cmd_report)
     return parser
 
 

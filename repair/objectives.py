@@ -1,0 +1,177 @@
+"""The two numbers a repair search trades: fairness (lower is fairer) and utility, measured for many
+configurations of one model in shared batched forwards.
+
+Fairness is a weighted sum of suite metrics, each oriented so that lower is fairer (metrics whose
+ideal is zero enter as absolute values). Utility is one suite metric; the search works on its
+*loss* (log-perplexity, or minus accuracy), so both search objectives are minimised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from repair.errors import UserError
+from repair.suites import build_suite
+from repair.suites.base import EvalConfig
+
+# name -> (suite, metric); the metric's own `better` says how it is oriented
+FAIRNESS = {
+    "association": ("association", "overall/kl_uniform"),
+    "association-neutral": ("association", "overall/kl_neutral"),
+    "bbq-margin": ("bbq", "overall/bias_margin"),
+    "bbq-samb": ("bbq", "overall/s_amb"),
+    "bbq-sdis": ("bbq", "overall/s_dis"),
+}
+UTILITY = {
+    "text": ("text", "overall/perplexity"),
+    "wikitext": ("wikitext", "overall/perplexity"),
+    "mmlu": ("mmlu", "overall/accuracy"),
+}
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """`fairness`: ((name, weight), ...) from FAIRNESS; `utility`: a name from UTILITY."""
+
+    fairness: tuple[tuple[str, float], ...] = (("association", 1.0),)
+    utility: str = "text"
+
+    @classmethod
+    def parse(cls, fairness: str, utility: str) -> "Objectives":
+        """'association' or 'association:1,bbq-margin:0.5', and one utility name."""
+        terms = []
+        for part in (p.strip() for p in fairness.split(",") if p.strip()):
+            name, _, weight = part.partition(":")
+            if name not in FAIRNESS:
+                raise UserError(f"unknown fairness objective {name!r} (choose from {', '.join(FAIRNESS)})")
+            try:
+                w = float(weight) if weight else 1.0
+            except ValueError:
+                raise UserError(f"fairness weight {weight!r} of {name!r} is not a number") from None
+            if not w > 0:
+                raise UserError(f"fairness weight of {name!r} must be positive, got {w}")
+            terms.append((name, w))
+        if not terms:
+            raise UserError("--fairness names no objective")
+        if utility not in UTILITY:
+            raise UserError(f"unknown utility objective {utility!r} (choose from {', '.join(UTILITY)})")
+        return cls(tuple(terms), utility)
+
+    @property
+    def suites(self) -> list[str]:
+        names = [FAIRNESS[n][0] for n, _ in self.fairness] + [UTILITY[self.utility][0]]
+        return list(dict.fromkeys(names))
+
+    @property
+    def utility_higher_is_better(self) -> bool:
+        return self.utility == "mmlu"
+
+    def describe(self) -> dict:
+        return {
+            "fairness": {"name": " + ".join(f"{w:g}*{n}" if w != 1 else n for n, w in self.fairness),
+                         "metrics": [FAIRNESS[n] for n, _ in self.fairness], "better": "lower"},
+            "utility": {"name": f"{self.utility} {UTILITY[self.utility][1].split('/')[-1]}",
+                        "metric": UTILITY[self.utility], "better": "higher" if self.utility_higher_is_better else "lower"},
+        }
+
+    def fairness_of(self, metrics: dict) -> float:
+        """metrics: {"suite/metric/name": value}."""
+        total = 0.0
+        for name, weight in self.fairness:
+            suite, metric = FAIRNESS[name]
+            value = metrics[f"{suite}/{metric}"]
+            total += weight * (abs(value) if name.startswith("bbq") else value)
+        return total
+
+    def utility_of(self, metrics: dict) -> float:
+        suite, metric = UTILITY[self.utility]
+        return metrics[f"{suite}/{metric}"]
+
+    def utility_loss(self, utility: float) -> float:
+        """What the search minimises: log-perplexity, or minus accuracy."""
+        return -utility if self.utility_higher_is_better else math.log(utility)
+
+    def utility_bound(self, base_utility: float, max_loss: float) -> float:
+        """The worst utility still allowed: perplexity x (1 + max_loss), or accuracy x (1 - max_loss)."""
+        return base_utility * (1 - max_loss) if self.utility_higher_is_better else base_utility * (1 + max_loss)
+
+    def meets(self, utility: float, bound: float) -> bool:
+        return utility >= bound if self.utility_higher_is_better else utility <= bound
+
+
+class ConfigEvaluator:
+    """Scores many configurations of one model on one split's suites in shared forwards.
+
+    `set_variants(n)` must prepare the intervention for n variants and return the evaluator whose
+    `on_rows` routes batch rows to them; see `repair.heads.HeadMasker`.
+    """
+
+    def __init__(self, objectives: Objectives, config: EvalConfig, tokenizer):
+        self.objectives = objectives
+        self.config = config
+        self.suites = {name: build_suite(name, config, tokenizer) for name in objectives.suites}
+        self._prepared = {}
+        for name, suite in self.suites.items():
+            if hasattr(suite, "requests"):
+                self._prepared[name] = ("choice", suite.requests())
+            else:
+                ids, runs = suite.runs(tokenizer)
+                self._prepared[name] = ("nll", [ids[r[0].start:r[-1].stop] for r in runs], runs)
+
+    def evaluate(self, evaluator, n_variants: int, *, with_results: bool = False) -> list[dict]:
+        """One dict per variant: fairness, utility, utility_loss and every suite metric (+ CIs)."""
+        per_variant: list[dict] = [{"metrics": {}, "results": {}} for _ in range(n_variants)]
+        for name, prepared in self._prepared.items():
+            suite = self.suites[name]
+            if prepared[0] == "choice":
+                outputs = evaluator.score_choices_variants(prepared[1], n_variants, desc=name)
+                results = [suite.score(outputs[v]) for v in range(n_variants)]
+            else:
+                cfg = self.config
+                nlls = [evaluator.token_nll_variants(t, cfg.ppl_window, cfg.ppl_stride, n_variants, desc=name)
+                        for t in prepared[1]]
+                results = [suite.score(prepared[2], [n[v] for n in nlls]) for v in range(n_variants)]
+            for v, res in enumerate(results):
+                for key, m in res.metrics.items():
+                    per_variant[v]["metrics"][f"{name}/{key}"] = m
+                if with_results:
+                    per_variant[v]["results"][name] = res
+        out = []
+        for pv in per_variant:
+            values = {k: m.value for k, m in pv["metrics"].items()}
+            utility = self.objectives.utility_of(values)
+            row = {
+                "fairness": self.objectives.fairness_of(values),
+                "utility": utility,
+                "utility_loss": self.objectives.utility_loss(utility),
+                "metrics": {k: m.as_dict() for k, m in pv["metrics"].items()},
+            }
+            if with_results:
+                row["results"] = pv["results"]
+            out.append(row)
+        return out
+
+
+def fairness_interval(objectives: Objectives, metrics: dict) -> tuple[float, float] | None:
+    """A 95% interval for a single-term fairness objective (weighted sums have none of their own)."""
+    if len(objectives.fairness) != 1:
+        return None
+    name, weight = objectives.fairness[0]
+    suite, metric = FAIRNESS[name]
+    m = metrics[f"{suite}/{metric}"]
+    lo, hi = m["ci_low"], m["ci_high"]
+    if name.startswith("bbq"):
+        lo, hi = (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+    return (weight * lo, weight * hi)
+
+
+def utility_interval(objectives: Objectives, metrics: dict) -> tuple[float, float]:
+    suite, metric = UTILITY[objectives.utility]
+    m = metrics[f"{suite}/{metric}"]
+    return (m["ci_low"], m["ci_high"])
+
+
+def finite(x: float) -> bool:
+    return bool(np.isfinite(x))

@@ -1,0 +1,151 @@
+"""`repair run` and `repair report`: the batch job around a method, and the report from its records."""
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from repair import masks as M
+from repair.errors import UserError
+from repair.evaluate import versions
+from repair.export import export_pruned, model_card
+from repair.models import load_model
+from repair.objectives import Objectives, fairness_interval, utility_interval
+from repair.records import Records, open_study, redact
+from repair.rundir import RunConfig, prepare
+from repair.suites import build_suite
+
+METHODS = ("prune",)
+PLANNED = ("fairmed", "fairsteer", "experts", "all")
+MIN_SAMPLES = 20  # fewer sampled masks than this leave the surrogates nothing to learn from
+
+
+def validate(config: RunConfig) -> Objectives:
+    if config.method in PLANNED:
+        raise UserError(f"--method {config.method} is not implemented yet; this version provides: {', '.join(METHODS)}")
+    if config.method not in METHODS:
+        raise UserError(f"unknown --method {config.method!r} (choose from {', '.join(METHODS + PLANNED)})")
+    objectives = Objectives.parse(config.fairness, config.utility)
+    if not 0 < config.max_prune < 1:
+        raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
+    if not 0 < config.max_utility_loss < 1:
+        raise UserError(f"--max-utility-loss must be a fraction between 0 and 1, got {config.max_utility_loss}")
+    if config.rounds < 0 or config.per_round < 1 or config.verify_top < 1:
+        raise UserError("--rounds must be >= 0, --per-round and --verify-top >= 1")
+    n_sample = config.budget_evals - config.rounds * config.per_round
+    if n_sample < MIN_SAMPLES:
+        raise UserError(f"--budget-evals {config.budget_evals} leaves {n_sample} sampled masks after "
+                        f"{config.rounds} rounds x {config.per_round}; the surrogates need at least {MIN_SAMPLES} "
+                        f"(raise --budget-evals to {MIN_SAMPLES + config.rounds * config.per_round} or more)")
+    for name in ("search_limit", "report_limit"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    return objectives
+
+
+def run(config: RunConfig) -> int:
+    objectives = validate(config)
+    from repair.prune import eval_config
+
+    files = {}
+    for split in ("search", "report"):  # validate every data file before any model or disk work
+        for name in objectives.suites:
+            suite = build_suite(name, eval_config(config, split), None)
+            files.update(getattr(suite, "files", {}) or {})
+    if config.storage:
+        open_study(config.storage, config.study_name)  # unreachable storage fails before anything is written
+    resuming = prepare(config, {"storage": redact(config.storage_url), "study": config.study_name,
+                                "versions": versions(), "objectives": objectives.describe()})
+    if resuming:
+        print(f"resuming the run in {config.out}", file=sys.stderr)
+    loaded = load_model(config.model)
+
+    from repair.prune import run_prune
+
+    result = run_prune(config, loaded, objectives)
+    chosen = next(c for c in result["candidates"] if c["chosen"])
+    base = result["candidates"][0]
+    manifest = {
+        "method": config.method,
+        "model": loaded.describe(),
+        "pruned_heads": chosen["pruned_heads"],
+        "objectives": objectives.describe(),
+        "max_utility_loss": config.max_utility_loss,
+        "metrics": {split: {"base": _side(base[split]), "repaired": _side(chosen[split])} for split in ("search", "report")},
+        "data_files": files,
+        "versions": versions(),
+        "command": sys.argv,
+        "n_llm_evaluations": result["n_evaluations"],
+    }
+    export_pruned(loaded, M.from_key(chosen["key"], tuple(result["layout"])), config.out / "checkpoint", manifest,
+                  model_card(manifest))
+    report = write_run_report(config.out, storage=config.storage_url)
+    _print_summary(config, objectives, base, chosen, report, result)
+    return 0
+
+
+def _side(side: dict) -> dict:
+    return {"fairness": side["fairness"], "utility": side["utility"], **side["metrics"]}
+
+
+def _print_summary(config, objectives, base, chosen, report, result) -> None:
+    desc = objectives.describe()
+    rb, rc = base["report"], chosen["report"]
+    change = lambda a, b: f"{(b - a) / abs(a):+.1%}" if a else "n/a"
+    print(f"\nLLM evaluations: {result['n_evaluations']} in {result['seconds'] / 60:.1f} min")
+    if chosen is base:
+        print("no pruned configuration kept utility within the limit on the held-out split: the checkpoint is the unrepaired model")
+    print(f"held-out report split      unrepaired   repaired   change")
+    print(f"fairness ({desc['fairness']['name']}, lower is better)".ljust(27)[:27]
+          + f" {rb['fairness']:10.4f} {rc['fairness']:10.4f}   {change(rb['fairness'], rc['fairness'])}")
+    print(f"utility ({desc['utility']['name']}, {desc['utility']['better']} is better)".ljust(27)[:27]
+          + f" {rb['utility']:10.4f} {rc['utility']:10.4f}   {change(rb['utility'], rc['utility'])}")
+    print(f"pruned heads: {len(chosen['pruned_heads'])}")
+    print(f"checkpoint: {config.out / 'checkpoint'}")
+    print(f"report:     {report}")
+
+
+def write_run_report(run_dir: Path, storage: str | None = None) -> Path:
+    """Build report/ from the run's records: verified candidates, search records and surrogate fits."""
+    from reports import write_report
+
+    run_dir = Path(run_dir)
+    cfg_path, cand_path = run_dir / "config.json", run_dir / "candidates.jsonl"
+    if not cfg_path.is_file() or not cand_path.is_file():
+        raise UserError(f"{run_dir} holds no finished run (config.json and candidates.jsonl are needed)")
+    saved = json.loads(cfg_path.read_text())
+    identity = saved["identity"]
+    objectives = Objectives.parse(identity["fairness"], identity["utility"])
+    candidates = [json.loads(line) for line in cand_path.read_text().splitlines() if line.strip()]
+    points = []
+    for i, c in enumerate(candidates):
+        kind = "base" if i == 0 else ("chosen" if c["chosen"] else "candidate")
+        rep = c["report"]
+        points.append({
+            "name": "unrepaired" if i == 0 else f"{c['phase']}:{c['key'][:8]}", "method": "base" if i == 0 else "prune",
+            "kind": kind, "split": "report", "fairness": rep["fairness"], "utility": rep["utility"],
+            "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
+            "config": {"pruned_heads": c["pruned_heads"]},
+        })
+    storage = storage or (f"sqlite:///{(run_dir / 'study.db').resolve()}" if (run_dir / "study.db").is_file() else None)
+    if storage:
+        records = Records(open_study(storage, saved["study"])).completed()
+        for key, t in records.items():
+            phase = t.user_attrs["phase"]
+            points.append({"name": f"{phase}:{key[:8]}", "method": "base" if phase == "base" else "prune",
+                           "kind": "candidate", "split": "search", "fairness": t.user_attrs["fairness"],
+                           "utility": t.user_attrs["utility"], "config": {}})
+    fits = []
+    for plan in sorted((run_dir / "surrogates").glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        data = json.loads(plan.read_text())
+        for objective, fit in data["fits"].items():
+            fits.append({"objective": objective, "predicted": fit["predicted"], "measured": fit["measured"],
+                         "scores": fit["scores"], "label": f"round {data['round']}"})
+    meta = {"model": identity["model"]["model"], "method": identity["method"],
+            "command": " ".join(saved.get("command", [])), "versions": json.dumps(saved.get("versions", {})),
+            "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    desc = objectives.describe()
+    return write_report(run_dir / "report", points, objectives={k: {"name": v["name"], "better": v["better"]} for k, v in desc.items()},
+                        fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta)

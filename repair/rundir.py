@@ -1,0 +1,90 @@
+"""The run directory: its resolved configuration decides whether a rerun resumes or is refused."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from repair.errors import UserError
+from repair.io import write_json_atomic
+from repair.models import ModelSpec
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides a run's results. The CLI maps `repair run` flags onto it one to one."""
+
+    out: Path
+    model: ModelSpec = field(default_factory=ModelSpec)
+    method: str = "prune"
+    data_dir: Path | None = None
+    fairness: str = "association"
+    utility: str = "text"
+    budget_evals: int = 120
+    rounds: int = 2
+    per_round: int = 8
+    max_prune: float = 0.2
+    max_utility_loss: float = 0.05
+    knockouts: bool = False
+    baselines: tuple[str, ...] = ()
+    search_limit: int = 6  # prompts per attribute / items per category in the search split
+    search_ppl_tokens: int = 512
+    report_limit: int | None = None  # None: every item of the held-out split
+    report_ppl_tokens: int = 2048
+    verify_top: int = 6
+    bbq_mode: str = "cloze"
+    batch_masks: int = 8
+    storage: str | None = None
+    study: str | None = None
+    seed: int = 0
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
+
+    @property
+    def study_name(self) -> str:
+        return self.study or f"repair-{self.out.resolve().name}"
+
+    def identity(self) -> dict:
+        """The fields that must match for a rerun to resume (not where records are stored)."""
+        d = asdict(self)
+        for k in ("out", "storage", "study", "batch_masks"):
+            d.pop(k)
+        d["model"].pop("device")
+        d["model"].pop("device_map")
+        return json.loads(json.dumps(d, default=str))
+
+
+def prepare(config: RunConfig, resolved: dict) -> bool:
+    """Create or reopen the run directory. Returns True when resuming an earlier run.
+
+    An existing directory with a different configuration is refused rather than mixed.
+    """
+    out = config.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} is a file, not a directory (choose another --out)")
+    saved = out / "config.json"
+    if saved.is_file():
+        try:
+            previous = json.loads(saved.read_text())["identity"]
+        except (ValueError, KeyError):
+            raise UserError(f"{saved} is not a run configuration (choose another --out)") from None
+        if previous != config.identity():
+            diff = sorted(k for k in set(previous) | set(config.identity()) if previous.get(k) != config.identity().get(k))
+            raise UserError(f"{out} holds a run with a different configuration ({', '.join(diff)} differ): "
+                            "rerun with the same arguments to resume, or choose another --out")
+        return True
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a run directory (choose an empty or new --out)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output directory {out}: {exc.strerror or exc} (choose a writable --out)") from None
+    write_json_atomic(saved, {"identity": config.identity(), "command": sys.argv, "cwd": os.getcwd(), **resolved})
+    return False
