@@ -23,14 +23,15 @@ def full_mask(shape: tuple[int, int]) -> np.ndarray:
 
 
 def stratified_masks(n: int, shape: tuple[int, int], max_prune: float, seed: int) -> list[np.ndarray]:
-    """`n` random masks whose pruned fractions are stratified over (0, max_prune]: mask i prunes a
-    fraction drawn from the i-th of n equal strata, so every pruning level is covered evenly."""
+    """`n` random masks whose pruned counts are stratified over (0, max_prune]: mask i prunes a count
+    drawn from the i-th of n strata of a squared scale, so light pruning, where a small utility-loss
+    limit can still be met, is sampled densely (half the masks prune at most a quarter of the cap)."""
     rng = np.random.default_rng(seed)
     n_bits = shape[0] * shape[1]
     cap = int(np.floor(max_prune * n_bits))
     out = []
     for i in rng.permutation(n):
-        k = max(1, min(cap, int(round((i + rng.random()) / n * cap))))
+        k = max(1, min(cap, int(round(((i + rng.random()) / n) ** 2 * cap))))
         bits = np.ones(n_bits, dtype=bool)
         bits[rng.choice(n_bits, size=k, replace=False)] = False
         out.append(bits.reshape(shape))

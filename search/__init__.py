@@ -1,0 +1,14 @@
+"""Search over head masks on surrogate predictions. Numpy only: no import of `repair` or `surrogate`."""
+from search.annealing import AnnealResult, Candidates, ScoredMasks, TrustRegion, anneal, sweep
+from search.pareto import nondominated_ranks, pareto_front
+
+__all__ = [
+    "AnnealResult",
+    "Candidates",
+    "ScoredMasks",
+    "TrustRegion",
+    "anneal",
+    "nondominated_ranks",
+    "pareto_front",
+    "sweep",
+]

@@ -1,0 +1,158 @@
+"""`repair run --method prune` end to end on a tiny random Llama: export, records, resume, bad input."""
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT, run_cli
+from repair.cli import main
+from repair.heads import attention_output, decoder_layers
+from tiny import tiny_checkpoint
+
+SMALL = ["--budget-evals", "26", "--rounds", "1", "--per-round", "4", "--max-prune", "0.5",
+         "--search-limit", "1", "--search-ppl-tokens", "64", "--report-limit", "1", "--report-ppl-tokens", "64",
+         "--verify-top", "3", "--batch-masks", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def _trials(out):
+    with sqlite3.connect(out / "study.db") as db:
+        rows = db.execute("select t.state, a.value_json from trials t join trial_user_attributes a "
+                          "on a.trial_id = t.trial_id and a.key = 'key' join studies s on s.study_id = t.study_id "
+                          "where s.study_name not like '%-report'").fetchall()
+    return rows
+
+
+def test_checkpoint_equals_independently_pruned_model(finished_run, model_dir):
+    manifest = json.loads((finished_run / "checkpoint" / "repair_manifest.json").read_text())
+    heads = manifest["pruned_heads"]
+    exported = AutoModelForCausalLM.from_pretrained(finished_run / "checkpoint").eval()
+    reference = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    head_dim = reference.config.hidden_size // reference.config.num_attention_heads
+    with torch.no_grad():  # second implementation: zero the o_proj columns by hand
+        for layer, head in heads:
+            reference.model.layers[layer].self_attn.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = 0
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41]])
+    with torch.inference_mode():
+        assert torch.allclose(exported(ids).logits, reference(ids).logits, atol=1e-5)
+    assert manifest["method"] == "prune"
+    for split in ("search", "report"):
+        for side in ("base", "repaired"):
+            entry = manifest["metrics"][split][side]
+            assert {"fairness", "utility", "association/overall/kl_uniform", "text/overall/perplexity"} <= set(entry)
+            assert entry["association/overall/kl_uniform"]["ci_low"] <= entry["fairness"] <= entry["association/overall/kl_uniform"]["ci_high"]
+    assert manifest["objectives"]["fairness"]["better"] == "lower"
+    assert (finished_run / "checkpoint" / "README.md").read_text().startswith("# Fairness-repaired")
+
+
+def test_reported_numbers_reproduce_from_the_checkpoint(finished_run):
+    """Evaluating the exported checkpoint anew on the report split gives the manifest's numbers."""
+    manifest = json.loads((finished_run / "checkpoint" / "repair_manifest.json").read_text())
+    out = finished_run.parent / "check.json"
+    assert main(["evaluate", "--model", str(finished_run / "checkpoint"), "--suite", "association,text",
+                 "--split", "report", "--limit", "1", "--ppl-tokens", "64", "--no-progress", "--json", str(out)]) == 0
+    fresh = json.loads(out.read_text())["suites"]
+    repaired = manifest["metrics"]["report"]["repaired"]
+    assert fresh["association"]["metrics"]["overall/kl_uniform"]["value"] == pytest.approx(repaired["fairness"], abs=1e-5)
+    assert fresh["text"]["metrics"]["overall/perplexity"]["value"] == pytest.approx(repaired["utility"], rel=1e-5)
+
+
+def test_records_are_unique_and_complete(finished_run):
+    rows = _trials(finished_run)
+    keys = [k for state, k in rows if state == "COMPLETE"]
+    assert len(keys) == len(set(keys)) and len(keys) >= 20
+    candidates = [json.loads(l) for l in (finished_run / "candidates.jsonl").read_text().splitlines()]
+    assert candidates[0]["pruned_heads"] == [] and sum(c["chosen"] for c in candidates) == 1
+    for c in candidates:
+        assert set(c) >= {"search", "report", "pruned_heads", "key"}
+
+
+def test_report_is_written(finished_run):
+    html = (finished_run / "report" / "index.html").read_text()
+    assert 'id="fig-front"' in html and "unrepaired" in html
+    rows = (finished_run / "report" / "pareto.csv").read_text().splitlines()
+    assert rows[0].startswith("name,") and len(rows) >= 2
+    assert main(["report", str(finished_run)]) == 0  # rebuilds from the records
+
+
+def test_rerun_resumes_without_new_evaluations(finished_run, model_dir):
+    before = _trials(finished_run)
+    chosen = json.loads((finished_run / "checkpoint" / "repair_manifest.json").read_text())["pruned_heads"]
+    assert main(["run", "--model", str(model_dir), "--out", str(finished_run), *SMALL]) == 0
+    assert _trials(finished_run) == before
+    assert json.loads((finished_run / "checkpoint" / "repair_manifest.json").read_text())["pruned_heads"] == chosen
+
+
+def test_killed_run_resumes_to_the_same_result(finished_run, model_dir, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "repair", "run", "--model", str(model_dir), "--out", str(out), *SMALL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "study.db").exists() and sum(s == "COMPLETE" for s, _ in _safe_trials(out)) >= 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoint").exists()
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+    keys = [k for s, k in _trials(out) if s == "COMPLETE"]
+    assert len(keys) == len(set(keys))
+    assert sorted(keys) == sorted(k for s, k in _trials(finished_run) if s == "COMPLETE")
+    same = [json.loads((d / "checkpoint" / "repair_manifest.json").read_text()) for d in (out, finished_run)]
+    assert same[0]["pruned_heads"] == same[1]["pruned_heads"]
+    assert same[0]["metrics"]["report"] == same[1]["metrics"]["report"]
+
+
+def _safe_trials(out):
+    try:
+        return _trials(out)
+    except sqlite3.Error:
+        return []
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--method", "bogus"], "unknown --method 'bogus'"),
+    (["--fairness", "vibes"], "unknown fairness objective 'vibes'"),
+    (["--utility", "bleu"], "unknown utility objective 'bleu'"),
+    (["--budget-evals", "10"], "the surrogates need at least 20"),
+    (["--max-prune", "1.5"], "--max-prune must be a fraction"),
+    (["--storage", "postgresql://user:s3cret@127.0.0.1:1/nowhere"], "cannot open the study storage"),
+])
+def test_bad_run_input_is_one_line_exit_2(model_dir, tmp_path, extra, expected):
+    out = tmp_path / "out"
+    result = run_cli("run", "--model", model_dir, "--out", out, *SMALL, *extra, timeout=120)
+    assert result.returncode == 2, result.stderr[-1500:]
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "s3cret" not in result.stderr
+    assert not out.exists()  # nothing half-written
+
+
+def test_out_dir_with_other_config_is_refused(finished_run, model_dir):
+    result = run_cli("run", "--model", model_dir, "--out", finished_run, *SMALL[:-1], "4", timeout=120)
+    assert result.returncode == 2 and "different configuration (seed differ)" in result.stderr
+
+
+def test_out_path_that_is_a_file_is_refused(model_dir, tmp_path):
+    (tmp_path / "f").write_text("x")
+    result = run_cli("run", "--model", model_dir, "--out", tmp_path / "f", *SMALL, timeout=120)
+    assert result.returncode == 2 and "is a file" in result.stderr
