@@ -2,8 +2,8 @@
 
 Evaluating a configuration on the LLM is the expensive step of every search, so the fast evaluator
 does the least work the answers need:
-- each multiple-choice prompt is encoded once; its key/value cache is then repeated for the options
-  that need more than one token, and only the options' tokens run through the model again;
+- each multiple-choice prompt is encoded once; the options' later tokens then run through the model
+  against that key/value cache, all options of an item side by side in one row (see `_score_rest`);
 - the output layer runs only at the positions whose next token is scored (the last prompt token and
   the option tokens), never over the whole sequence;
 - prompts are sorted by length and packed into batches of at most `batch_tokens` tokens, padded on
@@ -26,6 +26,9 @@ from tqdm.auto import tqdm
 
 from repair.errors import UserError
 from repair.suites.base import ChoiceRequest, OptionScores
+
+
+PAD_WASTE = 0.05
 
 
 @dataclass
@@ -105,7 +108,8 @@ class Evaluator:
         """Scores of every request under each of `n_variants` variants: result[variant][request]."""
         encoded = [self.tokens.request(r) for r in requests]
         jobs = [(v, i) for i in range(len(encoded)) for v in range(n_variants)]
-        order = sorted(range(len(jobs)), key=lambda j: len(encoded[jobs[j][1]][0]))
+        rest = [sum(len(o) - 1 for o in e[1]) for e in encoded]  # option tokens after the first
+        order = sorted(range(len(jobs)), key=lambda j: (len(encoded[jobs[j][1]][0]), rest[jobs[j][1]]))
         results: list[list] = [[None] * len(encoded) for _ in range(n_variants)]
         with tqdm(total=len(jobs), desc=desc or "scoring", unit="item", disable=not self.progress, leave=False) as bar:
             for batch in self._batches(order, [len(encoded[i][0]) for _, i in jobs]):
@@ -116,12 +120,19 @@ class Evaluator:
         return results
 
     def _batches(self, order: list[int], lengths: list[int]):
+        """Length buckets: a batch closes when it would exceed `batch_tokens` padded tokens or
+        `max_rows` rows, or when padding it to the newest length would waste more than
+        `PAD_WASTE` of it (batches of very different lengths cost more than they save)."""
         batch: list[int] = []
+        real = 0
         for i in order:  # ascending length, so the newest item is the longest
-            if batch and ((len(batch) + 1) * lengths[i] > self.batch_tokens or len(batch) == self.max_rows):
+            padded = (len(batch) + 1) * lengths[i]
+            if batch and (padded > self.batch_tokens or len(batch) == self.max_rows
+                          or (len(batch) >= 8 and real + lengths[i] < (1 - PAD_WASTE) * padded)):
                 yield batch
-                batch = []
+                batch, real = [], 0
             batch.append(i)
+            real += lengths[i]
         if batch:
             yield batch
 
@@ -158,31 +169,49 @@ class Evaluator:
         return result
 
     def _score_rest(self, cache, prefix_mask, lengths, rows_opts, variants) -> torch.Tensor:
-        """Log-probability of each option's tokens after its first, reusing the prompt's cache."""
+        """Log-probability of each option's tokens after its first, reusing the prompt's cache.
+
+        All of an item's options continue its one cache row side by side in a single sequence; a 4D
+        attention mask lets each option see the prompt and its own earlier tokens only, with position
+        ids restarting after the prompt. So the cache is never copied per option, and padding is only
+        the difference between items' total option lengths.
+        """
         dev = self.device
-        multi = [j for j, (_, o) in enumerate(rows_opts) if len(o) > 1]
-        rows = torch.tensor([rows_opts[j][0] for j in multi], device=dev)
-        cache.batch_select_indices(rows)  # one cache row per multi-token option
-        inputs, cmask = _right_pad([rows_opts[j][1][:-1] for j in multi], dev)
-        targets, _ = _right_pad([rows_opts[j][1][1:] for j in multi], dev)
-        positions = lengths[rows][:, None] + torch.arange(inputs.shape[1], device=dev)[None, :]
-        self._set_rows(variants[rows])
-        out = self.backbone(
-            input_ids=inputs,
-            attention_mask=torch.cat([prefix_mask[rows], cmask], dim=1),
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        by_row: dict[int, list[int]] = {}
+        for j, (b, o) in enumerate(rows_opts):
+            if len(o) > 1:
+                by_row.setdefault(b, []).append(j)
+        rows = sorted(by_row)
+        if len(rows) < len(lengths):
+            cache.batch_select_indices(torch.tensor(rows, device=dev))
+        inputs, targets, segment, offset = ([[] for _ in rows] for _ in range(4))
+        for r, b in enumerate(rows):
+            for j in by_row[b]:  # option j's tokens 1.. are predicted from its tokens ..-1
+                tokens = rows_opts[j][1]
+                inputs[r] += tokens[:-1]
+                targets[r] += tokens[1:]
+                segment[r] += [j] * (len(tokens) - 1)
+                offset[r] += range(len(tokens) - 1)
+        ids, cmask = _right_pad(inputs, dev)
+        tgt, _ = _right_pad(targets, dev)
+        seg, _ = _right_pad([[x + 1 for x in s] for s in segment], dev)  # 0 marks padding
+        off, _ = _right_pad(offset, dev)
+        width = ids.shape[1]
+        rows_t = torch.tensor(rows, device=dev)
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0) & causal
+        see_prompt = prefix_mask[rows_t].bool()[:, None, :].expand(-1, width, -1)
+        mask4d = torch.cat([see_prompt, same], dim=2)[:, None]  # (R, 1, width, prompt + width)
+        self._set_rows(variants[rows_t])
+        out = self.backbone(input_ids=ids, attention_mask=mask4d, position_ids=lengths[rows_t][:, None] + off,
+                            past_key_values=cache, use_cache=True)
         self.work.tokens += int(cmask.sum())
         self.work.padded_tokens += cmask.numel()
         keep = cmask.bool()
         logp = self._log_softmax(out.last_hidden_state[keep])
-        token_logp = logp.gather(1, targets[keep][:, None])[:, 0].double()
-        per_row = torch.zeros(len(multi), dtype=torch.float64, device=dev)
-        per_row.index_add_(0, keep.nonzero()[:, 0], token_logp)
+        token_logp = logp.gather(1, tgt[keep][:, None])[:, 0].double()
         rest = torch.zeros(len(rows_opts), dtype=torch.float64, device=dev)
-        rest[torch.tensor(multi, device=dev)] = per_row
+        rest.index_add_(0, torch.tensor([j for s in segment for j in s], device=dev), token_logp)
         return rest
 
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
