@@ -41,6 +41,8 @@ def eval_config(config: RunConfig, split: str) -> EvalConfig:
         data_dir=config.data_dir, split=split,
         limit=config.search_limit if search else config.report_limit,
         bbq_mode=config.bbq_mode,
+        # the neutral reference prompts only serve kl_neutral: skip them while searching unless it is the objective
+        association_neutral=not search or "association-neutral" in config.fairness,
         ppl_tokens=config.search_ppl_tokens if search else config.report_ppl_tokens,
         seed=config.seed,
     )

@@ -206,3 +206,13 @@ def test_categories_select_attributes():
     assert {p.attribute for p in suite.prompts} == {"religion", "age"}
     with pytest.raises(UserError, match="valid: gender"):
         AssociationSuite(EvalConfig(attributes=("religion", "astrology")))
+
+
+def test_without_neutral_prompts_only_kl_uniform_is_reported(tiny):
+    full = AssociationSuite(EvalConfig(seed=3)).run(TableScorer(table_fn))
+    scorer = TableScorer(table_fn)
+    lean = AssociationSuite(EvalConfig(seed=3, association_neutral=False)).run(scorer)
+    assert len(scorer.calls) == 4  # the 4 concept prompts, none of the 4 neutral ones
+    assert not any(k.endswith("kl_neutral") for k in lean.metrics)
+    for key in ("two/kl_uniform", "three/kl_uniform", "overall/kl_uniform"):
+        assert lean.metrics[key].value == pytest.approx(full.metrics[key].value)

@@ -202,7 +202,8 @@ class AssociationSuite:
                 ])
             return _round_robin(out, self.config.limit)
 
-        return render(spec["concepts"], False) + render(self.data["neutral"], True)
+        neutral = render(self.data["neutral"], True) if self.config.association_neutral else []
+        return render(spec["concepts"], False) + neutral
 
     def requests(self) -> list[ChoiceRequest]:
         return [ChoiceRequest(p.prompt, p.options) for p in self.prompts]
@@ -226,26 +227,29 @@ class AssociationSuite:
             idx = [i for i, p in enumerate(self.prompts) if p.attribute == attr]
             neutral = [dists[i] for i in idx if self.prompts[i].neutral]
             concept = [i for i in idx if not self.prompts[i].neutral]
-            q = np.mean(neutral, axis=0)
-            uniform = np.full(len(q), 1.0 / len(q))
+            uniform = np.full(len(self.prompts[idx[0]].groups), 1.0 / len(self.prompts[idx[0]].groups))
+            q = np.mean(neutral, axis=0) if neutral else None
             ku, kn = [], []
             for i in concept:
                 p, d = self.prompts[i], dists[i]
                 ku.append(kl(d, uniform))
-                kn.append(kl(d, q))
+                kn.append(kl(d, q) if q is not None else float("nan"))
                 records.append({
                     "attribute": attr, "template_id": p.template_id, "concept": p.concept,
                     "prompt": p.prompt, "split": p.split, "groups": list(p.groups),
-                    "probs": [float(x) for x in d], "kl_uniform": ku[-1], "kl_neutral": kn[-1],
+                    "probs": [float(x) for x in d], "kl_uniform": ku[-1],
+                    **({"kl_neutral": kn[-1]} if q is not None else {}),
                     "top_group": p.groups[int(np.argmax(d))],
                 })
             metrics[f"{attr}/kl_uniform"] = mean_metric(ku, "lower", seed=seed)
-            metrics[f"{attr}/kl_neutral"] = mean_metric(kn, "lower", seed=seed)
+            if q is not None:
+                metrics[f"{attr}/kl_neutral"] = mean_metric(kn, "lower", seed=seed)
             all_u += ku
             all_n += kn
             n_prompts[attr], n_neutral[attr] = len(concept), len(neutral)
         metrics["overall/kl_uniform"] = mean_metric(all_u, "lower", seed=seed)
-        metrics["overall/kl_neutral"] = mean_metric(all_n, "lower", seed=seed)
+        if self.config.association_neutral:
+            metrics["overall/kl_neutral"] = mean_metric(all_n, "lower", seed=seed)
         return SuiteResult(
             self.name, metrics, records, files={self.label: self.sha256},
             info={"n_prompts": n_prompts, "n_neutral": n_neutral, "version": self.data["version"]},

@@ -62,6 +62,7 @@ class EvalConfig:
     limit: int | None = None  # at most N items per BBQ category / association attribute
     categories: tuple[str, ...] | None = None  # BBQ categories (None: all 11)
     attributes: tuple[str, ...] | None = None  # association attributes (None: all)
+    association_neutral: bool = True  # False skips the neutral reference prompts (and kl_neutral)
     bbq_mode: Literal["cloze", "choice"] = "cloze"
     mmlu_subjects: tuple[str, ...] | None = None
     mmlu_shots: int = 0
