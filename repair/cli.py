@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--max-utility-loss", type=float, default=0.05,
                     help="allowed utility loss: perplexity at most x(1+L), accuracy at least x(1-L) of the unrepaired model")
     rn.add_argument("--knockouts", action="store_true", help="also evaluate every single-head knockout")
-    rn.add_argument("--baselines", type=_csv, default=(), help="random,knockout: baselines with the same budget (planned)")
+    rn.add_argument("--baselines", type=_csv, default=(), help="random,knockout: baselines with the same LLM-evaluation budget, verified and reported alike (off by default)")
     rn.add_argument("--search-limit", type=int, default=6, help="prompts per attribute (items per category) in the search split")
     rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
     rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the report split (default: all)")

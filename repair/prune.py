@@ -85,15 +85,49 @@ class PruneSearch:
         self.fits: list[dict] = []
 
     # ---- phase 1: sampled masks ----------------------------------------------------------
-    def sample(self) -> None:
+    def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
+        """Evaluate (key, phase) pairs not yet stored; return the keys in order (the method's sequence)."""
+        with _bar(len(items), desc) as bar:
+            self.records.evaluate(items, self.search, batch_size=self.config.batch_masks, progress=bar)
+        return [k for k, _ in items]
+
+    def sample(self) -> list[str]:
         cfg = self.config
         n_sample = cfg.budget_evals - cfg.rounds * cfg.per_round
         items = [(self.base_key, "base")]
         items += [(M.to_key(m), "sample") for m in M.stratified_masks(n_sample, self.layout, cfg.max_prune, cfg.seed)]
         if cfg.knockouts:
             items += [(M.to_key(m), "knockout") for m in M.knockout_masks(self.layout)]
-        with _bar(len(items), "sampling masks") as bar:
-            self.records.evaluate(items, self.search, batch_size=cfg.batch_masks, progress=bar)
+        return self.evaluate(items, "sampling masks")
+
+    # ---- baselines with the same LLM-evaluation budget ---------------------------------------
+    def random_baseline(self) -> list[str]:
+        """Random search: `budget_evals` masks sampled like the search's own, with another seed."""
+        masks = M.stratified_masks(self.config.budget_evals, self.layout, self.config.max_prune, self.config.seed + 7919)
+        return self.evaluate([(self.base_key, "base")] + [(M.to_key(m), "random") for m in masks], "baseline: random masks")
+
+    def knockout_baseline(self, n_levels: int = 8) -> list[str]:
+        """FASP-style ranking (REFERENCES.md section 2): knock out heads one at a time, set aside the
+        20% whose removal costs the most utility, prune the rest in order of fairness gained, at
+        `n_levels` pruning levels. Knockouts take the budget left after the levels, heads in a seeded
+        random order when the budget cannot cover all of them."""
+        cfg = self.config
+        n_levels = max(1, min(n_levels, self.max_pruned))
+        order = np.random.default_rng(cfg.seed + 104729).permutation(self.n_bits)[: cfg.budget_evals - n_levels]
+        knock = {int(i): M.to_key(np.arange(self.n_bits).reshape(self.layout) != i) for i in order}
+        keys = self.evaluate([(self.base_key, "base")] + [(k, "knockout") for k in knock.values()], "baseline: head knockouts")
+        done = self.records.completed()
+        base = done[self.base_key].values
+        gain = {i: done[k].values[0] - base[0] for i, k in knock.items()}  # negative: fairer without head i
+        cost = {i: done[k].values[1] - base[1] for i, k in knock.items()}
+        protected = set(sorted(cost, key=cost.get, reverse=True)[: int(np.ceil(0.2 * len(cost)))])
+        ranked = [i for i in sorted(gain, key=gain.get) if i not in protected]
+        levels = []
+        for j in range(1, n_levels + 1):
+            bits = np.ones(self.n_bits, dtype=bool)
+            bits[ranked[: max(1, round(self.max_pruned * j / n_levels))]] = False
+            levels.append((M.to_key(bits.reshape(self.layout)), "knockout-ranked"))
+        return keys + self.evaluate(levels, "baseline: ranked pruning levels")
 
     # ---- phase 2-3: surrogates and annealing, in rounds ------------------------------------
     def training_data(self):
@@ -113,7 +147,7 @@ class PruneSearch:
         bound = self.objectives.utility_bound(base_utility, self.config.max_utility_loss)
         return self.objectives.utility_loss(bound)
 
-    def round(self, r: int) -> None:
+    def round(self, r: int) -> list[str]:
         cfg = self.config
         plan_path = cfg.out / "surrogates" / f"round-{r}.json"
         if plan_path.is_file():  # annealed before a crash: evaluate the same candidates
@@ -121,9 +155,7 @@ class PruneSearch:
         else:
             plan = self._plan_round(r, plan_path)
         self.fits.append(plan["fits"])
-        items = [(k, f"round-{r}") for k in plan["candidates"]]
-        with _bar(len(items), f"round {r}/{cfg.rounds}: evaluating candidates") as bar:
-            self.records.evaluate(items, self.search, batch_size=cfg.batch_masks, progress=bar)
+        return self.evaluate([(k, f"round-{r}") for k in plan["candidates"]], f"round {r}/{cfg.rounds}: evaluating candidates")
 
     def _plan_round(self, r: int, plan_path: Path) -> dict:
         cfg = self.config
@@ -168,9 +200,14 @@ class PruneSearch:
         return plan
 
     # ---- phase 4: verification on the held-out split ----------------------------------------
-    def finalists(self) -> list[str]:
-        """Masks worth verifying: the search split's front within the utility limit, fairest first."""
+    def finalists(self, sequence: list[str] | None = None) -> list[str]:
+        """Masks worth verifying: the search split's front within the utility limit, fairest first
+        (among the keys of `sequence` when given: one method's evaluations)."""
         keys, X, f, u = self.training_data()
+        if sequence is not None:
+            wanted = set(sequence)
+            pick = np.array([k in wanted for k in keys])
+            keys, f, u = [k for k, p in zip(keys, pick) if p], f[pick], u[pick]
         ok = u <= self.utility_limit_loss()
         idx = np.nonzero(ok)[0]
         front = idx[pareto_front(np.c_[f[idx], u[idx]], ("min", "min"))] if len(idx) else idx
@@ -203,18 +240,24 @@ def verify(config: RunConfig, loaded: LoadedModel, objectives: Objectives, keys:
 def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) -> dict:
     started = time.perf_counter()
     search = PruneSearch(config, loaded, objectives)
+    sequences: dict[str, list[str]] = {}
     try:
-        search.sample()
+        sequences["prune"] = search.sample()
         for r in range(1, config.rounds + 1):
-            search.round(r)
-        finalists = search.finalists()
+            sequences["prune"] += search.round(r)
+        if "random" in config.baselines:
+            sequences["random"] = search.random_baseline()
+        if "knockout" in config.baselines:
+            sequences["knockout"] = search.knockout_baseline()
+        finalists = {method: search.finalists(seq) for method, seq in sequences.items()}
     finally:
         search.search.close()
     done = search.records.completed()
-    verified = verify(config, loaded, objectives, [search.base_key] + finalists)
+    to_verify = list(dict.fromkeys([search.base_key] + [k for keys in finalists.values() for k in keys]))
+    verified = verify(config, loaded, objectives, to_verify)
     base_report = verified[0]
     bound = objectives.utility_bound(base_report["utility"], config.max_utility_loss)
-    meeting = [v for v in verified[1:] if objectives.meets(v["utility"], bound)]
+    meeting = [v for v in verified[1:] if v["key"] in finalists["prune"] and objectives.meets(v["utility"], bound)]
     chosen = min(meeting, key=lambda v: v["fairness"]) if meeting else base_report
     candidates = []
     for v in verified:
@@ -222,10 +265,25 @@ def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) ->
         mask = M.from_key(v["key"], search.layout)
         candidates.append({
             "key": v["key"], "phase": t.user_attrs["phase"], "pruned_heads": M.pruned_heads(mask),
+            "methods": [m for m, keys in finalists.items() if v["key"] in keys],
             "chosen": v["key"] == chosen["key"], "meets_constraint_on_report": objectives.meets(v["utility"], bound),
             "search": {a: t.user_attrs[a] for a in ("fairness", "utility", "metrics")},
             "report": {a: v[a] for a in ("fairness", "utility", "metrics")},
         })
     write_text_atomic(config.out / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
+    write_json_atomic(config.out / "methods.json", {
+        method: {"evaluations": len(seq), "best": best_verified(seq, candidates, method)} for method, seq in sequences.items()
+    })
     return {"candidates": candidates, "fits": search.fits, "layout": list(search.layout),
             "n_evaluations": len(done), "seconds": time.perf_counter() - started}
+
+
+def best_verified(sequence: list[str], candidates: list[dict], method: str) -> dict | None:
+    """A method's fairest verified mask that meets the constraint on the report split, and after how
+    many of the method's own LLM evaluations it was first evaluated."""
+    ok = [c for c in candidates if method in c["methods"] and c["meets_constraint_on_report"]]
+    if not ok:
+        return None
+    best = min(ok, key=lambda c: c["report"]["fairness"])
+    return {"key": best["key"], "report_fairness": best["report"]["fairness"], "report_utility": best["report"]["utility"],
+            "first_reached_at_evaluation": sequence.index(best["key"]) + 1, "n_pruned": len(best["pruned_heads"])}

@@ -24,6 +24,9 @@ MIN_SAMPLES = 20  # fewer sampled masks than this leave the surrogates nothing t
 def validate(config: RunConfig) -> Objectives:
     if config.method in PLANNED:
         raise UserError(f"--method {config.method} is not implemented yet; this version provides: {', '.join(METHODS)}")
+    unknown = [b for b in config.baselines if b not in ("random", "knockout")]
+    if unknown:
+        raise UserError(f"unknown baseline {unknown[0]!r} (choose from random, knockout)")
     if config.method not in METHODS:
         raise UserError(f"unknown --method {config.method!r} (choose from {', '.join(METHODS + PLANNED)})")
     objectives = Objectives.parse(config.fairness, config.utility)
@@ -107,6 +110,13 @@ def _print_summary(config, objectives, base, chosen, report, result) -> None:
     print(f"report:     {report}")
 
 
+def _name(phase: str, key: str) -> str:
+    """A short stable label: the phase and a hash of the mask."""
+    import hashlib
+
+    return f"{phase}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+
+
 def write_run_report(run_dir: Path, storage: str | None = None) -> Path:
     """Build report/ from the run's records: verified candidates, search records and surrogate fits."""
     from reports import write_report
@@ -124,7 +134,7 @@ def write_run_report(run_dir: Path, storage: str | None = None) -> Path:
         kind = "base" if i == 0 else ("chosen" if c["chosen"] else "candidate")
         rep = c["report"]
         points.append({
-            "name": "unrepaired" if i == 0 else f"{c['phase']}:{c['key'][:8]}", "method": "base" if i == 0 else "prune",
+            "name": "unrepaired" if i == 0 else _name(c["phase"], c["key"]), "method": "base" if i == 0 else c["methods"][0],
             "kind": kind, "split": "report", "fairness": rep["fairness"], "utility": rep["utility"],
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
             "config": {"pruned_heads": c["pruned_heads"]},
@@ -134,7 +144,8 @@ def write_run_report(run_dir: Path, storage: str | None = None) -> Path:
         records = Records(open_study(storage, saved["study"])).completed()
         for key, t in records.items():
             phase = t.user_attrs["phase"]
-            points.append({"name": f"{phase}:{key[:8]}", "method": "base" if phase == "base" else "prune",
+            method = {"base": "base", "random": "random", "knockout": "knockout", "knockout-ranked": "knockout"}.get(phase, "prune")
+            points.append({"name": _name(phase, key), "method": method,
                            "kind": "candidate", "split": "search", "fairness": t.user_attrs["fairness"],
                            "utility": t.user_attrs["utility"], "config": {}})
     fits = []

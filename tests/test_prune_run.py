@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -156,3 +157,32 @@ def test_out_path_that_is_a_file_is_refused(model_dir, tmp_path):
     (tmp_path / "f").write_text("x")
     result = run_cli("run", "--model", model_dir, "--out", tmp_path / "f", *SMALL, timeout=120)
     assert result.returncode == 2 and "is a file" in result.stderr
+
+
+def test_baselines_share_budget_and_are_reported(model_dir, tmp_path):
+    out = tmp_path / "baselines"
+    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL, "--baselines", "random,knockout"]) == 0
+    methods = json.loads((out / "methods.json").read_text())
+    assert set(methods) == {"prune", "random", "knockout"}
+    assert methods["random"]["evaluations"] == 1 + 26  # the unrepaired model + the budget
+    # tiny Llama: 12 heads, so all 12 knockouts + min(8, 6 = 50% of 12) ranked levels
+    assert methods["knockout"]["evaluations"] == 1 + 12 + 6
+    # the ranked levels follow the knockout records: recompute the ranking independently
+    with sqlite3.connect(out / "study.db") as db:
+        rows = db.execute("select a.value_json, p.value_json, v.objective, v.value from trials t "
+                          "join trial_user_attributes a on a.trial_id = t.trial_id and a.key = 'key' "
+                          "join trial_user_attributes p on p.trial_id = t.trial_id and p.key = 'phase' "
+                          "join trial_values v on v.trial_id = t.trial_id where t.state = 'COMPLETE'").fetchall()
+    from repair import masks as M
+    values = {}
+    for key, phase, objective, value in rows:
+        values.setdefault(json.loads(key), {})[objective] = value
+    base = values[M.to_key(M.full_mask((3, 4)))]
+    knock = {i: values[M.to_key(np.arange(12).reshape(3, 4) != i)] for i in range(12)}
+    cost = sorted(knock, key=lambda i: knock[i][1] - base[1], reverse=True)[:3]  # 20% of 12, rounded up
+    ranked = [i for i in sorted(knock, key=lambda i: knock[i][0] - base[0]) if i not in cost]
+    deepest = np.ones(12, dtype=bool)
+    deepest[ranked[:6]] = False
+    assert M.to_key(deepest.reshape(3, 4)) in values
+    html = (out / "report" / "index.html").read_text()
+    assert "random" in html and "knockout" in html
