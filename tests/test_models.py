@@ -100,3 +100,20 @@ def test_cli_bad_input_is_one_line_exit_2(args, expected):
     assert len(lines) == 1 and lines[0].startswith("repair: error:"), result.stderr
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("write, suite, expected", [
+    (lambda d: (d / "bbq").mkdir() or (d / "bbq" / "Religion.jsonl").write_text('{"example_id": 0}\n{not json\n'),
+     ["--suite", "bbq", "--categories", "Religion"], "Religion.jsonl:1:"),
+    (lambda d: (d / "bbq").mkdir(), ["--suite", "bbq", "--categories", "Astrology"], "unknown BBQ categor"),
+    (lambda d: (d / "mmlu" / "test").mkdir(parents=True) or (d / "mmlu" / "test" / "anatomy_test.csv").write_text(
+        "question,choice0,choice1,choice2,choice3,answer\nQ?,a,b,c,d,7\n"),
+     ["--suite", "mmlu", "--mmlu-subjects", "anatomy"], "anatomy_test.csv:2:"),
+    (lambda d: None, ["--suite", "wikitext"], "wiki.test.raw"),
+])
+def test_cli_bad_data_is_one_line_exit_2(tmp_path, write, suite, expected):
+    write(tmp_path)
+    result = run_cli("evaluate", *suite, "--data-dir", tmp_path, "--no-progress", timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("repair: error:") and expected in lines[0], result.stderr
