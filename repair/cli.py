@@ -119,7 +119,7 @@ def cmd_run(args) -> int:
 def cmd_report(args) -> int:
     from repair.run import write_run_report
 
-    print(write_run_report(args.run_dir, storage=args.storage))
+    print(write_run_report(args.run_dir))
     return 0
 
 
@@ -172,7 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="rebuild RUN_DIR/report from the run's records")
     rp.add_argument("run_dir", type=Path)
-    rp.add_argument("--storage", default=None, help="the run's storage URL when it was not the default SQLite file")
     rp.set_defaults(func=cmd_report)
     return parser
 

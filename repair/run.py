@@ -12,7 +12,7 @@ from repair.evaluate import versions
 from repair.export import export_pruned, model_card
 from repair.models import load_model
 from repair.objectives import Objectives, fairness_interval, utility_interval
-from repair.records import Records, open_study, redact
+from repair.records import open_study, redact
 from repair.rundir import RunConfig, prepare
 from repair.suites import build_suite
 
@@ -84,7 +84,7 @@ def run(config: RunConfig) -> int:
     }
     export_pruned(loaded, M.from_key(chosen["key"], tuple(result["layout"])), config.out / "checkpoint", manifest,
                   model_card(manifest))
-    report = write_run_report(config.out, storage=config.storage_url)
+    report = write_run_report(config.out)
     _print_summary(config, objectives, base, chosen, report, result)
     return 0
 
@@ -100,11 +100,12 @@ def _print_summary(config, objectives, base, chosen, report, result) -> None:
     print(f"\nLLM evaluations: {result['n_evaluations']} in {result['seconds'] / 60:.1f} min")
     if chosen is base:
         print("no pruned configuration kept utility within the limit on the held-out split: the checkpoint is the unrepaired model")
-    print(f"held-out report split      unrepaired   repaired   change")
-    print(f"fairness ({desc['fairness']['name']}, lower is better)".ljust(27)[:27]
-          + f" {rb['fairness']:10.4f} {rc['fairness']:10.4f}   {change(rb['fairness'], rc['fairness'])}")
-    print(f"utility ({desc['utility']['name']}, {desc['utility']['better']} is better)".ljust(27)[:27]
-          + f" {rb['utility']:10.4f} {rc['utility']:10.4f}   {change(rb['utility'], rc['utility'])}")
+    rows = [(f"fairness: {desc['fairness']['name']} (lower is better)", rb["fairness"], rc["fairness"]),
+            (f"utility: {desc['utility']['name']} ({desc['utility']['better']} is better)", rb["utility"], rc["utility"])]
+    width = max(len(r[0]) for r in rows)
+    print(f"{'held-out report split'.ljust(width)}  unrepaired    repaired  change")
+    for label, a, b in rows:
+        print(f"{label.ljust(width)}  {a:10.4f}  {b:10.4f}  {change(a, b)}")
     print(f"pruned heads: {len(chosen['pruned_heads'])}")
     print(f"checkpoint: {config.out / 'checkpoint'}")
     print(f"report:     {report}")
@@ -117,8 +118,11 @@ def _name(phase: str, key: str) -> str:
     return f"{phase}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
 
 
-def write_run_report(run_dir: Path, storage: str | None = None) -> Path:
-    """Build report/ from the run's records: verified candidates, search records and surrogate fits."""
+def write_run_report(run_dir: Path) -> Path:
+    """Build report/ from the run's records: the verified configurations (unrepaired model, the
+    search's finalists, the baselines') on the held-out split, and the surrogate fits. Search-split
+    records are not plotted: their texts differ from the report split's, so their values would not
+    be comparable on the same axes."""
     from reports import write_report
 
     run_dir = Path(run_dir)
@@ -139,15 +143,6 @@ def write_run_report(run_dir: Path, storage: str | None = None) -> Path:
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
             "config": {"pruned_heads": c["pruned_heads"]},
         })
-    storage = storage or (f"sqlite:///{(run_dir / 'study.db').resolve()}" if (run_dir / "study.db").is_file() else None)
-    if storage:
-        records = Records(open_study(storage, saved["study"])).completed()
-        for key, t in records.items():
-            phase = t.user_attrs["phase"]
-            method = {"base": "base", "random": "random", "knockout": "knockout", "knockout-ranked": "knockout"}.get(phase, "prune")
-            points.append({"name": _name(phase, key), "method": method,
-                           "kind": "candidate", "split": "search", "fairness": t.user_attrs["fairness"],
-                           "utility": t.user_attrs["utility"], "config": {}})
     fits = []
     for plan in sorted((run_dir / "surrogates").glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
         data = json.loads(plan.read_text())

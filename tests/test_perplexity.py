@@ -67,7 +67,7 @@ def test_perplexity_equals_hand_value(wiki_dir):
     assert result.metrics["overall/nll"].value == pytest.approx(2.0)
     ppl = result.metrics["overall/perplexity"]
     assert ppl.value == pytest.approx(math.exp(2.0))
-    assert ppl.better == "lower" and ppl.n == 5
+    assert ppl.better == "lower" and ppl.n == 40  # n counts scored tokens
     assert ppl.ci_low <= ppl.value <= ppl.ci_high
     # per chunk: chunk 0 scores ids 2..10 (5 even, 4 odd), chunk 1 ids 11..20, ..., chunk 4 only id 41
     assert [(r["chunk"], r["n_tokens"], r["nll_sum"]) for r in result.records] == [
@@ -187,3 +187,16 @@ def test_real_wikitext_loads():
     assert sum(1 for line in suite.text.split("\n") if line.strip()) == 2891  # the README's non-empty rows
     result = suite.run(Recorder(lambda ids: np.full(len(ids), 1.0), tokenizer=word_tokenizer()))
     assert result.info["n_tokens"] == 4096
+
+
+def test_interval_resamples_token_blocks(wiki_dir):
+    """Two halves with different NLL: the interval must be wide, from blocks, even within one chunk."""
+    from repair.suites import perplexity
+
+    suite = WikiTextSuite(cfg(wiki_dir), tokenizer=word_tokenizer())
+    nll = np.r_[np.full(2 * perplexity.BLOCK, 1.0), np.full(2 * perplexity.BLOCK, 3.0)]
+    runs = [[perplexity.Chunk(0, "search", 0, len(nll) + 1)]]
+    result = suite.score(runs, [nll])
+    ppl = result.metrics["overall/perplexity"]
+    assert ppl.value == pytest.approx(math.exp(2.0))
+    assert ppl.ci_low < math.exp(1.8) and ppl.ci_high > math.exp(2.2)

@@ -23,6 +23,9 @@ from repair.stats import Metric, bootstrap, ratio_metric
 from repair.suites.base import EvalConfig, SuiteResult, assign_splits, sha256_file
 
 
+BLOCK = 64  # tokens per bootstrap unit of the perplexity interval
+
+
 @dataclass(frozen=True)
 class Chunk:
     id: int
@@ -118,24 +121,28 @@ class PerplexitySuite:
         return self.score(runs, nlls)
 
     def score(self, runs: list[list[Chunk]], nlls: list[np.ndarray]) -> SuiteResult:
-        """Credit each run's NLLs (token 1.. of the run) to their chunks, then aggregate over chunks."""
+        """Credit each run's NLLs (token 1.. of the run) to their chunks (the records); the interval
+        resamples blocks of about BLOCK tokens."""
         records = []
         for run, nll in zip(runs, nlls, strict=True):
             base = run[0].start
             for ch in run:
                 lo, hi = max(ch.start - base, 1) - 1, ch.stop - base - 1
                 records.append({"chunk": ch.id, "split": ch.side, "start": ch.start, "n_tokens": hi - lo, "nll_sum": float(nll[lo:hi].sum())})
-        nll_sum = np.array([r["nll_sum"] for r in records])
-        n_tok = np.array([r["n_tokens"] for r in records], dtype=np.float64)
+        # Bootstrap units: blocks of BLOCK scored tokens (not whole chunks), so a few thousand tokens
+        # still give a usable interval; neighbouring tokens stay together.
+        blocks = [b for nll in nlls for b in np.array_split(nll, max(1, int(np.ceil(len(nll) / BLOCK))))]
+        nll_sum = np.array([b.sum() for b in blocks])
+        n_tok = np.array([len(b) for b in blocks], dtype=np.float64)
 
         def ppl(w):
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return np.exp((w @ nll_sum) / (w @ n_tok))
 
         seed = self.config.seed
-        value, low, high = bootstrap(ppl, len(records), seed=seed)
+        value, low, high = bootstrap(ppl, len(blocks), seed=seed)
         metrics = {
-            "overall/perplexity": Metric(value, low, high, "lower", len(records)),
+            "overall/perplexity": Metric(value, low, high, "lower", int(n_tok.sum())),
             "overall/nll": ratio_metric(nll_sum, n_tok, "lower", seed=seed),
         }
         info = {"n_tokens": int(n_tok.sum()), "n_chunks": len(records), "n_runs": len(runs),
