@@ -168,8 +168,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own bars show the phases; theirs would interleave
-    source, hf_dir = resolve_source(spec.model)
+    source, hf_dir = resolve_source(spec.model)  # a one-time GGUF conversion shows transformers' bar
+    hf_logging.disable_progress_bar()  # from here our own bars show the phases; theirs would interleave
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     kwargs = {"trust_remote_code": spec.trust_remote_code, "dtype": dtype}
