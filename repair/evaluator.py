@@ -2,8 +2,9 @@
 
 Evaluating a configuration on the LLM is the expensive step of every search, so the fast evaluator
 does the least work the answers need:
-- each multiple-choice prompt is encoded once; the options' later tokens then run through the model
-  against that key/value cache, all options of an item side by side in one row (see `_score_rest`);
+- each multiple-choice prompt is encoded once and its keys/values serve every option: the options'
+  tokens sit side by side after the prompt in the same row, a 4D attention mask keeping each option
+  to the prompt and itself (see `_score_batch`), so nothing is recomputed or copied per option;
 - the output layer runs only at the positions whose next token is scored (the last prompt token and
   the option tokens), never over the whole sequence;
 - prompts are sorted by length and packed into batches of at most `batch_tokens` tokens, padded on
@@ -108,11 +109,12 @@ class Evaluator:
         """Scores of every request under each of `n_variants` variants: result[variant][request]."""
         encoded = [self.tokens.request(r) for r in requests]
         jobs = [(v, i) for i in range(len(encoded)) for v in range(n_variants)]
-        rest = [sum(len(o) - 1 for o in e[1]) for e in encoded]  # option tokens after the first
-        order = sorted(range(len(jobs)), key=lambda j: (len(encoded[jobs[j][1]][0]), rest[jobs[j][1]]))
+        # a row holds the prompt and every option's tokens but the last
+        width = [len(p) + sum(len(o) - 1 for o in opts) for p, opts in encoded]
+        order = sorted(range(len(jobs)), key=lambda j: width[jobs[j][1]])
         results: list[list] = [[None] * len(encoded) for _ in range(n_variants)]
         with tqdm(total=len(jobs), desc=desc or "scoring", unit="item", disable=not self.progress, leave=False) as bar:
-            for batch in self._batches(order, [len(encoded[i][0]) for _, i in jobs]):
+            for batch in self._batches(order, [width[i] for _, i in jobs]):
                 variants = torch.tensor([jobs[j][0] for j in batch], device=self.device)
                 for j, scores in zip(batch, self._score_batch([encoded[jobs[j][1]] for j in batch], variants)):
                     results[jobs[j][0]][jobs[j][1]] = scores
@@ -141,25 +143,47 @@ class Evaluator:
             self.on_rows(variants)
 
     def _score_batch(self, items: list[tuple[list[int], list[list[int]]]], variants: torch.Tensor) -> list[OptionScores]:
+        """One forward per batch: each row is an item's prompt followed by all its options' tokens
+        (but the last) side by side. A 4D attention mask lets the prompt attend causally to itself
+        and each option to the prompt's keys/values and its own earlier tokens only, with position
+        ids restarting after the prompt: the prompt is encoded once and shared by every option,
+        exactly as if each option continued the prompt's key/value cache, without copying it."""
         dev = self.device
-        lengths = torch.tensor([len(p) for p, _ in items], device=dev)
-        ids, mask = _right_pad([p for p, _ in items], dev)
-        positions = (torch.arange(ids.shape[1], device=dev)[None, :]).expand_as(ids)
         rows_opts = [(b, o) for b, (_, opts) in enumerate(items) for o in opts]
-        needs_rest = any(len(o) > 1 for _, o in rows_opts)
+        seqs, segs, poss, tgts = [], [], [], []
+        j = 0
+        for prompt, opts in items:
+            seq, seg, pos, tgt = list(prompt), [1] * len(prompt), list(range(len(prompt))), [0] * len(prompt)
+            for opt in opts:  # option j's tokens 1.. are predicted from its tokens ..-1
+                seq += opt[:-1]
+                seg += [j + 2] * (len(opt) - 1)
+                pos += range(len(prompt), len(prompt) + len(opt) - 1)
+                tgt += opt[1:]
+                j += 1
+            seqs.append(seq), segs.append(seg), poss.append(pos), tgts.append(tgt)
+        ids, valid = _right_pad(seqs, dev)
+        seg, _ = _right_pad(segs, dev)  # 0: padding, 1: prompt, j + 2: option j
+        pos, _ = _right_pad(poss, dev)
+        tgt, _ = _right_pad(tgts, dev)
+        width = ids.shape[1]
+        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
+        sees = (seg[:, None, :] == 1) | ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 1))
         self._set_rows(variants)
-        out = self.backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=needs_rest)
-        self.work.tokens += int(mask.sum())
-        self.work.padded_tokens += mask.numel()
+        out = self.backbone(input_ids=ids, attention_mask=(causal & sees)[:, None], position_ids=pos, use_cache=False)
+        self.work.tokens += int(valid.sum())
+        self.work.padded_tokens += valid.numel()
+        hidden = out.last_hidden_state
 
-        last = out.last_hidden_state[torch.arange(len(items), device=dev), lengths - 1]
-        first_logp = self._log_softmax(last)  # (B, V): scores every option's first token
+        prompt_len = torch.tensor([len(p) for p, _ in items], device=dev)
+        first_logp = self._log_softmax(hidden[torch.arange(len(items), device=dev), prompt_len - 1])
         row_of = torch.tensor([b for b, _ in rows_opts], device=dev)
         first_tok = torch.tensor([o[0] for _, o in rows_opts], device=dev)
         totals = first_logp[row_of, first_tok].double()
-
-        if needs_rest:
-            totals += self._score_rest(out.past_key_values, mask, lengths, rows_opts, variants)
+        rest = seg > 1
+        if rest.any():
+            logp = self._log_softmax(hidden[rest])
+            token_logp = logp.gather(1, tgt[rest][:, None])[:, 0].double()
+            totals.index_add_(0, seg[rest] - 2, token_logp)
         totals = totals.cpu().numpy()
         n_tok = np.array([len(o) for _, o in rows_opts], dtype=np.int64)
         result, k = [], 0
@@ -167,52 +191,6 @@ class Evaluator:
             result.append(OptionScores(totals[k:k + len(opts)].copy(), n_tok[k:k + len(opts)].copy()))
             k += len(opts)
         return result
-
-    def _score_rest(self, cache, prefix_mask, lengths, rows_opts, variants) -> torch.Tensor:
-        """Log-probability of each option's tokens after its first, reusing the prompt's cache.
-
-        All of an item's options continue its one cache row side by side in a single sequence; a 4D
-        attention mask lets each option see the prompt and its own earlier tokens only, with position
-        ids restarting after the prompt. So the cache is never copied per option, and padding is only
-        the difference between items' total option lengths.
-        """
-        dev = self.device
-        by_row: dict[int, list[int]] = {}
-        for j, (b, o) in enumerate(rows_opts):
-            if len(o) > 1:
-                by_row.setdefault(b, []).append(j)
-        rows = sorted(by_row)
-        if len(rows) < len(lengths):
-            cache.batch_select_indices(torch.tensor(rows, device=dev))
-        inputs, targets, segment, offset = ([[] for _ in rows] for _ in range(4))
-        for r, b in enumerate(rows):
-            for j in by_row[b]:  # option j's tokens 1.. are predicted from its tokens ..-1
-                tokens = rows_opts[j][1]
-                inputs[r] += tokens[:-1]
-                targets[r] += tokens[1:]
-                segment[r] += [j] * (len(tokens) - 1)
-                offset[r] += range(len(tokens) - 1)
-        ids, cmask = _right_pad(inputs, dev)
-        tgt, _ = _right_pad(targets, dev)
-        seg, _ = _right_pad([[x + 1 for x in s] for s in segment], dev)  # 0 marks padding
-        off, _ = _right_pad(offset, dev)
-        width = ids.shape[1]
-        rows_t = torch.tensor(rows, device=dev)
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0) & causal
-        see_prompt = prefix_mask[rows_t].bool()[:, None, :].expand(-1, width, -1)
-        mask4d = torch.cat([see_prompt, same], dim=2)[:, None]  # (R, 1, width, prompt + width)
-        self._set_rows(variants[rows_t])
-        out = self.backbone(input_ids=ids, attention_mask=mask4d, position_ids=lengths[rows_t][:, None] + off,
-                            past_key_values=cache, use_cache=True)
-        self.work.tokens += int(cmask.sum())
-        self.work.padded_tokens += cmask.numel()
-        keep = cmask.bool()
-        logp = self._log_softmax(out.last_hidden_state[keep])
-        token_logp = logp.gather(1, tgt[keep][:, None])[:, 0].double()
-        rest = torch.zeros(len(rows_opts), dtype=torch.float64, device=dev)
-        rest.index_add_(0, torch.tensor([j for s in segment for j in s], device=dev), token_logp)
-        return rest
 
     def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
         self.work.head_positions += hidden.shape[0]

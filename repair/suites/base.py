@@ -9,6 +9,7 @@ from typing import Literal, Protocol, Sequence
 
 import numpy as np
 
+from repair.io import sha256_file  # noqa: F401  (suites take it from here)
 from repair.stats import Metric
 
 Split = Literal["search", "report", "all"]
@@ -100,11 +101,3 @@ def assign_splits(template_keys) -> dict[str, Literal["search", "report"]]:
     keys = sorted(set(template_keys), key=lambda k: hashlib.sha256(str(k).encode("utf-8")).hexdigest())
     n_report = max(1, round(REPORT_FRACTION * len(keys))) if len(keys) >= 2 else 0
     return {k: ("report" if i < n_report else "search") for i, k in enumerate(keys)}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
