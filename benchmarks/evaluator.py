@@ -11,9 +11,14 @@ output-layer position; attention-score FLOPs and padding are not counted, so the
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# benchmarks/search.py would shadow the `search` package: drop this folder from the path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import argparse
 import math
-import sys
 import time
 from pathlib import Path
 

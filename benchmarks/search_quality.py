@@ -9,9 +9,14 @@ own LLM evaluations that mask was first evaluated.
 """
 from __future__ import annotations
 
+import os
+import sys
+
+# benchmarks/search.py would shadow the `search` package: drop this folder from the path
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from repair.cli import main as repair_main
