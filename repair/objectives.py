@@ -102,8 +102,8 @@ class Objectives:
 class ConfigEvaluator:
     """Scores many configurations of one model on one split's suites in shared forwards.
 
-    `set_variants(n)` must prepare the intervention for n variants and return the evaluator whose
-    `on_rows` routes batch rows to them; see `repair.heads.HeadMasker`.
+    The caller prepares the intervention for n variants (e.g. `HeadMasker.set_masks`) and passes an
+    `Evaluator` whose `on_rows` routes each batch row to its variant.
     """
 
     def __init__(self, objectives: Objectives, config: EvalConfig, tokenizer):
@@ -118,9 +118,9 @@ class ConfigEvaluator:
                 ids, runs = suite.runs(tokenizer)
                 self._prepared[name] = ("nll", [ids[r[0].start:r[-1].stop] for r in runs], runs)
 
-    def evaluate(self, evaluator, n_variants: int, *, with_results: bool = False) -> list[dict]:
+    def evaluate(self, evaluator, n_variants: int) -> list[dict]:
         """One dict per variant: fairness, utility, utility_loss and every suite metric (+ CIs)."""
-        per_variant: list[dict] = [{"metrics": {}, "results": {}} for _ in range(n_variants)]
+        per_variant: list[dict] = [{} for _ in range(n_variants)]
         for name, prepared in self._prepared.items():
             suite = self.suites[name]
             if prepared[0] == "choice":
@@ -133,22 +133,17 @@ class ConfigEvaluator:
                 results = [suite.score(prepared[2], [n[v] for n in nlls]) for v in range(n_variants)]
             for v, res in enumerate(results):
                 for key, m in res.metrics.items():
-                    per_variant[v]["metrics"][f"{name}/{key}"] = m
-                if with_results:
-                    per_variant[v]["results"][name] = res
+                    per_variant[v][f"{name}/{key}"] = m
         out = []
-        for pv in per_variant:
-            values = {k: m.value for k, m in pv["metrics"].items()}
+        for metrics in per_variant:
+            values = {k: m.value for k, m in metrics.items()}
             utility = self.objectives.utility_of(values)
-            row = {
+            out.append({
                 "fairness": self.objectives.fairness_of(values),
                 "utility": utility,
                 "utility_loss": self.objectives.utility_loss(utility),
-                "metrics": {k: m.as_dict() for k, m in pv["metrics"].items()},
-            }
-            if with_results:
-                row["results"] = pv["results"]
-            out.append(row)
+                "metrics": {k: m.as_dict() for k, m in metrics.items()},
+            })
         return out
 
 

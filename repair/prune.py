@@ -56,10 +56,10 @@ class MaskScorer:
         self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self.masker.set_rows, progress=False)
         self.objective = ConfigEvaluator(objectives, split_config, loaded.tokenizer)
 
-    def __call__(self, keys: list[str], *, with_results: bool = False) -> list[dict]:
+    def __call__(self, keys: list[str]) -> list[dict]:
         stack = np.stack([M.from_key(k, self.layout) for k in keys]).astype(np.float32)
         self.masker.set_masks(torch.from_numpy(stack))
-        return self.objective.evaluate(self.evaluator, len(keys), with_results=with_results)
+        return self.objective.evaluate(self.evaluator, len(keys))
 
     def close(self) -> None:
         self.masker.remove()
