@@ -89,9 +89,9 @@ def cmd_evaluate(args) -> int:
     config = eval_config(args)
     if args.json is not None and not args.json.parent.is_dir():
         raise UserError(f"cannot write {args.json}: folder {args.json.parent} does not exist")
-    build_suites(names, config, tokenizer=None)  # validate the data before spending time on the model
+    suites = build_suites(names, config, tokenizer=None)  # validate the data before spending time on the model
     loaded = load_model(model_spec(args))
-    report = evaluate(loaded, names, config, batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=not args.no_progress)
     print(format_table(report))
     if args.json is not None:
         write_json_atomic(args.json, report)

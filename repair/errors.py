@@ -19,3 +19,9 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model could not be found or loaded."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's message (libraries raise multi-line ones), for error lines."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

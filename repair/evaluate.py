@@ -32,8 +32,10 @@ def versions() -> dict:
     return out
 
 
-def evaluate(loaded: LoadedModel, names: list[str], config: EvalConfig, *, batch_tokens: int, progress: bool) -> dict:
-    suites = build_suites(names, config, loaded.tokenizer)
+def evaluate(loaded: LoadedModel, suites: dict, config: EvalConfig, *, batch_tokens: int, progress: bool) -> dict:
+    """Score `suites` (built by `build_suites` before the model was loaded, so bad data failed fast)."""
+    for suite in suites.values():
+        suite.tokenizer = loaded.tokenizer  # BBQ's choice mode wraps prompts in the chat template
     scorer = Evaluator(loaded.model, loaded.tokenizer, batch_tokens=batch_tokens, progress=progress)
     start = time.perf_counter()
     results = run_suites(suites, scorer)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from repair.errors import ModelError
+from repair.errors import ModelError, one_line
 from repair.io import sha256_file
 
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -111,7 +111,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as exc:  # transformers raises many types for unreadable files
-        raise ModelError(f"could not read GGUF file {path}: {_one_line(exc)}") from None
+        raise ModelError(f"could not read GGUF file {path}: {one_line(exc)}") from None
     config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantized.state_dict())
@@ -129,11 +129,6 @@ def gguf_to_hf_dir(path: Path) -> Path:
         if not (target / "config.json").is_file():  # a concurrent process may have won the race
             raise
     return target
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def resolve_source(name: str) -> tuple[str, Path | None]:
@@ -178,7 +173,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         )
         if "trust_remote_code" in str(exc):
             hint = "it contains custom code; pass --trust-remote-code only if you trust it"
-        raise ModelError(f"could not load model {spec.model!r} ({hint}): {_one_line(exc)}") from None
+        raise ModelError(f"could not load model {spec.model!r} ({hint}): {one_line(exc)}") from None
     if not spec.device_map:
         model.to(device)
     model.eval()

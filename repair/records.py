@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import optuna
 
-from repair.errors import UserError
+from repair.errors import UserError, one_line
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -32,8 +32,7 @@ def open_study(storage: str, name: str) -> optuna.Study:
             storage=storage, study_name=name, directions=["minimize", "minimize"], load_if_exists=True
         )
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open the study storage {redact(storage)}: {first[:200]} "
+        raise UserError(f"cannot open the study storage {redact(storage)}: {one_line(exc)[:200]} "
                         "(check --storage; the default is a SQLite file in the output directory)") from None
 
 
