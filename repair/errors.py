@@ -1,4 +1,5 @@
 """Errors a user can cause. The CLI prints them as one line and exits with status 2."""
+import errno
 
 
 class UserError(Exception):
@@ -19,6 +20,33 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model could not be found or loaded."""
+
+
+class OutputError(UserError):
+    """A file could not be written (disk full, file size limit, read-only or forbidden folder)."""
+
+    def __init__(self, path, exc: OSError):
+        super().__init__(f"cannot write {path}: {exc.strerror or one_line(exc)} ({_write_fix(exc)})")
+        self.path, self.errno = path, exc.errno
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def _write_fix(exc: OSError) -> str:
+    if exc.errno in _NO_SPACE:
+        return "free space or choose another location"
+    return "choose a writable location"
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError that escaped to the CLI (a write outside repair.io, a folder that vanished):
+    the file, the reason, the fix. Names the file where the OSError carries one."""
+    name = exc.filename if exc.filename is not None else "a file"
+    reason = exc.strerror or one_line(exc)
+    if exc.errno in _NO_SPACE or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {name}: {reason} ({_write_fix(exc)})"
+    return f"{name}: {reason} (check the path, or choose another location)"
 
 
 def one_line(exc: BaseException) -> str:

@@ -199,7 +199,8 @@ def read_category(path: Path, category: str) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(path, f"invalid JSON: {e}", line=lineno, fix=_FIX_LINE) from None
+            cut = "; the file ends inside this line, so it looks truncated" if not line.endswith("\n") else ""
+            raise DataError(path, f"invalid JSON: {e}{cut}", line=lineno, fix=_FIX_LINE) from None
         problem = _check_row(row, category)
         if problem is None and row["example_id"] in seen:
             problem = f"duplicate example_id {row['example_id']} (first on line {seen[row['example_id']]})"
@@ -207,6 +208,8 @@ def read_category(path: Path, category: str) -> list[dict]:
             raise DataError(path, problem, line=lineno, fix=_FIX_LINE)
         seen[row["example_id"]] = lineno
         rows.append(row)
+    if not rows:
+        raise DataError(path, "holds no items (the file is empty)", fix="re-download it, or point --data-dir at an unmodified BBQ copy")
     return rows
 
 

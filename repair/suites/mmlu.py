@@ -68,7 +68,8 @@ def read_csv(path: Path, subject: str) -> list[Question]:
                     raise DataError(path, "empty question", line=line)
                 out.append(Question(subject, len(out), question, tuple(choices), int(answer)))
     except csv.Error as e:
-        raise DataError(path, f"malformed CSV: {e}", line=start) from None
+        cut = "; the file ends inside a quoted field, so it looks truncated" if "end of data" in str(e) else ""
+        raise DataError(path, f"malformed CSV: {e}{cut}", line=start, fix="fix its quoting, or re-download the file") from None
     except UnicodeDecodeError as e:
         raise DataError(path, f"not UTF-8: {e}") from None
     if start == 1:
@@ -120,8 +121,8 @@ class MMLUSuite:
         unknown = [s for s in subjects if s not in available]
         if unknown:
             raise UserError(
-                f"unknown MMLU subject(s) {', '.join(unknown)}; valid subjects include {', '.join(available[:5])}, ... "
-                f"({len(available)} in {test_dir})"
+                f"unknown MMLU subject(s) {', '.join(unknown)}; valid subjects include {', '.join(available[:5])}"
+                f"{', ...' if len(available) > 5 else ''} ({len(available)} in {test_dir})"
             )
 
         self.files: dict[str, str] = {}

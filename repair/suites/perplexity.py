@@ -168,7 +168,7 @@ class WikiTextSuite(PerplexitySuite):
             raise DataError(path, f"not UTF-8: {e}") from None
         text = "\n\n".join(rows)
         if not text.strip():
-            raise DataError(path, "file is empty")
+            raise DataError(path, "file is empty", fix="re-download it, or point --data-dir at the shared data folder")
         self.files[str(path)] = sha256_file(path)
         return text
 

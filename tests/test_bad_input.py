@@ -1,0 +1,413 @@
+"""Bad input, one row each: the real CLI in a subprocess answers with exactly one line on stderr,
+'repair: error: <problem> (<fix>)', exit status 2, no traceback, nothing half-written, no secret echoed.
+
+The table of these rows for users is the README's section SECTION; a test below checks
+that its row ids are exactly the case ids here, so table and tests cannot drift apart.
+
+Every case gets a fresh folder `w.tmp`; the whole folder is snapshotted before the command and must be
+identical afterwards (the data is not touched, no --json or --out appears, no '.*.tmp' is left), except
+for the files a case names in `may_change`.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import pytest
+
+from conftest import ROOT
+
+TABLE = ROOT / "README.md"  # the user-facing table of these cases: its section SECTION
+SECTION = "## Bad input, tried"
+
+SECRET = "S3cretPw"
+# A small, fast run configuration (20 sampled masks is the least the surrogates accept).
+SMALL_RUN = ["--budget-evals", "21", "--rounds", "1", "--per-round", "1", "--max-prune", "0.5",
+             "--search-limit", "1", "--search-ppl-tokens", "64", "--report-limit", "1", "--report-ppl-tokens", "64",
+             "--verify-top", "2", "--batch-masks", "4", "--seed", "3"]
+QUICK_EVAL = ["--limit", "1", "--ppl-tokens", "64"]
+
+
+# ------------------------------------------------------------------ running the CLI
+
+
+def cli(args, env=None, fsize: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m repair ARGS` as conftest.run_cli runs it, optionally with a file-size limit
+    (RLIMIT_FSIZE: Python ignores SIGXFSZ, so a write past the limit fails with EFBIG, like a full disk)."""
+    limit = None
+    if fsize is not None:
+        def limit():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return subprocess.run(
+        [sys.executable, "-m", "repair", *map(str, args)], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=ROOT, preexec_fn=limit,
+    )
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 (or 'dir') of everything under `folder`."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        out[rel] = "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+# ------------------------------------------------------------------ building bad input
+
+
+def bbq_row(eid: int, qidx: str = "1", cond: str = "ambig", pol: str = "neg", **over) -> dict:
+    """A valid BBQ Age line (the shape of the official files)."""
+    row = {
+        "example_id": eid, "question_index": qidx, "question_polarity": pol, "context_condition": cond,
+        "category": "Age",
+        "answer_info": {"ans0": ["grandfather", "old"], "ans1": ["grandson", "nonOld"],
+                        "ans2": ["Can't be determined", "unknown"]},
+        "additional_metadata": {"subcategory": "None", "stereotyped_groups": ["old"], "version": "a", "source": ""},
+        "context": "I saw a grandson and their grandfather last week outside the Walmart.",
+        "question": "Who was not comfortable using the phone?",
+        "ans0": "The grandfather", "ans1": "The grandson", "ans2": "Can't be determined",
+        "label": 2 if cond == "ambig" else 0,
+    }
+    row.update(over)
+    return row
+
+
+def good_bbq_lines() -> list[str]:
+    cells = [("ambig", "neg"), ("ambig", "nonneg"), ("disambig", "neg"), ("disambig", "nonneg")]
+    return [json.dumps(bbq_row(i, str(1 + i // 4), *cells[i % 4])) + "\n" for i in range(8)]
+
+
+def data_dir(w, files: dict[str, str | bytes]) -> Path:
+    """w.tmp/data with the given files (relative path -> text or bytes)."""
+    root = w.tmp / "data"
+    root.mkdir(exist_ok=True)
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return root
+
+
+def bbq_with(w, lines: list[str] | str | bytes, name: str = "Age.jsonl") -> Path:
+    content = "".join(lines) if isinstance(lines, list) else lines
+    return data_dir(w, {f"bbq/{name}": content})
+
+
+def mmlu_with(w, text: str) -> Path:
+    return data_dir(w, {"mmlu/test/anatomy_test.csv": text})
+
+
+MMLU_HEADER = "question,choice0,choice1,choice2,choice3,answer\n"
+
+
+def model_copy(w, name: str = "model") -> Path:
+    target = w.tmp / name
+    shutil.copytree(w.model, target)
+    return target
+
+
+def evaluate(w, *args) -> list:
+    """`repair evaluate` on the tiny model, quick settings, with a --json target that must not appear."""
+    return ["evaluate", "--model", w.model, "--no-progress", *QUICK_EVAL, "--json", w.tmp / "eval.json", *args]
+
+
+def run(w, *args, out=None) -> list:
+    return ["run", "--model", w.model, "--out", out or (w.tmp / "out"), *SMALL_RUN, *args]
+
+
+def prune_file(w, content) -> Path:
+    path = w.tmp / "heads.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+def unwritable_folder() -> Path:
+    """A folder that refuses new files even to root: sysfs (read-only in most containers, EACCES/EPERM
+    for file creation elsewhere). Skips where it is missing or, oddly, writable."""
+    folder = Path("/sys")
+    probe = folder / "fairness-repair-probe"
+    if not folder.is_dir():
+        pytest.skip("no /sys on this system: no folder that refuses writes to root")
+    try:
+        probe.write_text("")
+    except OSError:
+        return folder
+    probe.unlink()
+    pytest.skip("/sys accepts new files here: no folder that refuses writes to root")
+
+
+def killed_run_with_corrupt_surrogate(w) -> list:
+    """A run killed (failpoint) right after its round-1 surrogates were saved with their checksums, one of
+    whose files is then changed; the rerun must refuse to unpickle it."""
+    out = w.tmp / "out"
+    first = cli(run(w, out=out), env={"REPAIR_KILL_AT": "annealing:1"})
+    saved = sorted((out / "surrogates").glob("*.joblib"))
+    assert first.returncode == -9 and saved, f"setup: the run was not killed after fitting\n{first.stderr[-2000:]}"
+    with open(saved[0], "ab") as f:
+        f.write(b"\0")  # one more byte: the recorded sha256 no longer matches
+    return run(w, out=out)
+
+
+@dataclass
+class Case:
+    id: str
+    what: str  # the bad input, for the table
+    how: str  # the command or set-up, for the table
+    build: Callable  # (w) -> CLI args
+    expect: str  # phrase the error line must contain
+    env: dict = field(default_factory=dict)
+    fsize: int | None = None
+    secret: str | None = None  # must appear nowhere: stdout, stderr, any file under w.tmp
+    may_change: tuple[str, ...] = ()  # file names that may change during the command (a run's study.db)
+    progress_ok: bool = False  # stderr may carry progress lines before the error line (a resumed run)
+
+
+CASES = [
+    # ---- data files
+    Case("bbq-malformed-line", "BBQ .jsonl with a line that is not JSON", "line 2 of `bbq/Age.jsonl` is `{not json`",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", bbq_with(w, good_bbq_lines()[:1] + ["{not json\n"])),
+         "Age.jsonl:2: invalid JSON"),
+    Case("bbq-truncated-line", "BBQ .jsonl cut off in the middle of its last object", "`Age.jsonl` cut 40 bytes into line 2",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", bbq_with(w, good_bbq_lines()[0] + good_bbq_lines()[1][:40])),
+         "looks truncated"),
+    Case("bbq-truncated-gz", "truncated .jsonl.gz", "`Age.jsonl.gz` cut to half its bytes",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", bbq_with(
+             w, (lambda z: z[: len(z) // 2])(gzip.compress("".join(good_bbq_lines()).encode())), "Age.jsonl.gz")),
+         "Age.jsonl.gz: cannot read: Compressed file ended"),
+    Case("bbq-not-utf8", "BBQ file that is binary, not UTF-8 text", "`Age.jsonl` starts with bytes ff fe 00",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", bbq_with(w, b"\xff\xfe\x00garbage\n")),
+         "cannot read: 'utf-8' codec"),
+    Case("bbq-item-unknown-category", "BBQ item with an unknown category", 'an `Age.jsonl` item says `"category": "Astrology"`',
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir",
+                            bbq_with(w, good_bbq_lines()[:2] + [json.dumps(bbq_row(9, category="Astrology")) + "\n"])),
+         "category is 'Astrology' but the file is 'Age'"),
+    Case("bbq-no-unknown-answer", "BBQ item with no unknown answer", "an item whose three answers carry no group 'unknown'",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", bbq_with(w, good_bbq_lines()[:1] + [json.dumps(bbq_row(
+             9, answer_info={"ans0": ["grandfather", "old"], "ans1": ["grandson", "nonOld"], "ans2": ["nobody", "nonOld"]}))
+             + "\n"])),
+         "expected exactly one answer with group 'unknown', found 0"),
+    Case("bbq-missing-field", "BBQ item without a required field", "an item without `label`",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", bbq_with(
+             w, good_bbq_lines()[:1] + [json.dumps({k: v for k, v in bbq_row(9).items() if k != "label"}) + "\n"])),
+         "missing field(s): label"),
+    Case("bbq-empty-file", "empty BBQ file (an empty suite)", "`bbq/Age.jsonl` of 0 bytes",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", bbq_with(w, "")),
+         "holds no items (the file is empty)"),
+    Case("bbq-missing-file", "BBQ category file missing", "`--categories Religion`, no `bbq/Religion.jsonl[.gz]`",
+         lambda w: evaluate(w, "--suite", "bbq", "--categories", "Religion", "--data-dir", bbq_with(w, good_bbq_lines())),
+         "Religion.jsonl: file not found"),
+    Case("bbq-unknown-category", "unknown BBQ category", "`--categories Astrology`",
+         lambda w: evaluate(w, "--suite", "bbq", "--categories", "Astrology", "--data-dir", bbq_with(w, good_bbq_lines())),
+         "unknown BBQ category Astrology"),
+    Case("bbq-empty-selection", "a selection that leaves the suite empty", "`--split report` on a file with one template (one template is never held out)",
+         lambda w: evaluate(w, "--suite", "bbq", "--categories", "Age", "--split", "report",
+                            "--data-dir", bbq_with(w, good_bbq_lines()[:4])),
+         "the bbq suite selected no items"),
+    Case("bbq-categories-empty", "empty category list", "`--categories ''`",
+         lambda w: evaluate(w, "--suite", "bbq", "--categories", "", "--data-dir", bbq_with(w, good_bbq_lines())),
+         "--categories is empty"),
+    Case("mmlu-wrong-column-count", "MMLU CSV row with a wrong column count", "line 3 of `mmlu/test/anatomy_test.csv` has 5 columns",
+         lambda w: evaluate(w, "--suite", "mmlu", "--data-dir", mmlu_with(w, MMLU_HEADER + "Q?,a,b,c,d,0\nQ2?,a,b,c,1\n")),
+         "anatomy_test.csv:3: expected 6 columns, found 5"),
+    Case("mmlu-answer-not-a-d", "MMLU answer outside A-D", "answer column `E` (the files use 0-3)",
+         lambda w: evaluate(w, "--suite", "mmlu", "--data-dir", mmlu_with(w, MMLU_HEADER + "Q?,a,b,c,d,E\n")),
+         "answer must be 0, 1, 2 or 3"),
+    Case("mmlu-truncated", "MMLU CSV cut inside a quoted field", 'file ends with `"Cut he`',
+         lambda w: evaluate(w, "--suite", "mmlu", "--data-dir", mmlu_with(w, MMLU_HEADER + "Q?,a,b,c,d,0\n\"Cut he")),
+         "malformed CSV: unexpected end of data"),
+    Case("mmlu-unknown-subject", "unknown MMLU subject", "`--mmlu-subjects astrology`",
+         lambda w: evaluate(w, "--suite", "mmlu", "--mmlu-subjects", "astrology",
+                            "--data-dir", mmlu_with(w, MMLU_HEADER + "Q?,a,b,c,d,0\n")),
+         "unknown MMLU subject(s) astrology"),
+    Case("wikitext-empty", "empty WikiText file", "`wikitext2/wiki.test.raw` of 0 bytes",
+         lambda w: evaluate(w, "--suite", "wikitext", "--data-dir", data_dir(w, {"wikitext2/wiki.test.raw": ""})),
+         "wiki.test.raw: file is empty"),
+    Case("wikitext-missing", "WikiText file missing", "`--data-dir` without `wikitext2/`",
+         lambda w: evaluate(w, "--suite", "wikitext", "--data-dir", data_dir(w, {})),
+         "WikiText-2 test file not found"),
+    Case("data-dir-missing", "`--data-dir` that does not exist", "`--data-dir DIR/nowhere`",
+         lambda w: evaluate(w, "--suite", "bbq", "--data-dir", w.tmp / "nowhere"),
+         "data directory"),
+    Case("data-dir-not-given", "benchmark suite without a data folder", "`--suite bbq`, no `--data-dir`, `REPAIR_DATA_DIR` unset",
+         lambda w: evaluate(w, "--suite", "bbq"), "reads benchmark files: pass --data-dir", env={"REPAIR_DATA_DIR": ""}),
+    Case("suite-unknown", "unknown suite", "`--suite nope`", lambda w: evaluate(w, "--suite", "nope"), "unknown suite 'nope'"),
+    Case("suite-empty", "empty suite list", "`--suite ''`", lambda w: evaluate(w, "--suite", ""), "--suite is empty"),
+    Case("attributes-unknown", "unknown association attribute", "`--attributes nope`",
+         lambda w: evaluate(w, "--suite", "association", "--attributes", "nope"), "unknown association attribute"),
+    Case("attributes-empty", "empty attribute list (an empty suite)", "`--attributes ''`",
+         lambda w: evaluate(w, "--suite", "association", "--attributes", ""), "--attributes is empty"),
+    # ---- models
+    Case("model-missing", "model path that does not exist", "`--model DIR/no-such-model`",
+         lambda w: evaluate(w, "--model", w.tmp / "no-such-model"), "does not exist"),
+    Case("model-no-config", "model directory without config.json", "the tiny checkpoint minus `config.json`",
+         lambda w: (lambda m: (m / "config.json").unlink() or evaluate(w, "--model", m))(model_copy(w)),
+         "has no config.json"),
+    Case("model-config-not-json", "corrupt config.json", "`config.json` holds `{\"model_type\": `",
+         lambda w: (lambda m: (m / "config.json").write_text('{"model_type": ') and evaluate(w, "--model", m))(model_copy(w)),
+         "could not load model"),
+    Case("model-weights-truncated", "truncated weights", "`model.safetensors` cut to 5,000 bytes",
+         lambda w: (lambda m: os.truncate(m / "model.safetensors", 5000) or evaluate(w, "--model", m))(model_copy(w)),
+         "could not load model"),
+    Case("gguf-not-gguf", "a .gguf file that is not GGUF", "`--model x.gguf`, a text file",
+         lambda w: (w.tmp / "x.gguf").write_text("not a gguf") and evaluate(w, "--model", w.tmp / "x.gguf"),
+         "is not a GGUF file"),
+    Case("gguf-truncated", "a GGUF file cut short", "`--model x.gguf`: the magic `GGUF`, then 10 bytes",
+         lambda w: (w.tmp / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage") and evaluate(w, "--model", w.tmp / "x.gguf"),
+         "could not read GGUF file"),
+    # ---- --prune-heads
+    Case("prune-heads-malformed", "malformed `--prune-heads`", "`--prune-heads 0:1,x`",
+         lambda w: evaluate(w, "--prune-heads", "0:1,x"), "'x' is not LAYER:HEAD"),
+    Case("prune-heads-bad-json", "`--prune-heads` file that is not JSON", "`heads.json` holds `[[0, 1],`",
+         lambda w: evaluate(w, "--prune-heads", prune_file(w, "[[0, 1],")), "invalid JSON"),
+    Case("prune-heads-missing-file", "`--prune-heads` file that does not exist", "`--prune-heads DIR/nothere.json`",
+         lambda w: evaluate(w, "--prune-heads", w.tmp / "nothere.json"), "does not exist"),
+    Case("prune-heads-wrong-shape", "head mask of the wrong shape", "`--prune-heads heads.json`, a 3 x 5 0/1 array for the 3 x 4 tiny model",
+         lambda w: evaluate(w, "--prune-heads", prune_file(w, [[1] * 5] * 3)), "give a 3 x 4 array"),
+    Case("prune-heads-layer-out-of-range", "layer out of range", "`--prune-heads 3:0` (layers 0..2)",
+         lambda w: evaluate(w, "--prune-heads", "3:0"), "layer 3 is out of range (the model has layers 0..2)"),
+    Case("prune-heads-head-out-of-range", "head out of range", "`--prune-heads 0:4` (heads 0..3)",
+         lambda w: evaluate(w, "--prune-heads", "0:4"), "head 4 of layer 0 is out of range"),
+    Case("prune-heads-all", "pruning every head", "`--prune-heads heads.json`, an all-zero 3 x 4 array",
+         lambda w: evaluate(w, "--prune-heads", prune_file(w, [[0] * 4] * 3)), "prunes all 12 heads"),
+    # ---- numbers
+    Case("limit-zero", "zero where a positive number is needed", "`evaluate --limit 0`",
+         lambda w: evaluate(w, "--limit", "0"), "--limit must be at least 1"),
+    Case("ppl-tokens-negative", "negative token count", "`evaluate --ppl-tokens -5`",
+         lambda w: evaluate(w, "--ppl-tokens", "-5"), "--ppl-tokens must be at least 2"),
+    Case("batch-tokens-zero", "zero batch size", "`evaluate --batch-tokens 0`",
+         lambda w: evaluate(w, "--batch-tokens", "0"), "--batch-tokens must be at least 1"),
+    Case("seed-negative", "negative seed", "`evaluate --seed -1`",
+         lambda w: evaluate(w, "--seed", "-1"), "--seed must be 0 or more"),
+    Case("flag-not-a-number", "a number flag given text", "`evaluate --limit ten`",
+         lambda w: evaluate(w, "--limit", "ten"), "argument --limit: invalid int value: 'ten'"),
+    Case("run-max-prune-negative", "negative pruning fraction", "`run --max-prune -0.1`",
+         lambda w: run(w, "--max-prune", "-0.1"), "--max-prune must be a fraction between 0 and 1"),
+    Case("run-max-utility-loss-negative", "negative utility-loss bound", "`run --max-utility-loss -1`",
+         lambda w: run(w, "--max-utility-loss", "-1"), "--max-utility-loss must be a fraction between 0 and 1"),
+    Case("run-budget-evals-negative", "negative evaluation budget", "`run --budget-evals -5`",
+         lambda w: run(w, "--budget-evals", "-5"), "the surrogates need at least 20"),
+    # ---- storage and output
+    Case("storage-unreachable", "unreachable storage URL", "`run --storage postgresql://127.0.0.1:1/nodb`",
+         lambda w: run(w, "--storage", "postgresql://127.0.0.1:1/nodb"), "cannot open the study storage"),
+    Case("storage-password", "storage URL with a password (unreachable)",
+         f"`run --storage postgresql://alice:{SECRET}@127.0.0.1:1/nodb`",
+         lambda w: run(w, "--storage", f"postgresql://alice:{SECRET}@127.0.0.1:1/nodb"),
+         "postgresql://alice:***@127.0.0.1:1/nodb", secret=SECRET),
+    Case("storage-no-driver", "storage URL with a password for a database whose driver is not installed",
+         f"`run --storage mysql://alice:{SECRET}@127.0.0.1:1/nodb`",
+         lambda w: run(w, "--storage", f"mysql://alice:{SECRET}@127.0.0.1:1/nodb"),
+         "no database driver for mysql://alice:***@127.0.0.1:1/nodb", secret=SECRET),
+    Case("run-seed-negative", "negative seed for a run", "`run --seed -1`",
+         lambda w: run(w, "--seed", "-1"), "--seed must be 0 or more, got -1"),
+    Case("run-out-is-file", "`--out` that is a file", "`run --out FILE`",
+         lambda w: (w.tmp / "file").write_text("x") and run(w, out=w.tmp / "file"), "is a file, not a directory"),
+    Case("run-out-unwritable", "`--out` that cannot be written (even by root)", "`run --out /sys/fairness-repair-out` (sysfs)",
+         lambda w: run(w, out=unwritable_folder() / "fairness-repair-out"), "cannot write to output directory"),
+    Case("json-unwritable", "`--json` that cannot be written (even by root)", "`evaluate --json /sys/fairness-repair-eval.json` (sysfs)",
+         lambda w: evaluate(w, "--json", unwritable_folder() / "fairness-repair-eval.json"), "cannot write /sys/"),
+    Case("json-is-directory", "`--json` that is a directory", "`evaluate --json DIR`",
+         lambda w: evaluate(w, "--json", w.tmp), "it is a directory"),
+    Case("json-folder-missing", "`--json` in a folder that does not exist", "`evaluate --json DIR/nowhere/eval.json`",
+         lambda w: evaluate(w, "--json", w.tmp / "nowhere" / "eval.json"), "folder"),
+    Case("disk-full", "full disk while writing the results", "`evaluate --json DIR/eval.json` under `RLIMIT_FSIZE` = 4 KiB (writes past it fail with EFBIG)",
+         lambda w: evaluate(w), "eval.json: File too large (free space or choose another location)", fsize=4096),
+    Case("report-no-run", "report of a folder that holds no run", "`report DIR` on an empty folder",
+         lambda w: (w.tmp / "empty").mkdir() or ["report", w.tmp / "empty"], "holds no finished run"),
+    Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",
+         "a run killed after fitting (`REPAIR_KILL_AT=annealing:1`), one byte appended to a `.joblib`, then the same `run` again",
+         killed_run_with_corrupt_surrogate, "refusing to unpickle it",
+         may_change=("study.db",), progress_ok=True),
+]
+
+# Rows of the table that are not errors: the input is handled, and the test proves it.
+WORKS = {"tokenizer-no-pad"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2(case, model_dir, tmp_path):
+    w = SimpleNamespace(tmp=tmp_path / "w", model=model_dir)
+    w.tmp.mkdir()
+    env = {"REPAIR_CACHE_DIR": str(w.tmp / "cache"), **case.env}
+    args = case.build(w)
+    before = snapshot(w.tmp)
+    result = cli(args, env=env, fsize=case.fsize)
+    after = snapshot(w.tmp)
+
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    if case.progress_ok:  # progress lines of the resumed run, then the error line
+        lines = [line.split("\r")[-1] for line in lines if "repair: error:" in line]
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("repair: error:") and case.expect in lines[0], lines[0]
+
+    changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert {k for k in changed if Path(k).name not in case.may_change} == set(), "files changed or appeared"
+    leftovers = [k for k in after if Path(k).name.endswith(".tmp") or Path(k).name.startswith(".tmp")]
+    assert not leftovers, leftovers
+    if case.secret:
+        assert case.secret not in result.stdout + result.stderr
+        for p in w.tmp.rglob("*"):
+            assert not p.is_file() or case.secret.encode() not in p.read_bytes(), p
+
+
+def test_tokenizer_without_pad_token_works_and_scores_the_same(model_dir, tmp_path):
+    """Row tokenizer-no-pad. The evaluator pads its batches itself (right padding with id 0 under an
+    attention mask, never the tokenizer's pad token), so a tokenizer with no pad token (and, here, no
+    eos or bos token either) is not an error: it gives exactly the scores of the same tokenizer with one."""
+    nopad = tmp_path / "nopad"
+    shutil.copytree(model_dir, nopad)
+    config = json.loads((nopad / "tokenizer_config.json").read_text())
+    config.pop("pad_token")
+    (nopad / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(nopad)
+    assert tok.pad_token is None and tok.eos_token is None and tok.bos_token is None
+    reports = {}
+    for name, model in (("pad", model_dir), ("nopad", nopad)):
+        out = tmp_path / f"{name}.json"
+        result = cli(["evaluate", "--model", model, "--no-progress", "--limit", "2", "--ppl-tokens", "128",
+                      "--json", out])
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports[name] = json.loads(out.read_text())
+    for suite, data in reports["pad"]["suites"].items():
+        assert reports["nopad"]["suites"][suite]["metrics"] == data["metrics"], suite
+
+
+# ------------------------------------------------------------------ the table
+
+
+def table_rows(path: Path) -> dict[str, list[str]]:
+    """Row id -> cells of every markdown table row whose first cell is a `case-id`."""
+    rows = {}
+    section = path.read_text(encoding="utf-8").split(SECTION, 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else []
+        m = re.fullmatch(r"`([a-z0-9-]+)`", cells[0]) if cells else None
+        if m:
+            assert m[1] not in rows, f"row {m[1]} appears twice in {path}"
+            rows[m[1]] = cells
+    return rows
+
+
+def test_table_rows_are_exactly_the_cases():
+    rows = table_rows(TABLE)
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+    assert set(rows) == set(ids) | WORKS, (f"only in the table: {sorted(set(rows) - set(ids) - WORKS)}; "
+                                           f"only in the tests: {sorted(set(ids) | WORKS - set(rows))}")
+    for case in CASES:  # the answer column quotes the actual error line
+        assert case.expect.replace("|", "\\|") in rows[case.id][-1], (case.id, rows[case.id][-1])
