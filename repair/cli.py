@@ -64,6 +64,12 @@ def eval_config(args) -> EvalConfig:
         raise UserError(f"--ppl-tokens must be at least 2, got {args.ppl_tokens}")
     if not (2 <= args.ppl_window and 1 <= args.ppl_stride <= args.ppl_window):
         raise UserError(f"need --ppl-window >= 2 and 1 <= --ppl-stride <= --ppl-window, got {args.ppl_window}/{args.ppl_stride}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    for flag, value in (("--categories", args.categories), ("--attributes", args.attributes),
+                        ("--mmlu-subjects", args.mmlu_subjects)):
+        if value is not None and not value:  # "--categories ''" would otherwise mean all of them
+            raise UserError(f"{flag} is empty; name at least one, or leave the flag out for all of them")
     data_dir = args.data_dir or os.environ.get("REPAIR_DATA_DIR") or None
     return EvalConfig(
         data_dir=Path(data_dir) if data_dir else None, split=args.split, limit=args.limit,
@@ -78,20 +84,45 @@ def model_spec(args) -> ModelSpec:
 
 
 def cmd_evaluate(args) -> int:
-    from repair.evaluate import build_suites, evaluate, format_table
-    from repair.io import write_json_atomic
-    from repair.models import load_model
+    from repair.io import check_writable, write_json_atomic
+    from repair.masks import parse_head_spec, pruned_heads
+    from repair.suites import build_suite
 
-    names = list(args.suite)
+    # Everything that can be checked without the model is checked first, without importing torch.
+    names = list(dict.fromkeys(args.suite))
+    if not names:
+        raise UserError(f"--suite is empty; choose from {', '.join(REGISTRY)}")
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise UserError(f"unknown suite {unknown[0]!r} (choose from {', '.join(REGISTRY)})")
     config = eval_config(args)
-    if args.json is not None and not args.json.parent.is_dir():
-        raise UserError(f"cannot write {args.json}: folder {args.json.parent} does not exist")
-    suites = build_suites(names, config, tokenizer=None)  # validate the data before spending time on the model
+    if args.batch_tokens < 1:
+        raise UserError(f"--batch-tokens must be at least 1, got {args.batch_tokens}")
+    heads = parse_head_spec(args.prune_heads) if args.prune_heads is not None else None
+    if args.json is not None:
+        check_writable(args.json, "--json")
+    suites = {name: build_suite(name, config, None) for name in names}  # validate the data before the model
+
+    from repair.evaluate import evaluate, format_table
+    from repair.models import load_model
+
     loaded = load_model(model_spec(args))
-    report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    masker = keep = None
+    if heads is not None:
+        from repair.heads import HeadMasker, head_layout
+
+        n_layers, n_heads, _ = head_layout(loaded.model)
+        keep = heads.keep_mask(n_layers, n_heads)
+        masker = HeadMasker(loaded.model, keep[None])
+    try:
+        report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=not args.no_progress)
+    finally:
+        if masker is not None:
+            masker.remove()
+    if keep is not None:
+        report["pruned_heads"] = pruned_heads(keep)
+        print(f"pruned {len(report['pruned_heads'])} of {keep.size} attention heads "
+              f"({keep.shape[0]} layers x {keep.shape[1]} heads)\n")
     print(format_table(report))
     if args.json is not None:
         write_json_atomic(args.json, report)
@@ -111,9 +142,21 @@ def cmd_run(args) -> int:
         knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
         search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
         report_ppl_tokens=args.report_ppl_tokens, verify_top=args.verify_top, bbq_mode=args.bbq_mode,
-        batch_masks=args.batch_masks, storage=args.storage, study=args.study, seed=args.seed,
+        batch_masks=args.batch_masks, storage=args.storage, study=args.study, workers_only=args.workers_only,
+        heartbeat=args.heartbeat, seed=args.seed,
     )
     return run(config)
+
+
+def cmd_worker(args) -> int:
+    from repair.worker import WorkerConfig, run_worker
+
+    if args.batch_masks < 1 or args.poll <= 0 or args.max_idle <= 0:
+        raise UserError("--batch-masks must be >= 1 and --poll, --max-idle > 0")
+    return run_worker(WorkerConfig(
+        storage=args.storage, study=args.study, model=args.model, data_dir=args.data_dir, device=args.device,
+        device_map=args.device_map, batch_masks=args.batch_masks, poll=args.poll, max_idle=args.max_idle,
+    ))
 
 
 def cmd_report(args) -> int:
@@ -133,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated suites from {', '.join(REGISTRY)} (default: association,text, which ship with the tool)")
     add_suite_flags(ev)
     ev.add_argument("--json", type=Path, default=None, help="write metrics, data hashes and per-item records here")
+    ev.add_argument("--prune-heads", default=None, metavar="SPEC",
+                    help="evaluate with these attention heads masked: LAYER:HEAD pairs ('0:3,5:1'), or a JSON file "
+                         "holding a list of [layer, head] pairs (a run's checkpoint/repair_manifest.json will do) "
+                         "or a layers x heads 0/1 array (1 = keep)")
     ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch of the evaluator")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev.set_defaults(func=cmd_evaluate)
@@ -167,8 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--batch-masks", type=int, default=8, help="masks evaluated together in one batched forward")
     rn.add_argument("--storage", default=None, help="Optuna RDB URL for the records (default: sqlite file in --out)")
     rn.add_argument("--study", default=None, help="study name in the storage (default: derived from --out)")
+    rn.add_argument("--workers-only", action="store_true",
+                    help="evaluate nothing here: wait for `repair worker` processes to evaluate the configurations")
+    rn.add_argument("--heartbeat", type=int, default=10,
+                    help="seconds between heartbeats of an evaluation; one silent for 3 beats is redone elsewhere")
     rn.add_argument("--seed", type=int, default=0, help="seeds sampling, surrogates, annealing and bootstrap intervals")
     rn.set_defaults(func=cmd_run)
+
+    wk = sub.add_parser("worker", help="evaluate configurations for a run whose records are in a shared storage",
+                        description="Join the study of a `repair run --storage URL --study NAME` from any machine: load "
+                                    "the run's model and suites, evaluate the configurations it waits for, store the "
+                                    "records, and leave when the run is finished.")
+    wk.add_argument("--storage", required=True, help="the run's Optuna RDB URL, e.g. postgresql://user@host/db")
+    wk.add_argument("--study", required=True, help="the run's study name (printed by `repair run`, in RUN_DIR/config.json)")
+    wk.add_argument("--model", default=None, help="this machine's copy of the run's model, if its path differs")
+    wk.add_argument("--data-dir", type=Path, default=None, help="this machine's copy of the run's data, if its path differs")
+    wk.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    wk.add_argument("--device-map", default=None, help="'auto' shards a model larger than one GPU (accelerate)")
+    wk.add_argument("--batch-masks", type=int, default=8, help="configurations evaluated together in one batched forward")
+    wk.add_argument("--poll", type=float, default=1.0, help="seconds between looks for new work")
+    wk.add_argument("--max-idle", type=float, default=600.0, help="leave after this many seconds without work")
+    wk.set_defaults(func=cmd_worker)
 
     rp = sub.add_parser("report", help="rebuild RUN_DIR/report from the run's records")
     rp.add_argument("run_dir", type=Path)
@@ -181,11 +247,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as exc:
-        print(f"repair: error: {exc}", file=sys.stderr)
+        print("repair: error: " + " ".join(str(exc).splitlines()), file=sys.stderr)  # always one line
+        return 2
+    except BrokenPipeError:  # stdout was closed early (`repair evaluate | head`): stop quietly
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except OSError as exc:  # a write that failed outside repair.io (disk full, read-only folder, ...)
+        from repair.errors import os_error_message
+
+        print(f"repair: error: {os_error_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("repair: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not type(exc).__module__.startswith("sqlalchemy"):
+            raise
+        from repair.errors import one_line  # the study's database failed mid-run (disk full, connection lost)
+
+        print(f"repair: error: the study storage failed: {one_line(exc)[:300]} (free disk space or check the "
+              "database, then rerun the same command to resume)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

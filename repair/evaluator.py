@@ -121,6 +121,22 @@ class Evaluator:
                 bar.update(len(batch))
         return results
 
+    def option_logprobs(self, requests: Sequence[ChoiceRequest]) -> list[torch.Tensor]:
+        """Every option's total log-probability, one differentiable tensor per request, under the
+        intervention the caller installed (one variant): for gradients of a suite's metric with
+        respect to that intervention, e.g. a head mask that requires grad."""
+        encoded = [self.tokens.request(r) for r in requests]
+        width = [len(p) + sum(len(o) - 1 for o in opts) for p, opts in encoded]
+        out: list = [None] * len(encoded)
+        with torch.enable_grad():
+            for batch in self._batches(sorted(range(len(encoded)), key=width.__getitem__), width):
+                totals = self._option_totals([encoded[i] for i in batch], torch.zeros(len(batch), dtype=torch.long))
+                k = 0
+                for i in batch:
+                    out[i] = totals[k:k + len(encoded[i][1])]
+                    k += len(encoded[i][1])
+        return out
+
     def _batches(self, order: list[int], lengths: list[int]):
         """Length buckets: a batch closes when it would exceed `batch_tokens` padded tokens or
         `max_rows` rows, or when padding it to the newest length would waste more than
@@ -142,7 +158,7 @@ class Evaluator:
         if self.on_rows is not None:
             self.on_rows(variants)
 
-    def _score_batch(self, items: list[tuple[list[int], list[list[int]]]], variants: torch.Tensor) -> list[OptionScores]:
+    def _option_totals(self, items: list[tuple[list[int], list[list[int]]]], variants: torch.Tensor) -> torch.Tensor:
         """One forward per batch: each row is an item's prompt followed by all its options' tokens
         (but the last) side by side. A 4D attention mask lets the prompt attend causally to itself
         and each option to the prompt's keys/values and its own earlier tokens only, with position
@@ -184,8 +200,11 @@ class Evaluator:
             logp = self._log_softmax(hidden[rest])
             token_logp = logp.gather(1, tgt[rest][:, None])[:, 0].double()
             totals.index_add_(0, seg[rest] - 2, token_logp)
-        totals = totals.cpu().numpy()
-        n_tok = np.array([len(o) for _, o in rows_opts], dtype=np.int64)
+        return totals
+
+    def _score_batch(self, items: list[tuple[list[int], list[list[int]]]], variants: torch.Tensor) -> list[OptionScores]:
+        totals = self._option_totals(items, variants).cpu().numpy()
+        n_tok = np.array([len(o) for _, opts in items for o in opts], dtype=np.int64)
         result, k = [], 0
         for _, opts in items:
             result.append(OptionScores(totals[k:k + len(opts)].copy(), n_tok[k:k + len(opts)].copy()))

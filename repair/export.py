@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repair import failpoints
 from repair.heads import HeadMasker, prune_checkpoint
+from repair.io import UMASK
 from repair.models import LoadedModel
 
 CHECK_TEXT = "The nurse said that the doctor"
@@ -29,13 +31,19 @@ def export_pruned(loaded: LoadedModel, mask: np.ndarray, target: Path, manifest:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-export
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp.chmod(0o777 & ~UMASK)  # mkdtemp makes 0700
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        failpoints.reached("export")
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "repair_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
+        failpoints.reached("export")
         _check_reload(loaded, mask, tmp)
+        failpoints.reached("export")
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)

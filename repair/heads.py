@@ -104,7 +104,7 @@ def head_layout(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _check_masks(masks, shape: tuple[int, ...], what: str) -> torch.Tensor:
-    masks = torch.as_tensor(masks).detach().float()
+    masks = torch.as_tensor(masks).float()  # no detach: a mask that requires grad gives head-importance gradients
     if tuple(masks.shape[-2:]) != shape[-2:] or masks.dim() != len(shape):
         raise ValueError(f"{what} must have shape {shape} (n_layers, n_heads), got {tuple(masks.shape)}")
     return masks

@@ -147,6 +147,28 @@ class ConfigEvaluator:
         return out
 
 
+    def fairness_gradient(self, evaluator, masker, layout: tuple[int, int]):
+        """d fairness / d head mask at the unmasked model, (layers, heads): each head's first-order
+        effect (pruning head i changes fairness by about -grad[i]). One forward and backward over the
+        split's fairness prompts. None when a fairness term has no differentiable form."""
+        import torch
+
+        mask = torch.ones((1, *layout), requires_grad=True)
+        masker.set_masks(mask)
+        total = 0.0
+        for name, weight in self.objectives.fairness:
+            suite_name, metric = FAIRNESS[name]
+            suite, prepared = self.suites[suite_name], self._prepared[suite_name]
+            value = suite.differentiable(metric, evaluator.option_logprobs(prepared[1])) \
+                if hasattr(suite, "differentiable") and prepared[0] == "choice" else None
+            if value is None:
+                return None
+            total = total + weight * value
+        (grad,) = torch.autograd.grad(total, mask)
+        masker.set_masks(torch.ones((1, *layout)))
+        return grad[0].double().cpu().numpy()
+
+
 def fairness_interval(objectives: Objectives, metrics: dict) -> tuple[float, float] | None:
     """A 95% interval for a single-term fairness objective (weighted sums have none of their own)."""
     if len(objectives.fairness) != 1:

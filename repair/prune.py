@@ -6,7 +6,8 @@
    evaluated masks; evaluate the most promising new masks for real; refit; repeat for `rounds`;
 4. verify the best masks and the unrepaired model on the held-out report split; choose the fairest
    one that keeps utility within the allowed loss there; export it and write the report.
-Every LLM evaluation is a trial in an Optuna study, so a killed run resumes where it stopped.
+Every LLM evaluation is a trial in an Optuna study, so a killed run resumes where it stopped, and
+`repair worker` processes on other machines can take evaluations from the same study.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from repair import masks as M
+from repair import failpoints, masks as M
+from repair.errors import UserError
 from repair.evaluator import Evaluator
 from repair.heads import HeadMasker, head_layout
 from repair.io import write_json_atomic, write_text_atomic
@@ -28,9 +30,11 @@ from repair.records import Records, open_study
 from repair.rundir import RunConfig
 from repair.suites.base import EvalConfig
 from search import TrustRegion, pareto_front, sweep
-from surrogate import fit_surrogate, joint_predictor, save
+from surrogate import ChecksumError, fit_surrogate, joint_predictor, load, save
 
 TRUST_RADIUS = 12  # bits from the nearest evaluated mask that annealing may go
+# Masks pruning the k heads whose removal the fairness gradient says helps most, evaluated first.
+GRADIENT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
 SWEEP_WEIGHTS = (3.0, 10.0, 30.0, 100.0)
 
 
@@ -48,18 +52,24 @@ def eval_config(config: RunConfig, split: str) -> EvalConfig:
 
 
 class MaskScorer:
-    """Evaluates batches of head masks on one split, many masks per batched forward."""
+    """Evaluates batches of head masks, many masks per batched forward, on any of the given splits."""
 
-    def __init__(self, loaded: LoadedModel, objectives: Objectives, split_config: EvalConfig):
+    def __init__(self, loaded: LoadedModel, objectives: Objectives, splits: dict[str, EvalConfig]):
         self.layout = head_layout(loaded.model)[:2]
         self.masker = HeadMasker(loaded.model, torch.ones((1, *self.layout)))
         self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self.masker.set_rows, progress=False)
-        self.objective = ConfigEvaluator(objectives, split_config, loaded.tokenizer)
+        self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer) for split, cfg in splits.items()}
 
-    def __call__(self, keys: list[str]) -> list[dict]:
-        stack = np.stack([M.from_key(k, self.layout) for k in keys]).astype(np.float32)
-        self.masker.set_masks(torch.from_numpy(stack))
-        return self.objective.evaluate(self.evaluator, len(keys))
+    def files(self) -> dict[str, str]:
+        """Data file -> sha256 of every suite read, to check that workers read the same data."""
+        return {f: h for ev in self.objectives.values() for s in ev.suites.values() for f, h in (getattr(s, "files", {}) or {}).items()}
+
+    def scorer(self, split: str):
+        def score(keys: list[str]) -> list[dict]:
+            stack = np.stack([M.from_key(k, self.layout) for k in keys]).astype(np.float32)
+            self.masker.set_masks(torch.from_numpy(stack))
+            return self.objectives[split].evaluate(self.evaluator, len(keys))
+        return score
 
     def close(self) -> None:
         self.masker.remove()
@@ -72,14 +82,14 @@ def _bar(total: int, desc: str):
 class PruneSearch:
     """One prune run over a loaded model; every phase resumes from the stored records."""
 
-    def __init__(self, config: RunConfig, loaded: LoadedModel, objectives: Objectives):
+    def __init__(self, config: RunConfig, loaded: LoadedModel, objectives: Objectives, scorer: MaskScorer):
         self.config, self.loaded, self.objectives = config, loaded, objectives
-        self.search = MaskScorer(loaded, objectives, eval_config(config, "search"))
-        self.layout = self.search.layout
+        self.scorer = scorer
+        self.layout = scorer.layout
         self.n_bits = self.layout[0] * self.layout[1]
         self.max_pruned = int(np.floor(config.max_prune * self.n_bits))
-        self.records = Records(open_study(config.storage_url, config.study_name))
-        self.records.fail_stale()
+        self.records = Records(open_study(config.storage_url, config.study_name, config.heartbeat))
+        self.records.fail_stale(local_dead=True)
         self.base_key = M.to_key(M.full_mask(self.layout))
         self.fits: list[dict] = []
 
@@ -87,13 +97,31 @@ class PruneSearch:
     def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
         """Evaluate (key, phase) pairs not yet stored; return the keys in order (the method's sequence)."""
         with _bar(len(items), desc) as bar:
-            self.records.evaluate(items, self.search, batch_size=self.config.batch_masks, progress=bar)
+            self.records.evaluate(items, self.scorer.scorer("search"), batch_size=self.config.batch_masks, progress=bar,
+                                  work=not self.config.workers_only, stage="sampling")
         return [k for k, _ in items]
 
+    def head_gradient(self) -> np.ndarray | None:
+        """d fairness / d head mask on the search split (see ConfigEvaluator.fairness_gradient),
+        computed once and kept in the run directory; None for objectives without a gradient."""
+        path = self.config.out / "surrogates" / "head-gradient.json"
+        if not path.is_file():
+            with tqdm(total=1, desc="fairness gradient over head masks", unit="pass") as bar:
+                grad = self.scorer.objectives["search"].fairness_gradient(self.scorer.evaluator, self.scorer.masker, self.layout)
+                bar.update(1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"gradient": None if grad is None else grad.tolist()})
+        grad = json.loads(path.read_text())["gradient"]
+        return None if grad is None else np.array(grad)
+
     def sample(self) -> list[str]:
+        """The unrepaired model, the masks the fairness gradient ranks best (pruning a head changes
+        fairness by about -gradient), then stratified random masks, in all the budget left for rounds."""
         cfg = self.config
-        n_sample = cfg.budget_evals - cfg.rounds * cfg.per_round
-        items = [(self.base_key, "base")]
+        grad = self.head_gradient()
+        ranked = M.ranked_masks(grad, GRADIENT_COUNTS, self.max_pruned) if grad is not None else []
+        n_sample = cfg.budget_evals - cfg.rounds * cfg.per_round - len(ranked)
+        items = [(self.base_key, "base")] + [(M.to_key(m), "gradient") for m in ranked]
         items += [(M.to_key(m), "sample") for m in M.stratified_masks(n_sample, self.layout, cfg.max_prune, cfg.seed)]
         if cfg.knockouts:
             items += [(M.to_key(m), "knockout") for m in M.knockout_masks(self.layout)]
@@ -129,9 +157,13 @@ class PruneSearch:
         return keys + self.evaluate(levels, "baseline: ranked pruning levels")
 
     # ---- phase 2-3: surrogates and annealing, in rounds ------------------------------------
-    def training_data(self):
+    def training_data(self, before_round: int | None = None):
+        """Stored masks and their objectives, sorted by key (not by when each was evaluated, so a
+        resumed or distributed run sees the same rows). With `before_round`, only what the search
+        itself had evaluated before that round (no baseline's evaluations)."""
         done = self.records.completed()
-        keys = [k for k, t in done.items() if t.user_attrs["phase"] != "report"]
+        search_phases = {"base", "gradient", "sample", "knockout"} | {f"round-{j}" for j in range(1, before_round or 0)}
+        keys = sorted(k for k, t in done.items() if t.user_attrs["phase"] in search_phases or before_round is None)
         X = np.stack([M.from_key(k, self.layout).ravel() for k in keys]).astype(np.float64)
         f = np.array([done[k].values[0] for k in keys])
         u = np.array([done[k].values[1] for k in keys])
@@ -147,54 +179,79 @@ class PruneSearch:
         return self.objectives.utility_loss(bound)
 
     def round(self, r: int) -> list[str]:
-        cfg = self.config
-        plan_path = cfg.out / "surrogates" / f"round-{r}.json"
-        if plan_path.is_file():  # annealed before a crash: evaluate the same candidates
+        """Fit, anneal, evaluate the candidates. Each step's result is on disk before the next
+        starts (fitted surrogates with their checksums, then the plan), so a rerun after a crash
+        continues from the last finished step with the same numbers."""
+        folder = self.config.out / "surrogates"
+        plan_path = folder / f"round-{r}.json"
+        if plan_path.is_file():
             plan = json.loads(plan_path.read_text())
         else:
-            plan = self._plan_round(r, plan_path)
+            plan = self._anneal(r, plan_path, *self._fit(r, folder))
         self.fits.append(plan["fits"])
-        return self.evaluate([(k, f"round-{r}") for k in plan["candidates"]], f"round {r}/{cfg.rounds}: evaluating candidates")
+        return self.evaluate([(k, f"round-{r}") for k in plan["candidates"]], f"round {r}/{self.config.rounds}: evaluating candidates")
 
-    def _plan_round(self, r: int, plan_path: Path) -> dict:
-        cfg = self.config
-        keys, X, f, u = self.training_data()
-        seed = cfg.seed * 1000 + r
-        with tqdm(total=3, desc=f"round {r}/{cfg.rounds}: fitting surrogates, annealing", unit="step") as bar:
-            f_model, f_scores = fit_surrogate(X, f, seed=seed, select_by="spearman", group_size=self.layout[1])
+    def _fit(self, r: int, folder: Path):
+        """The round's surrogates: fitted now, or read back (checksum-verified) from an earlier attempt."""
+        fit_path = folder / f"fit-{r}.json"
+        keys, X, f, u = self.training_data(before_round=r)
+        seed = self.config.seed * 1000 + r
+        if fit_path.is_file():
+            fit = json.loads(fit_path.read_text())
+            if fit["keys"] == keys:
+                try:
+                    models = [load(folder / fit["files"][o], fit["sha256"][o], inside=self.config.out) for o in ("fairness", "utility")]
+                except (ChecksumError, OSError) as exc:
+                    raise UserError(f"{exc} (delete {fit_path} to refit the surrogates)") from None
+                return keys, X, f, u, seed, *models, fit
+        with tqdm(total=2, desc=f"round {r}/{self.config.rounds}: fitting surrogates", unit="model") as bar:
+            grad = self.head_gradient()  # the surrogate learns a scale of and corrections to its linear prediction
+            f_model, f_scores = fit_surrogate(X, f, seed=seed, select_by="spearman", group_size=self.layout[1],
+                                              base_params=None if grad is None else {"prior": grad.ravel()})
             bar.update(1)
+            failpoints.reached("fitting")
             u_model, u_scores = fit_surrogate(X, u, seed=seed + 1, select_by="r2", group_size=self.layout[1])
             bar.update(1)
-            folder = plan_path.parent
-            folder.mkdir(parents=True, exist_ok=True)
-            digests = {
-                "fairness": save(f_model, folder / f"round-{r}-fairness.joblib"),
-                "utility": save(u_model, folder / f"round-{r}-utility.joblib"),
-            }
-            predict = joint_predictor(f_model, u_model)
-            limit = self.utility_limit_loss()
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {o: f"round-{r}-{o}.joblib" for o in ("fairness", "utility")}
+        digests = {"fairness": save(f_model, folder / files["fairness"])}
+        failpoints.reached("fitting")
+        digests["utility"] = save(u_model, folder / files["utility"])
+        failpoints.reached("fitting")
+        fit = {"keys": keys, "files": files, "sha256": digests,
+               "scores": {"fairness": f_scores.as_dict(), "utility": u_scores.as_dict()}}
+        write_json_atomic(fit_path, fit)
+        return keys, X, f, u, seed, f_model, u_model, fit
+
+    def _anneal(self, r: int, plan_path: Path, keys, X, f, u, seed, f_model, u_model, fit) -> dict:
+        cfg = self.config
+        failpoints.reached("annealing")
+        with tqdm(total=len(SWEEP_WEIGHTS), desc=f"round {r}/{cfg.rounds}: annealing", unit="weight") as bar:
             found = sweep(
-                predict, self.n_bits, weights=SWEEP_WEIGHTS, seed=seed, include_final=False,
-                n_chains=256, n_steps=1500, flips=3, constraint=limit, kappa=0.5,
+                joint_predictor(f_model, u_model), self.n_bits, weights=SWEEP_WEIGHTS, seed=seed, include_final=False,
+                n_chains=256, n_steps=1500, flips=3, constraint=self.utility_limit_loss(), kappa=0.5,
                 max_pruned=self.max_pruned, trust=TrustRegion(X.astype(bool), TRUST_RADIUS),
                 start=X[np.argsort(f)][np.arange(256) % len(X)].astype(bool),  # fairest evaluated masks
+                callback=lambda: (bar.update(1), failpoints.reached("annealing")),
             )
-            bar.update(1)
         evaluated = set(keys)
-        order = np.argsort(np.where(found.feasible, found.fairness + 0.5 * found.fairness_std, np.inf))
+        # rank in float32 with the mask as tie-break: masks whose predictions differ only by float noise
+        # (e.g. in bits the surrogate ignores) must come out in the same order on every rerun and machine
+        score = np.where(found.feasible, found.fairness + 0.5 * found.fairness_std, np.inf).astype(np.float32)
+        found_keys = [M.to_key(m.reshape(self.layout)) for m in found.masks]
         chosen = []
-        for i in order:
-            key = M.to_key(found.masks[i].reshape(self.layout))
-            if key not in evaluated and key not in chosen and np.isfinite(found.fairness[i]):
-                chosen.append(key)
+        for i in sorted(range(len(found_keys)), key=lambda i: (score[i], found_keys[i])):
+            if found_keys[i] not in evaluated and found_keys[i] not in chosen and np.isfinite(score[i]):
+                chosen.append(found_keys[i])
             if len(chosen) == cfg.per_round:
                 break
         holdout_pred = {
-            "fairness": {"scores": f_scores.as_dict(), **_holdout_points(f_model, X, f, seed)},
-            "utility": {"scores": u_scores.as_dict(), **_holdout_points(u_model, X, u, seed + 1)},
+            "fairness": {"scores": fit["scores"]["fairness"], **_holdout_points(f_model, X, f, seed)},
+            "utility": {"scores": fit["scores"]["utility"], **_holdout_points(u_model, X, u, seed + 1)},
         }
-        plan = {"round": r, "candidates": chosen, "fits": holdout_pred, "surrogate_sha256": digests,
-                "n_records": len(keys), "selected_params": {"fairness": f_model.selected_params_, "utility": u_model.selected_params_}}
+        plan = {"round": r, "candidates": chosen, "fits": holdout_pred, "surrogate_sha256": fit["sha256"],
+                "n_records": len(keys), "selected_params": {o: {k: v for k, v in m.selected_params_.items() if k != "prior"}
+                                    for o, m in (("fairness", f_model), ("utility", u_model))}}
         write_json_atomic(plan_path, plan)
         return plan
 
@@ -223,24 +280,30 @@ def _holdout_points(model, X, y, seed):
     return {"predicted": model.predict(X[ho]).tolist(), "measured": y[ho].tolist()}
 
 
-def verify(config: RunConfig, loaded: LoadedModel, objectives: Objectives, keys: list[str]) -> list[dict]:
-    """Evaluate `keys` on the report split, resumably, in their own study."""
-    scorer = MaskScorer(loaded, objectives, eval_config(config, "report"))
-    records = Records(open_study(config.storage_url, config.study_name + "-report"))
-    records.fail_stale()
-    try:
-        with _bar(len(keys), "verifying on held-out split") as bar:
-            done = records.evaluate([(k, "report") for k in keys], scorer, batch_size=config.batch_masks, progress=bar)
-    finally:
-        scorer.close()
+def verify(config: RunConfig, scorer: MaskScorer, keys: list[str]) -> list[dict]:
+    """Evaluate `keys` on the report split, resumably, in the run's second study."""
+    records = Records(open_study(config.storage_url, config.study_name + "-report", config.heartbeat))
+    records.fail_stale(local_dead=True)
+    with _bar(len(keys), "verifying on held-out split") as bar:
+        done = records.evaluate([(k, "report") for k in keys], scorer.scorer("report"), batch_size=config.batch_masks,
+                                progress=bar, work=not config.workers_only, stage="verification")
     return [{"key": k, **{a: done[k].user_attrs[a] for a in ("fairness", "utility", "metrics")}} for k in keys]
+
+
+def publish(study, config: RunConfig, files: dict[str, str]) -> None:
+    """Store what a `repair worker` needs to evaluate for this run: the configuration and the data's hashes."""
+    study.set_user_attr("run", {"identity": config.identity(), "data_dir": str(config.data_dir) if config.data_dir else None,
+                                "heartbeat": config.heartbeat, "data_sha256": sorted(files.values())})
+    study.set_user_attr("finished", False)
 
 
 def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) -> dict:
     started = time.perf_counter()
-    search = PruneSearch(config, loaded, objectives)
-    sequences: dict[str, list[str]] = {}
+    scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in ("search", "report")})
     try:
+        search = PruneSearch(config, loaded, objectives, scorer)
+        publish(search.records.study, config, scorer.files())
+        sequences: dict[str, list[str]] = {}
         sequences["prune"] = search.sample()
         for r in range(1, config.rounds + 1):
             sequences["prune"] += search.round(r)
@@ -249,11 +312,12 @@ def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) ->
         if "knockout" in config.baselines:
             sequences["knockout"] = search.knockout_baseline()
         finalists = {method: search.finalists(seq) for method, seq in sequences.items()}
+        done = search.records.completed()
+        to_verify = list(dict.fromkeys([search.base_key] + [k for keys in finalists.values() for k in keys]))
+        verified = verify(config, scorer, to_verify)
+        search.records.study.set_user_attr("finished", True)  # workers may leave
     finally:
-        search.search.close()
-    done = search.records.completed()
-    to_verify = list(dict.fromkeys([search.base_key] + [k for keys in finalists.values() for k in keys]))
-    verified = verify(config, loaded, objectives, to_verify)
+        scorer.close()
     base_report = verified[0]
     bound = objectives.utility_bound(base_report["utility"], config.max_utility_loss)
     meeting = [v for v in verified[1:] if v["key"] in finalists["prune"] and objectives.meets(v["utility"], bound)]

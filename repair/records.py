@@ -1,19 +1,40 @@
-"""Evaluation records in an Optuna study: one trial per evaluated configuration.
+"""Evaluation records in an Optuna study: one trial per evaluated configuration, and the work queue.
 
 The study lives in any Optuna RDB storage (a SQLite file in the run directory by default,
-PostgreSQL for many workers). A configuration counts as stored only once its trial is COMPLETE, so a
-crash mid-evaluation loses nothing and duplicates nothing: the rerun evaluates it again.
+PostgreSQL for many workers). The coordinator enqueues the configurations it wants as WAITING
+trials (`Study.enqueue_trial`); whoever evaluates (the coordinator itself, or `repair worker`
+processes on other machines) claims WAITING trials through the storage's own atomic
+WAITING -> RUNNING transition, beats Optuna's heartbeat while it works, and completes them. So the
+study is the only queue. A configuration counts as stored only once its trial is COMPLETE: a
+process killed mid-evaluation leaves a RUNNING trial whose heartbeat goes stale; the coordinator
+marks it FAIL and enqueues the configuration again, and a FAILed trial can never complete, so
+nothing is lost and nothing counts twice.
 """
 from __future__ import annotations
 
+import os
+import socket
+import threading
 import time
+import warnings
+from contextlib import contextmanager
 from typing import Callable, Sequence
 
 import optuna
+from optuna.trial import TrialState
 
+from repair import failpoints
 from repair.errors import UserError, one_line
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+HEARTBEAT_SECONDS = 10
+OWNER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class NoSuchStudy(UserError):
+    """The storage answers but holds no study of that name (yet)."""
 
 
 def redact(url: str) -> str:
@@ -26,14 +47,45 @@ def redact(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def open_study(storage: str, name: str) -> optuna.Study:
+def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
+    """An RDB storage whose RUNNING trials are stale after three missed heartbeats."""
     try:
-        return optuna.create_study(
-            storage=storage, study_name=name, directions=["minimize", "minimize"], load_if_exists=True
-        )
+        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
+    except ImportError:
+        raise UserError(f"no database driver for {redact(url)} (for PostgreSQL: pip install 'psycopg[binary]', "
+                        "or install this package with its [postgres] extra)") from None
     except Exception as exc:
-        raise UserError(f"cannot open the study storage {redact(storage)}: {one_line(exc)[:200]} "
-                        "(check --storage; the default is a SQLite file in the output directory)") from None
+        raise _unreachable(url, exc) from None
+
+
+def open_study(storage: str, name: str, heartbeat: int = HEARTBEAT_SECONDS, *, create: bool = True) -> optuna.Study:
+    rdb = open_storage(storage, heartbeat)
+    try:
+        if not create:
+            return optuna.load_study(study_name=name, storage=rdb)
+        return optuna.create_study(storage=rdb, study_name=name, directions=["minimize", "minimize"], load_if_exists=True)
+    except KeyError:
+        raise NoSuchStudy(f"no study named {name!r} in {redact(storage)} (start `repair run --storage ... --study {name}` "
+                        "first, or check --study)") from None
+    except Exception as exc:
+        raise _unreachable(storage, exc) from None
+
+
+def _unreachable(url: str, exc: BaseException) -> UserError:
+    return UserError(f"cannot open the study storage {redact(url)}: {_strip(exc, url)} "
+                     "(check --storage; the default is a SQLite file in the output directory)")
+
+
+def _strip(exc: BaseException, url: str) -> str:
+    """A driver's first error line, cut short, with the URL's password removed in case it was echoed."""
+    text = one_line(exc)[:200]
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 class Records:
@@ -41,17 +93,111 @@ class Records:
 
     def __init__(self, study: optuna.Study):
         self.study = study
+        # the RDB storage itself, under Optuna's in-process cache: claims and heartbeats go straight to the database
+        self.storage: optuna.storages.RDBStorage = getattr(study._storage, "_backend", study._storage)
+        self.heartbeat = self.storage.heartbeat_interval or HEARTBEAT_SECONDS
 
+    # ---- reading ---------------------------------------------------------------------------
     def completed(self) -> dict[str, optuna.trial.FrozenTrial]:
-        done = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        return {t.user_attrs["key"]: t for t in done}
+        return {t.user_attrs["key"]: t for t in self._by_state(TrialState.COMPLETE)}
 
-    def fail_stale(self) -> int:
-        """Mark RUNNING trials left by a killed single-process run as FAIL, so they are redone."""
-        stale = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        for t in stale:
-            self.study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        return len(stale)
+    def _by_state(self, *states: TrialState) -> list[optuna.trial.FrozenTrial]:
+        return self.storage.get_all_trials(self.study._study_id, deepcopy=False, states=states)
+
+    # ---- coordinator -------------------------------------------------------------------------
+    def enqueue(self, items: Sequence[tuple[str, str]]) -> list[str]:
+        """Enqueue every (key, phase) that is neither stored nor already waiting or running."""
+        present = {t.user_attrs["key"] for t in self._by_state(TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)}
+        added = []
+        for key, phase in items:
+            if key not in present:
+                self.study.enqueue_trial({}, user_attrs={"key": key, "phase": phase})
+                present.add(key)
+                added.append(key)
+        return added
+
+    def fail_stale(self, *, local_dead: bool = False) -> int:
+        """Mark FAIL the RUNNING trials whose heartbeat stopped (their process died). With
+        `local_dead`, also those claimed by a process of this host that no longer exists, without
+        waiting for the grace period (a rerun after a crash on one machine resumes at once)."""
+        stale = set(self.storage._get_stale_trial_ids(self.study._study_id))
+        if local_dead:
+            host = socket.gethostname()
+            for t in self._by_state(TrialState.RUNNING):
+                owner_host, _, pid = str(t.user_attrs.get("owner", "")).rpartition(":")
+                if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+                    stale.add(t._trial_id)
+        return sum(self.storage.set_trial_state_values(tid, TrialState.FAIL) for tid in stale)
+
+    # ---- anyone who evaluates -------------------------------------------------------------------
+    def claim(self, n: int) -> list[optuna.trial.FrozenTrial]:
+        """Take up to `n` WAITING trials, oldest first. The heartbeat is recorded before the
+        WAITING -> RUNNING switch, so a claim can never be RUNNING without one; losing a race to
+        another process just skips that trial."""
+        got = []
+        for t in self._by_state(TrialState.WAITING):
+            self.storage.record_heartbeat(t._trial_id)
+            try:
+                won = self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+            except RuntimeError:  # finished meanwhile
+                won = False
+            if won:
+                self.storage.set_trial_user_attr(t._trial_id, "owner", OWNER)
+                got.append(t)
+                if len(got) == n:
+                    break
+        return got
+
+    def work(self, trials: list[optuna.trial.FrozenTrial], evaluate_batch: Callable[[list[str]], list[dict]],
+             stage: str) -> int:
+        """Evaluate claimed trials in one batch and complete them; returns how many were stored.
+        A trial that was failed meanwhile (its heartbeat judged stale) is left as it is."""
+        keys = [t.user_attrs["key"] for t in trials]
+        try:
+            with self._beating([t._trial_id for t in trials]):
+                failpoints.reached(stage)
+                began = time.perf_counter()
+                rows = evaluate_batch(keys)
+                seconds = (time.perf_counter() - began) / len(trials)
+        except BaseException:
+            for t in trials:  # give them back at once rather than after the grace period
+                self._try(lambda: self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL))
+            raise
+        stored = 0
+        for t, row in zip(trials, rows):
+            stored += self._try(lambda: self._complete(t, row, seconds))
+            failpoints.reached(stage)
+        return stored
+
+    def _complete(self, t, row: dict, seconds: float) -> bool:
+        for name in ("metrics", "fairness", "utility"):
+            self.storage.set_trial_user_attr(t._trial_id, name, row[name])
+        self.storage.set_trial_user_attr(t._trial_id, "seconds", round(seconds, 3))
+        return self.storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [row["fairness"], row["utility_loss"]])
+
+    @staticmethod
+    def _try(action) -> bool:
+        try:
+            return bool(action())
+        except RuntimeError:  # optuna's UpdateFinishedTrialError: the trial was failed meanwhile
+            return False
+
+    @contextmanager
+    def _beating(self, trial_ids: list[int]):
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(self.heartbeat):
+                for tid in trial_ids:
+                    self._try(lambda: self.storage.record_heartbeat(tid) or True)
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def evaluate(
         self,
@@ -60,33 +206,37 @@ class Records:
         *,
         batch_size: int,
         progress=None,
+        work: bool = True,
+        stage: str = "evaluation",
+        poll: float = 0.5,
     ) -> dict[str, optuna.trial.FrozenTrial]:
-        """Evaluate every (key, phase) not yet stored, `batch_size` at a time; return all stored."""
-        done = self.completed()
-        todo, seen = [], set(done)
-        for key, phase in items:
-            if key not in seen:
-                todo.append((key, phase))
-                seen.add(key)
-        if progress is not None:
-            progress.update(len(items) - len(todo))
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            trials = []
-            for key, phase in chunk:
-                trial = self.study.ask()
-                trial.set_user_attr("key", key)
-                trial.set_user_attr("phase", phase)
-                trials.append(trial)
-            began = time.perf_counter()
-            rows = evaluate_batch([k for k, _ in chunk])
-            seconds = (time.perf_counter() - began) / len(chunk)
-            for trial, row in zip(trials, rows):
-                trial.set_user_attr("metrics", row["metrics"])
-                trial.set_user_attr("fairness", row["fairness"])
-                trial.set_user_attr("utility", row["utility"])
-                trial.set_user_attr("seconds", round(seconds, 3))
-                self.study.tell(trial, [row["fairness"], row["utility_loss"]])
+        """Have every (key, phase) stored: enqueue the missing ones, evaluate them `batch_size` at a
+        time (unless `work` is False: external workers do it), and wait for the rest; configurations
+        whose evaluation died are enqueued again. Returns all stored."""
+        wanted = list(dict.fromkeys(k for k, _ in items))
+        shown = 0
+        while True:
+            done = self.completed()
+            n_done = sum(k in done for k in wanted)
             if progress is not None:
-                progress.update(len(chunk))
-        return self.completed()
+                progress.update(n_done - shown)
+                shown = n_done
+            if n_done == len(wanted):
+                return done
+            self.fail_stale()
+            self.enqueue([(k, p) for k, p in items if k not in done])
+            claimed = self.claim(batch_size) if work else []
+            if claimed:
+                self.work(claimed, evaluate_batch, stage)
+            else:
+                time.sleep(poll)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -6,7 +6,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from repair import masks as M
+from repair import failpoints, masks as M
 from repair.errors import UserError
 from repair.evaluate import versions
 from repair.export import export_pruned, model_card
@@ -36,6 +36,10 @@ def validate(config: RunConfig) -> Objectives:
         raise UserError(f"--max-utility-loss must be a fraction between 0 and 1, got {config.max_utility_loss}")
     if config.rounds < 0 or config.per_round < 1 or config.verify_top < 1:
         raise UserError("--rounds must be >= 0, --per-round and --verify-top >= 1")
+    if config.heartbeat < 1:
+        raise UserError(f"--heartbeat must be at least 1 second, got {config.heartbeat}")
+    if config.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {config.seed}")
     n_sample = config.budget_evals - config.rounds * config.per_round
     if n_sample < MIN_SAMPLES:
         raise UserError(f"--budget-evals {config.budget_evals} leaves {n_sample} sampled masks after "
@@ -63,6 +67,8 @@ def run(config: RunConfig) -> int:
                                 "versions": versions(), "objectives": objectives.describe()})
     if resuming:
         print(f"resuming the run in {config.out}", file=sys.stderr)
+    if config.workers_only:
+        print(f"waiting for workers: repair worker --storage {redact(config.storage_url)} --study {config.study_name}", file=sys.stderr)
     loaded = load_model(config.model)
 
     from repair.prune import run_prune
@@ -84,6 +90,7 @@ def run(config: RunConfig) -> int:
     }
     export_pruned(loaded, M.from_key(chosen["key"], tuple(result["layout"])), config.out / "checkpoint", manifest,
                   model_card(manifest))
+    failpoints.reached("export")
     report = write_run_report(config.out)
     _print_summary(config, objectives, base, chosen, report, result)
     return 0

@@ -38,6 +38,8 @@ class RunConfig:
     batch_masks: int = 8
     storage: str | None = None
     study: str | None = None
+    workers_only: bool = False  # leave every evaluation to `repair worker` processes
+    heartbeat: int = 10  # seconds between heartbeats; a trial is stale after three missed ones
     seed: int = 0
 
     @property
@@ -51,7 +53,7 @@ class RunConfig:
     def identity(self) -> dict:
         """The fields that must match for a rerun to resume (not where records are stored)."""
         d = asdict(self)
-        for k in ("out", "storage", "study", "batch_masks"):
+        for k in ("out", "storage", "study", "batch_masks", "workers_only", "heartbeat"):
             d.pop(k)
         d["model"].pop("device")
         d["model"].pop("device_map")

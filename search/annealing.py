@@ -225,6 +225,7 @@ def sweep(
     weights: Sequence[float],
     seed: int = 0,
     include_final: bool = True,
+    callback: Callable[[], object] | None = None,
     **anneal_kwargs,
 ) -> Candidates:
     """Anneal once per trade-off weight and pool the chains' masks as candidates for a front.
@@ -237,6 +238,8 @@ def sweep(
     rows: list[tuple] = []
     for i, w in enumerate(weights):
         res = anneal(predict, n_bits, weight=w, seed=seed + i, **anneal_kwargs)
+        if callback is not None:  # after each weight: progress bars, crash tests
+            callback()
         for sm in (res.best, res.final) if include_final else (res.best,):
             for j in range(len(sm)):
                 key = np.packbits(sm.masks[j]).tobytes()

@@ -42,6 +42,8 @@ class MLPEnsemble(RegressorMixin, BaseEstimator):
     plain MLP. `weight_decay` is the L2 penalty on MLP weights and `skip_decay` (default: weight_decay)
     on the skip, both relative to the mean squared error of standardised y. `group_size` (heads per
     layer, bits in layer-major order) adds each layer's kept count and the total kept count as inputs.
+    `prior` (one value per bit, e.g. each head's first-order effect from a head-mask gradient) adds the
+    input x @ prior, so the fit learns a scale and corrections to it instead of every head from scratch.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class MLPEnsemble(RegressorMixin, BaseEstimator):
         val_fraction: float = 0.2,
         bootstrap: bool = False,
         group_size: int | None = None,
+        prior=None,
         seed: int = 0,
     ):
         self.n_members = n_members
@@ -70,6 +73,7 @@ class MLPEnsemble(RegressorMixin, BaseEstimator):
         self.val_fraction = val_fraction
         self.bootstrap = bootstrap
         self.group_size = group_size
+        self.prior = prior
         self.seed = seed
 
     # ------------------------------------------------------------------ fit
@@ -86,6 +90,12 @@ class MLPEnsemble(RegressorMixin, BaseEstimator):
             raise ValueError("need n_members >= 1 and at least 2 records")
         n, d = X.shape
         A = _feature_map(d, self.group_size)
+        if self.prior is not None:  # one more input: the prior's additive prediction, scaled to PRIOR_SPREAD
+            prior = np.asarray(self.prior, dtype=np.float64).ravel()
+            if prior.shape != (d,):
+                raise ValueError(f"prior has {prior.size} values, expected one per bit ({d})")
+            spread = float((X @ prior).std()) or 1.0
+            A = np.hstack([A, prior[:, None] * (PRIOR_SPREAD / spread)])
         Xa = X @ A
         mu = Xa.mean(0)
         y_mean = float(y.mean())
@@ -257,6 +267,10 @@ class _FusedEnsemble:
             mean = members.mean(1)
             std = members.std(1) if M > 1 else torch.zeros_like(mean)
         return mean, std
+
+
+# Spread (std over the training masks) of the prior input: larger shrinks its coefficient less than the bits'.
+PRIOR_SPREAD = 3.0  # CV Spearman on the default run's 104 records: 1 -> 0.69-0.73, 3 -> 0.72-0.74, 10 -> 0.72-0.74
 
 
 def _ridge(xt: torch.Tensor, yt: torch.Tensor, decay: float):

@@ -34,12 +34,13 @@ def save(model, path) -> str:
     return sha256_file(path)
 
 
-def load(path, expected_sha256: str):
-    """Load a model saved by `save`, refusing it unless its SHA-256 equals `expected_sha256`."""
+def load(path, expected_sha256: str, *, inside=None):
+    """Load a model saved by `save`, refusing it unless its SHA-256 equals `expected_sha256` and,
+    with `inside`, unless it lies in that folder (the run directory that wrote it)."""
+    if inside is not None and not Path(path).resolve().is_relative_to(Path(inside).resolve()):
+        raise ChecksumError(f"{path}: not inside {inside}; surrogates are only read back from their own run directory")
     actual = sha256_file(path)
     if actual != str(expected_sha256).lower():
-        raise ChecksumError(
-            f"{path}: SHA-256 is {actual}, expected {expected_sha256}; the surrogate file changed since it "
-            "was saved (refit it, or pass the checksum recorded with this file)"
-        )
+        raise ChecksumError(f"{path}: SHA-256 is {actual}, not the {expected_sha256} recorded when it was written; "
+                            "refusing to unpickle it")
     return joblib.load(path)

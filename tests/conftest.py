@@ -23,3 +23,32 @@ def run_cli(*args, env=None, timeout=600):
         [sys.executable, "-m", "repair", *map(str, args)], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, cwd=ROOT,
     )
+
+
+# A small `repair run` on a tiny random Llama: every phase runs, in seconds.
+SMALL = ["--budget-evals", "26", "--rounds", "1", "--per-round", "4", "--max-prune", "0.5",
+         "--search-limit", "1", "--search-ppl-tokens", "64", "--report-limit", "1", "--report-ppl-tokens", "64",
+         "--verify-top", "3", "--batch-masks", "4", "--seed", "3"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    from tiny import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def finished_run(model_dir, tmp_path_factory):
+    """One uninterrupted SMALL run, shared by the tests that read a finished run; its
+    `failpoints.log` lists every crash point it passed (for the crash tests)."""
+    from repair.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "run"
+    log = out.parent / "failpoints.log"
+    os.environ["REPAIR_FAILPOINT_LOG"] = str(log)
+    try:
+        assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL]) == 0
+    finally:
+        del os.environ["REPAIR_FAILPOINT_LOG"]
+    return out

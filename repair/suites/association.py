@@ -255,6 +255,25 @@ class AssociationSuite:
         )
 
 
+    def differentiable(self, metric: str, totals):
+        """`metric` as a torch function of the option log-probabilities (`Evaluator.option_logprobs`),
+        the same arithmetic as `score`; None where there is none. The prune search differentiates it
+        with respect to a head mask to learn each head's first-order effect."""
+        if metric != "overall/kl_uniform":
+            return None
+        import torch
+
+        terms = []
+        for p, lp in zip(self.prompts, totals):
+            if p.neutral:
+                continue
+            bounds = np.cumsum([0, *(len(f) for f in p.forms)])
+            group_lp = torch.stack([torch.logsumexp(lp[a:b], 0) for a, b in zip(bounds[:-1], bounds[1:])])
+            log_d = group_lp - torch.logsumexp(group_lp, 0)
+            terms.append((log_d.exp() * (log_d + np.log(len(p.groups)))).sum())  # KL(d || uniform)
+        return torch.stack(terms).mean()
+
+
 def _round_robin(per_template: list[list[Prompt]], limit: int | None) -> list[Prompt]:
     """Frame 0 of every template, then frame 1, ..., stopping at `limit`: spread over concepts.
 

@@ -1,0 +1,104 @@
+"""`repair worker`: join a run's study from any machine and evaluate the configurations it waits for.
+
+The coordinator (`repair run`) stores its configuration and its data files' hashes in the study; a
+worker loads the same model and suites from them, claims WAITING trials of the run's two studies
+(search split, then the held-out report split), evaluates them in batches and completes them, until
+the coordinator marks the run finished or nothing arrives for `max_idle` seconds.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from repair.errors import UserError
+from repair.models import ModelSpec, load_model
+from repair.objectives import Objectives
+from repair.records import NoSuchStudy, Records, open_study, redact
+from repair.rundir import RunConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    storage: str
+    study: str
+    model: str | None = None  # this machine's copy of the run's model, when its path differs
+    data_dir: Path | None = None  # this machine's copy of the run's data, when its path differs
+    device: str = "auto"
+    device_map: str | None = None
+    batch_masks: int = 8
+    poll: float = 1.0
+    max_idle: float = 600.0
+
+
+def run_config_from_study(study, worker: WorkerConfig) -> RunConfig:
+    stored = study.user_attrs.get("run")
+    if not stored:
+        raise UserError(f"study {worker.study!r} holds no repair run (start it with `repair run --storage ... --study {worker.study}`)")
+    identity = dict(stored["identity"])
+    model = {**identity.pop("model"), "device": worker.device, "device_map": worker.device_map}
+    if worker.model:
+        model["model"] = worker.model
+    data_dir = worker.data_dir or stored["data_dir"]
+    identity["baselines"] = tuple(identity["baselines"])
+    return RunConfig(out=Path("."), model=ModelSpec(**model), data_dir=Path(data_dir) if data_dir else None,
+                     heartbeat=stored["heartbeat"], **{k: v for k, v in identity.items() if k != "data_dir"})
+
+
+def _wait_for_run(worker: WorkerConfig):
+    """The run's study, once its coordinator has published it: workers may start first on a cluster."""
+    deadline = time.monotonic() + worker.max_idle
+    while True:
+        try:
+            study = open_study(worker.storage, worker.study, create=False)
+            if "run" in study.user_attrs or time.monotonic() > deadline:
+                return study
+        except NoSuchStudy:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(worker.poll)
+
+
+def run_worker(worker: WorkerConfig) -> int:
+    from repair.prune import MaskScorer, eval_config
+
+    config = run_config_from_study(_wait_for_run(worker), worker)
+    search_study = open_study(worker.storage, worker.study, config.heartbeat, create=False)  # beat as the run expects
+    objectives = Objectives.parse(config.fairness, config.utility)
+    loaded = load_model(config.model)
+    scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in ("search", "report")})
+    try:
+        if sorted(scorer.files().values()) != search_study.user_attrs["run"]["data_sha256"]:
+            raise UserError("this worker's data files differ from the run's (their sha256 do not match): "
+                            "point --data-dir at the same copy of the data the run uses")
+        queues = [
+            (Records(search_study), scorer.scorer("search"), "sampling"),
+            (Records(open_study(worker.storage, worker.study + "-report", config.heartbeat)), scorer.scorer("report"), "verification"),
+        ]
+        print(f"worker: joined study {worker.study!r} in {redact(worker.storage)}", file=sys.stderr)
+        n, idle_since = 0, time.monotonic()
+        with tqdm(desc="worker: evaluated", unit="mask", dynamic_ncols=True) as bar:
+            while True:
+                for records, score, stage in queues:
+                    claimed = records.claim(worker.batch_masks)
+                    if claimed:
+                        stored = records.work(claimed, score, stage)
+                        n += stored
+                        bar.update(stored)
+                        idle_since = time.monotonic()
+                        break
+                else:
+                    if search_study.user_attrs.get("finished"):  # read from the storage each time
+                        break
+                    if time.monotonic() - idle_since > worker.max_idle:
+                        print(f"worker: nothing to evaluate for {worker.max_idle:.0f} s, leaving", file=sys.stderr)
+                        break
+                    time.sleep(worker.poll)
+    finally:
+        scorer.close()
+    print(f"worker: evaluated {n} configurations")
+    return 0
+

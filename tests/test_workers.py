@@ -1,0 +1,90 @@
+"""Distributed evaluation on a real PostgreSQL server: `repair run` and `repair worker` processes share
+one Optuna study; the records must equal the single-process run's (`finished_run`, SQLite)."""
+import os
+import signal
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from conftest import ROOT, SMALL
+
+PG = os.environ.get("REPAIR_TEST_POSTGRES")
+pytestmark = pytest.mark.skipif(not PG, reason="needs REPAIR_TEST_POSTGRES: run through bin/test, which creates a fresh database")
+
+
+def start(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "repair", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def finish(proc, timeout=600):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err[-3000:]
+
+
+def trials(storage, name):
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def complete(storage, name):
+    done = [t for t in trials(storage, name) if t.state.name == "COMPLETE"]
+    keys = [t.user_attrs["key"] for t in done]
+    assert len(keys) == len(set(keys)), "a configuration was stored twice"
+    return {t.user_attrs["key"]: t for t in done}
+
+
+def assert_same_records(name, finished_run):
+    """Same configurations, each evaluated once, same values as the single-process run."""
+    local = f"sqlite:///{finished_run / 'study.db'}"
+    for suffix in ("", "-report"):
+        got, want = complete(PG, name + suffix), complete(local, f"repair-{finished_run.name}{suffix}")
+        assert sorted(got) == sorted(want)
+        for key, t in want.items():
+            assert got[key].values == pytest.approx(t.values, rel=1e-6), key
+
+
+def owners(records):
+    return {int(t.user_attrs["owner"].rpartition(":")[2]) for t in records}
+
+
+def test_coordinator_and_two_workers_share_one_study(finished_run, model_dir, tmp_path):
+    name = "two-workers"
+    # workers may start before the coordinator has published its run: they wait for it
+    workers = [start("worker", "--storage", PG, "--study", name, "--poll", "0.2", "--batch-masks", "4")]
+    coordinator = start("run", "--model", model_dir, "--out", tmp_path / "run", *SMALL, "--storage", PG, "--study", name, "--heartbeat", "1")
+    workers += [start("worker", "--storage", PG, "--study", name, "--poll", "0.2", "--batch-masks", "4")]
+    assert finish(coordinator)[0] == 0
+    for w in workers:
+        rc, err = finish(w)
+        assert rc == 0, err
+    assert_same_records(name, finished_run)
+    everyone = {coordinator.pid} | {w.pid for w in workers}
+    assert owners(complete(PG, name).values()) | owners(complete(PG, name + "-report").values()) <= everyone
+
+
+def test_killed_worker_is_replaced_through_the_heartbeat(finished_run, model_dir, tmp_path):
+    name = "killed-worker"
+    coordinator = start("run", "--model", model_dir, "--out", tmp_path / "run", *SMALL, "--storage", PG, "--study", name,
+                        "--heartbeat", "1", "--workers-only")
+    # the first worker dies with a claimed batch after storing its first configuration of it
+    doomed = start("worker", "--storage", PG, "--study", name, "--batch-masks", "4", env={"REPAIR_KILL_AT": "sampling:2"})
+    assert finish(doomed)[0] == -signal.SIGKILL
+    survivor = start("worker", "--storage", PG, "--study", name, "--poll", "0.2", "--batch-masks", "4")
+    rc, err = finish(coordinator)
+    assert rc == 0, err
+    assert finish(survivor)[0] == 0
+
+    failed = [t for t in trials(PG, name) if t.state.name == "FAIL"]
+    done = complete(PG, name)
+    assert len(failed) == 3 and owners(failed) == {doomed.pid}  # its batch of 4, one stored before the kill
+    assert {owners([done[t.user_attrs["key"]]]).pop() for t in failed} == {survivor.pid}  # redone by the other
+    assert owners(done.values()) == {doomed.pid, survivor.pid}  # --workers-only: the coordinator evaluated nothing
+    assert_same_records(name, finished_run)
+
+
+def test_worker_for_a_study_that_never_appears_gives_up_in_one_line():
+    rc, err = finish(start("worker", "--storage", PG, "--study", "nobody-started-this", "--poll", "0.2", "--max-idle", "1"), 60)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and "no study named 'nobody-started-this'" in lines[0], err
