@@ -47,15 +47,19 @@ def redact(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
-def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
-    """An RDB storage whose RUNNING trials are stale after three missed heartbeats."""
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
-    except ImportError:
-        raise UserError(f"no database driver for {redact(url)} (for PostgreSQL: pip install 'psycopg[binary]', "
-                        "or install this package with its [postgres] extra)") from None
-    except Exception as exc:
-        raise _unreachable(url, exc) from None
+def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """An RDB storage whose RUNNING trials are stale after three missed heartbeats. Processes that open
+    a fresh database together race to create Optuna's tables; the losers retry and find them made."""
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
+        except ImportError:
+            raise UserError(f"no database driver for {redact(url)} (for PostgreSQL: pip install 'psycopg[binary]', "
+                            "or install this package with its [postgres] extra)") from None
+        except Exception as exc:
+            if type(exc).__name__ not in ("IntegrityError", "ProgrammingError") or attempt == attempts - 1:
+                raise _unreachable(url, exc) from None
+            time.sleep(0.2)
 
 
 def open_study(storage: str, name: str, heartbeat: int = HEARTBEAT_SECONDS, *, create: bool = True) -> optuna.Study:

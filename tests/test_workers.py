@@ -55,7 +55,8 @@ def test_coordinator_and_two_workers_share_one_study(finished_run, model_dir, tm
     workers = [start("worker", "--storage", PG, "--study", name, "--poll", "0.2", "--batch-masks", "4")]
     coordinator = start("run", "--model", model_dir, "--out", tmp_path / "run", *SMALL, "--storage", PG, "--study", name, "--heartbeat", "1")
     workers += [start("worker", "--storage", PG, "--study", name, "--poll", "0.2", "--batch-masks", "4")]
-    assert finish(coordinator)[0] == 0
+    rc, err = finish(coordinator)
+    assert rc == 0, err
     for w in workers:
         rc, err = finish(w)
         assert rc == 0, err
@@ -74,7 +75,8 @@ def test_killed_worker_is_replaced_through_the_heartbeat(finished_run, model_dir
     survivor = start("worker", "--storage", PG, "--study", name, "--poll", "0.2", "--batch-masks", "4")
     rc, err = finish(coordinator)
     assert rc == 0, err
-    assert finish(survivor)[0] == 0
+    rc, err = finish(survivor)
+    assert rc == 0, err
 
     failed = [t for t in trials(PG, name) if t.state.name == "FAIL"]
     done = complete(PG, name)
@@ -88,3 +90,17 @@ def test_worker_for_a_study_that_never_appears_gives_up_in_one_line():
     rc, err = finish(start("worker", "--storage", PG, "--study", "nobody-started-this", "--poll", "0.2", "--max-idle", "1"), 60)
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc == 2 and len(lines) == 1 and "no study named 'nobody-started-this'" in lines[0], err
+
+
+def test_processes_opening_a_fresh_database_together_all_succeed():
+    """Coordinator and workers often start at once on an empty database: they race to create
+    Optuna's tables, and the losers must retry rather than fail."""
+    tool = [sys.executable, str(ROOT / "bin" / "test-postgres.py")]
+    url = subprocess.run([*tool, "create"], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        code = f"from repair.records import open_storage; open_storage({url!r})"
+        procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for proc in procs:
+            assert proc.wait(120) == 0, proc.stderr.read()[-2000:]
+    finally:
+        subprocess.run([*tool, "drop", url], check=True)
