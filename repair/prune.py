@@ -82,8 +82,8 @@ def _bar(total: int, desc: str):
 class PruneSearch:
     """One prune run over a loaded model; every phase resumes from the stored records."""
 
-    def __init__(self, config: RunConfig, loaded: LoadedModel, objectives: Objectives, scorer: MaskScorer):
-        self.config, self.loaded, self.objectives = config, loaded, objectives
+    def __init__(self, config: RunConfig, objectives: Objectives, scorer: MaskScorer):
+        self.config, self.objectives = config, objectives
         self.scorer = scorer
         self.layout = scorer.layout
         self.n_bits = self.layout[0] * self.layout[1]
@@ -301,7 +301,7 @@ def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) ->
     started = time.perf_counter()
     scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in ("search", "report")})
     try:
-        search = PruneSearch(config, loaded, objectives, scorer)
+        search = PruneSearch(config, objectives, scorer)
         publish(search.records.study, config, scorer.files())
         sequences: dict[str, list[str]] = {}
         sequences["prune"] = search.sample()
