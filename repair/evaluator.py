@@ -109,8 +109,7 @@ class Evaluator:
         """Scores of every request under each of `n_variants` variants: result[variant][request]."""
         encoded = [self.tokens.request(r) for r in requests]
         jobs = [(v, i) for i in range(len(encoded)) for v in range(n_variants)]
-        # a row holds the prompt and every option's tokens but the last
-        width = [len(p) + sum(len(o) - 1 for o in opts) for p, opts in encoded]
+        width = _row_widths(encoded)
         order = sorted(range(len(jobs)), key=lambda j: width[jobs[j][1]])
         results: list[list] = [[None] * len(encoded) for _ in range(n_variants)]
         with tqdm(total=len(jobs), desc=desc or "scoring", unit="item", disable=not self.progress, leave=False) as bar:
@@ -126,7 +125,7 @@ class Evaluator:
         intervention the caller installed (one variant): for gradients of a suite's metric with
         respect to that intervention, e.g. a head mask that requires grad."""
         encoded = [self.tokens.request(r) for r in requests]
-        width = [len(p) + sum(len(o) - 1 for o in opts) for p, opts in encoded]
+        width = _row_widths(encoded)
         out: list = [None] * len(encoded)
         with torch.enable_grad():
             for batch in self._batches(sorted(range(len(encoded)), key=width.__getitem__), width):
@@ -240,6 +239,11 @@ class Evaluator:
                     nll[v, t0 - 1:e - 1] = -logp.gather(1, ids[t0:e, None])[:, 0].double()
                 bar.update(len(group))
         return nll.cpu().numpy()
+
+
+def _row_widths(encoded) -> list[int]:
+    """Tokens in each request's row: the prompt and every option's tokens but the last."""
+    return [len(p) + sum(len(o) - 1 for o in opts) for p, opts in encoded]
 
 
 def _right_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

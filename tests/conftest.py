@@ -52,3 +52,17 @@ def finished_run(model_dir, tmp_path_factory):
     finally:
         del os.environ["REPAIR_FAILPOINT_LOG"]
     return out
+
+
+def study_trials(storage: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def stored(storage: str, name: str) -> dict:
+    """A study's COMPLETE trials by configuration key, asserting that none is stored twice."""
+    done = [t for t in study_trials(storage, name) if t.state.name == "COMPLETE"]
+    keys = [t.user_attrs["key"] for t in done]
+    assert len(keys) == len(set(keys)), "a configuration was stored twice"
+    return {t.user_attrs["key"]: t for t in done}

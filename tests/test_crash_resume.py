@@ -13,26 +13,24 @@ import subprocess
 import sys
 from collections import Counter
 
-import optuna
 import pytest
 from safetensors import safe_open
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, stored, study_trials
 
 PHASES = ("sampling", "fitting", "annealing", "verification", "export")
 
 
+def _study(out, report):
+    return f"sqlite:///{out / 'study.db'}", f"repair-{out.name}" + ("-report" if report else "")
+
+
 def trials(out, report=False):
-    name = f"repair-{out.name}" + ("-report" if report else "")
-    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
-    return study.get_trials(deepcopy=False)
+    return study_trials(*_study(out, report))
 
 
 def complete_values(out, report=False):
-    done = [t for t in trials(out, report) if t.state.name == "COMPLETE"]
-    keys = [t.user_attrs["key"] for t in done]
-    assert len(keys) == len(set(keys)), "a configuration was stored twice"
-    return {t.user_attrs["key"]: t.values for t in done}
+    return {k: t.values for k, t in stored(*_study(out, report)).items()}
 
 
 def assert_nothing_half_written(out):

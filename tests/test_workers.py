@@ -5,10 +5,9 @@ import signal
 import subprocess
 import sys
 
-import optuna
 import pytest
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, stored, study_trials
 
 PG = os.environ.get("REPAIR_TEST_POSTGRES")
 pytestmark = pytest.mark.skipif(not PG, reason="needs REPAIR_TEST_POSTGRES: run through bin/test, which creates a fresh database")
@@ -24,22 +23,11 @@ def finish(proc, timeout=600):
     return proc.returncode, err[-3000:]
 
 
-def trials(storage, name):
-    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-
-
-def complete(storage, name):
-    done = [t for t in trials(storage, name) if t.state.name == "COMPLETE"]
-    keys = [t.user_attrs["key"] for t in done]
-    assert len(keys) == len(set(keys)), "a configuration was stored twice"
-    return {t.user_attrs["key"]: t for t in done}
-
-
 def assert_same_records(name, finished_run):
     """Same configurations, each evaluated once, same values as the single-process run."""
     local = f"sqlite:///{finished_run / 'study.db'}"
     for suffix in ("", "-report"):
-        got, want = complete(PG, name + suffix), complete(local, f"repair-{finished_run.name}{suffix}")
+        got, want = stored(PG, name + suffix), stored(local, f"repair-{finished_run.name}{suffix}")
         assert sorted(got) == sorted(want)
         for key, t in want.items():
             assert got[key].values == pytest.approx(t.values, rel=1e-6), key
@@ -62,7 +50,7 @@ def test_coordinator_and_two_workers_share_one_study(finished_run, model_dir, tm
         assert rc == 0, err
     assert_same_records(name, finished_run)
     everyone = {coordinator.pid} | {w.pid for w in workers}
-    assert owners(complete(PG, name).values()) | owners(complete(PG, name + "-report").values()) <= everyone
+    assert owners(stored(PG, name).values()) | owners(stored(PG, name + "-report").values()) <= everyone
 
 
 def test_killed_worker_is_replaced_through_the_heartbeat(finished_run, model_dir, tmp_path):
@@ -78,8 +66,8 @@ def test_killed_worker_is_replaced_through_the_heartbeat(finished_run, model_dir
     rc, err = finish(survivor)
     assert rc == 0, err
 
-    failed = [t for t in trials(PG, name) if t.state.name == "FAIL"]
-    done = complete(PG, name)
+    failed = [t for t in study_trials(PG, name) if t.state.name == "FAIL"]
+    done = stored(PG, name)
     assert len(failed) == 3 and owners(failed) == {doomed.pid}  # its batch of 4, one stored before the kill
     assert {owners([done[t.user_attrs["key"]]]).pop() for t in failed} == {survivor.pid}  # redone by the other
     assert owners(done.values()) == {doomed.pid, survivor.pid}  # --workers-only: the coordinator evaluated nothing
