@@ -1,11 +1,18 @@
-"""Metrics with a direction and a bootstrap 95% confidence interval.
+"""Metrics with a direction and a bootstrap 95% confidence interval, and paired intervals of changes.
 
 Statistics are written as functions of bootstrap *weights* (how often each unit is drawn), so a ratio
 such as s_DIS resamples whole items without a Python loop per replicate.
+
+Every metric keeps the per-unit numbers it was computed from (`Units`): a product of weighted ratios,
+optionally exponentiated, which covers means, BBQ's s_DIS and s_AMB and perplexity. Two measurements of
+the same units (the unrepaired and the repaired model on the same prompts) are then resampled
+*together* (`paired_change`): the same draws for both sides, so the interval of a change reflects how
+much the change varies across items, not how much each side does on its own, and is much narrower
+when the two sides are correlated, as before/after scores of one model always are.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import numpy as np
@@ -15,15 +22,70 @@ _CHUNK = 100
 
 
 @dataclass(frozen=True)
+class Units:
+    """A metric as a function of per-unit numbers: prod_k (scale_k * sum(w * num_k) / sum(w * den_k)
+    + offset_k), exponentiated when `exp`; `den` None means a plain mean. `w` are unit weights (all
+    ones for the point value, multinomial counts for a bootstrap replicate)."""
+
+    factors: tuple[tuple[np.ndarray, np.ndarray | None, float, float], ...]
+    exp: bool = False
+    zero_when_empty: bool = False  # a factor whose denominator is 0 makes the whole value 0 (s_AMB)
+
+    @property
+    def n(self) -> int:
+        return len(self.factors[0][0])
+
+    def statistic(self, w: np.ndarray) -> np.ndarray:
+        out = np.ones(w.shape[0])
+        empty = np.zeros(w.shape[0], dtype=bool)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            for num, den, scale, offset in self.factors:
+                d = w.sum(1) if den is None else w @ den
+                empty |= d == 0
+                out = out * (scale * (w @ num) / d + offset)
+            if self.zero_when_empty:
+                out = np.where(empty, 0.0, out)
+            return np.exp(out) if self.exp else out
+
+    def as_dict(self) -> dict:
+        return {"factors": [[num.tolist(), None if den is None else den.tolist(), scale, offset]
+                            for num, den, scale, offset in self.factors],
+                "exp": self.exp, "zero_when_empty": self.zero_when_empty}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Units":
+        return cls(tuple((np.asarray(num, np.float64), None if den is None else np.asarray(den, np.float64), scale, offset)
+                         for num, den, scale, offset in d["factors"]), d["exp"], d["zero_when_empty"])
+
+
+@dataclass(frozen=True)
 class Metric:
     value: float
     ci_low: float
     ci_high: float
     better: Literal["lower", "higher", "closer-to-zero"]
     n: int
+    units: Units | None = field(default=None, compare=False, repr=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "better": self.better, "n": self.n}
+
+
+def _weights(n_units: int, n_boot: int, seed: int):
+    """Bootstrap weight matrices, chunk by chunk; the same (n_units, n_boot, seed) gives the same draws,
+    which is what pairs two measurements of the same units."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, _CHUNK):
+        b = min(_CHUNK, n_boot - start)
+        draws = rng.integers(0, n_units, size=(b, n_units))
+        weights = np.zeros((b, n_units), dtype=np.float64)
+        np.add.at(weights, (np.repeat(np.arange(b), n_units), draws.ravel()), 1.0)
+        yield weights
+
+
+def replicates(statistic: Callable[[np.ndarray], np.ndarray], n_units: int, *, n_boot: int = N_BOOT, seed: int = 0) -> np.ndarray:
+    """`statistic` under `n_boot` item resamplings, shape (n_boot,)."""
+    return np.concatenate([statistic(w) for w in _weights(n_units, n_boot, seed)])
 
 
 def bootstrap(
@@ -41,37 +103,69 @@ def bootstrap(
     if n_units == 0:
         return float("nan"), float("nan"), float("nan")
     value = float(statistic(np.ones((1, n_units), dtype=np.float64))[0])
-    rng = np.random.default_rng(seed)
-    samples = []
-    for start in range(0, n_boot, _CHUNK):
-        b = min(_CHUNK, n_boot - start)
-        draws = rng.integers(0, n_units, size=(b, n_units))
-        weights = np.zeros((b, n_units), dtype=np.float64)
-        np.add.at(weights, (np.repeat(np.arange(b), n_units), draws.ravel()), 1.0)
-        samples.append(statistic(weights))
-    samples = np.concatenate(samples)
+    return (value, *_percentiles(replicates(statistic, n_units, n_boot=n_boot, seed=seed)))
+
+
+def _percentiles(samples: np.ndarray) -> tuple[float, float]:
     samples = samples[np.isfinite(samples)]
     if samples.size == 0:
-        return value, float("nan"), float("nan")
+        return float("nan"), float("nan")
     low, high = np.percentile(samples, [2.5, 97.5])
-    return value, float(low), float(high)
+    return float(low), float(high)
+
+
+def units_metric(units: Units, better, *, n: int | None = None, seed: int = 0) -> Metric:
+    value, low, high = bootstrap(units.statistic, units.n, seed=seed)
+    return Metric(value, low, high, better, units.n if n is None else n, units)
 
 
 def mean_metric(values, better, *, seed: int = 0) -> Metric:
     """Mean of per-unit values with a bootstrap interval."""
-    values = np.asarray(values, dtype=np.float64)
-    value, low, high = bootstrap(lambda w: (w @ values) / w.sum(1), len(values), seed=seed)
-    return Metric(value, low, high, better, len(values))
+    return units_metric(Units(((np.asarray(values, dtype=np.float64), None, 1.0, 0.0),)), better, seed=seed)
 
 
 def ratio_metric(numerator, denominator, better, *, scale: float = 1.0, offset: float = 0.0, seed: int = 0) -> Metric:
     """scale * sum(numerator) / sum(denominator) + offset, resampling units together."""
     num = np.asarray(numerator, dtype=np.float64)
     den = np.asarray(denominator, dtype=np.float64)
+    return units_metric(Units(((num, den, scale, offset),)), better, seed=seed)
 
-    def stat(w):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return scale * (w @ num) / (w @ den) + offset
 
-    value, low, high = bootstrap(stat, len(num), seed=seed)
-    return Metric(value, low, high, better, len(num))
+@dataclass(frozen=True)
+class Change:
+    """after - before and after / before - 1, each with a paired bootstrap 95% interval."""
+
+    before: float
+    after: float
+    delta: float
+    delta_ci: tuple[float, float]
+    relative: float
+    relative_ci: tuple[float, float]
+
+    @property
+    def significant(self) -> bool:
+        """The interval of the change excludes zero."""
+        lo, hi = self.delta_ci
+        return bool(lo > 0 or hi < 0)
+
+    def as_dict(self) -> dict:
+        return {"before": self.before, "after": self.after, "delta": self.delta, "delta_ci": list(self.delta_ci),
+                "relative": self.relative, "relative_ci": list(self.relative_ci), "significant": self.significant}
+
+
+def change_from_replicates(before: float, after: float, rep_before: np.ndarray, rep_after: np.ndarray) -> Change:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rel = rep_after / rep_before - 1
+        relative = after / before - 1 if before else float("nan")
+    return Change(before, after, after - before, _percentiles(rep_after - rep_before), relative, _percentiles(rel))
+
+
+def paired_change(before: Units, after: Units, *, n_boot: int = N_BOOT, seed: int = 0) -> Change:
+    """The change from `before` to `after`, two measurements of the same units, with intervals from
+    resampling the units once for both sides."""
+    if before.n != after.n:
+        raise ValueError(f"paired measurements need the same units, got {before.n} and {after.n}")
+    ones = np.ones((1, before.n))
+    return change_from_replicates(float(before.statistic(ones)[0]), float(after.statistic(ones)[0]),
+                                  replicates(before.statistic, before.n, n_boot=n_boot, seed=seed),
+                                  replicates(after.statistic, after.n, n_boot=n_boot, seed=seed))

@@ -369,11 +369,12 @@ def test_split_is_by_template_and_applied_before_limit(tmp_path):
             for q in range(1, 11) for k, (cond, pol) in enumerate(bbq.CELLS * 3)]
     write_bbq(tmp_path, {"Age": rows})
     base = EvalConfig(data_dir=tmp_path, categories=("Age",))
-    search, _ = bbq.load_items(replace(base, split="search"))
-    report, _ = bbq.load_items(replace(base, split="report"))
-    assert {it.question_index for it in search}.isdisjoint({it.question_index for it in report})
-    assert len({it.question_index for it in report}) == 3  # 30% of 10 templates
-    assert len(search) + len(report) == len(rows)
+    parts = {s: bbq.load_items(replace(base, split=s))[0] for s in ("search", "select", "report")}
+    templates = {s: {it.question_index for it in items} for s, items in parts.items()}
+    assert not (templates["search"] & templates["select"] or templates["search"] & templates["report"]
+                or templates["select"] & templates["report"])
+    assert [len(templates[s]) for s in ("search", "select", "report")] == [5, 2, 3]  # 50% / 20% / 30% of 10 templates
+    assert sum(map(len, parts.values())) == len(rows)
     limited, _ = bbq.load_items(replace(base, split="report", limit=6))
     assert len(limited) == 6 and all(it.split == "report" for it in limited)
     cells = Counter((it.context_condition, it.question_polarity) for it in limited)
@@ -454,15 +455,15 @@ def test_real_data_split_is_deterministic_and_disjoint(real_items):
     cats = ("Age", "Race_x_SES")
     cfg = EvalConfig(data_dir=SHARED, categories=cats)
     search, _ = bbq.load_items(replace(cfg, split="search"))
+    select, _ = bbq.load_items(replace(cfg, split="select"))
     report, _ = bbq.load_items(replace(cfg, split="report"))
-    s_templates = {it.template for it in search}
-    r_templates = {it.template for it in report}
-    assert s_templates.isdisjoint(r_templates) and r_templates
+    s_templates, c_templates, r_templates = ({it.template for it in part} for part in (search, select, report))
+    assert s_templates.isdisjoint(r_templates) and s_templates.isdisjoint(c_templates) and c_templates.isdisjoint(r_templates)
     everything = [it for it in real_items[0] if it.category in cats]
-    assert s_templates | r_templates == {it.template for it in everything}
-    assert len(search) + len(report) == len(everything)
-    for cat in cats:  # every category holds out templates
-        assert any(t.startswith(cat + ":") for t in r_templates)
+    assert s_templates | c_templates | r_templates == {it.template for it in everything}
+    assert len(search) + len(select) + len(report) == len(everything)
+    for cat in cats:  # every category holds out templates for choosing and for reporting
+        assert any(t.startswith(cat + ":") for t in r_templates) and any(t.startswith(cat + ":") for t in c_templates)
     assert [it.example_id for it in bbq.load_items(replace(cfg, split="report"))[0]] == [it.example_id for it in report]
 
 

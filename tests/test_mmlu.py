@@ -152,12 +152,13 @@ def keys(suite):
 def test_split_disjoint_and_limit_deterministic(data_dir):
     every = keys(MMLUSuite(cfg(data_dir)))
     search = keys(MMLUSuite(cfg(data_dir, split="search")))
+    select = keys(MMLUSuite(cfg(data_dir, split="select")))
     report = keys(MMLUSuite(cfg(data_dir, split="report")))
-    assert not set(search) & set(report)
-    assert sorted(search + report) == sorted(every)
-    # 30% of each subject held out: round(0.3 * 10) = 3, round(0.3 * 4) = 1
-    assert sum(s == "abstract_algebra" for s, _ in report) == 3
-    assert sum(s == "art" for s, _ in report) == 1
+    assert not (set(search) & set(report) or set(search) & set(select) or set(select) & set(report))
+    assert sorted(search + select + report) == sorted(every)
+    # 30% of each subject held out for report, 20% for select: 3 and 2 of 10, 1 and 1 of 4
+    assert sum(s == "abstract_algebra" for s, _ in report) == 3 and sum(s == "abstract_algebra" for s, _ in select) == 2
+    assert sum(s == "art" for s, _ in report) == 1 and sum(s == "art" for s, _ in select) == 1
     sides = assign_splits(f"abstract_algebra:{i}" for i in range(10))
     assert {i for s, i in report if s == "abstract_algebra"} == {i for i in range(10) if sides[f"abstract_algebra:{i}"] == "report"}
 

@@ -81,7 +81,7 @@ def test_uneven_perplexity_is_token_weighted(wiki_dir):
     assert result.metrics["overall/nll"].value == pytest.approx(0.65)
 
 
-@pytest.mark.parametrize("split, tokens", [("all", 37), ("all", 1000), ("search", 25), ("search", 1000), ("report", 1000)])
+@pytest.mark.parametrize("split, tokens", [("all", 37), ("all", 1000), ("search", 25), ("search", 1000), ("select", 1000), ("report", 1000)])
 def test_token_budget_and_split(wiki_dir, split, tokens):
     scorer = Recorder(parity_nll)
     result = WikiTextSuite(cfg(wiki_dir, split=split, ppl_tokens=tokens), tokenizer=word_tokenizer()).run(scorer)
@@ -90,25 +90,25 @@ def test_token_budget_and_split(wiki_dir, split, tokens):
     # every run is contiguous text made of whole selected chunks (the last one maybe cut)
     for ids, *_ in scorer.nll_calls:
         assert ids == list(range(ids[0], ids[0] + len(ids)))
-        assert all(sides[(i - 1) // 10] in ((split,) if split != "all" else ("search", "report")) for i in ids)
+        assert all(sides[(i - 1) // 10] in ((split,) if split != "all" else ("search", "select", "report")) for i in ids)
     n_runs = len(scorer.nll_calls)
     available = 10 * len(chosen) - n_runs
     assert result.info["n_tokens"] == min(tokens, available) == sum(r["n_tokens"] for r in result.records)
     assert result.info["n_runs"] == n_runs
     if tokens >= available:
         assert [r["chunk"] for r in result.records] == chosen
-    assert {r["split"] for r in result.records} <= ({split} if split != "all" else {"search", "report"})
+    assert {r["split"] for r in result.records} <= ({split} if split != "all" else {"search", "select", "report"})
 
 
 def test_search_and_report_chunks_are_disjoint(wiki_dir):
     tok = word_tokenizer()
     seen = {}
-    for split in ("search", "report"):
+    for split in ("search", "select", "report"):
         result = WikiTextSuite(cfg(wiki_dir, split=split, ppl_tokens=1000), tokenizer=tok).run(Recorder(parity_nll))
         seen[split] = {r["chunk"] for r in result.records}
-    assert not seen["search"] & seen["report"]
-    assert seen["search"] | seen["report"] == set(range(10))
-    assert len(seen["report"]) == 3
+    assert not (seen["search"] & seen["report"] or seen["search"] & seen["select"] or seen["select"] & seen["report"])
+    assert seen["search"] | seen["select"] | seen["report"] == set(range(10))
+    assert (len(seen["select"]), len(seen["report"])) == (2, 3)
 
 
 def test_plan_runs_cuts_last_chunk():

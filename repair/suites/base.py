@@ -12,8 +12,11 @@ import numpy as np
 from repair.io import sha256_file  # noqa: F401  (suites take it from here)
 from repair.stats import Metric
 
-Split = Literal["search", "report", "all"]
-REPORT_FRACTION = 0.3
+Split = Literal["search", "select", "report", "all"]
+SPLITS = ("search", "select", "report")
+# Share of each group's templates held out: `report` only for what the user is shown, `select` for
+# choosing among a search's finalists; the rest is `search`, for everything a search fits.
+FRACTIONS = {"report": 0.3, "select": 0.2}
 
 
 @dataclass(frozen=True)
@@ -91,13 +94,29 @@ class SuiteResult:
         }
 
 
-def assign_splits(template_keys) -> dict[str, Literal["search", "report"]]:
-    """Deterministic split by template, to be called once per group (a BBQ category, an attribute).
+def _rank(key) -> str:
+    return hashlib.sha256(str(key).encode("utf-8")).hexdigest()
 
-    Templates are ordered by a hash of their key and the first 30% (at least one, when there are two
-    or more) go to `report`, so every group has held-out templates and the same template always lands
-    on the same side, whatever else is loaded.
+
+def assign_splits(template_keys) -> dict[str, Literal["search", "select", "report"]]:
+    """Deterministic three-way split by template, to be called once per group (a BBQ category, an
+    MMLU subject, the perplexity chunks).
+
+    Templates are ordered by a hash of their key; the first 30% go to `report`, the next 20% to
+    `select`, the rest to `search`. Every group with three or more templates has at least one in each
+    split (two templates: one `report`, one `search`), and the same template always lands on the same
+    side, whatever else is loaded.
     """
-    keys = sorted(set(template_keys), key=lambda k: hashlib.sha256(str(k).encode("utf-8")).hexdigest())
-    n_report = max(1, round(REPORT_FRACTION * len(keys))) if len(keys) >= 2 else 0
-    return {k: ("report" if i < n_report else "search") for i, k in enumerate(keys)}
+    keys = sorted(set(template_keys), key=_rank)
+    n = len(keys)
+    n_report = max(1, round(FRACTIONS["report"] * n)) if n >= 2 else 0
+    n_select = max(1, round(FRACTIONS["select"] * n)) if n >= 3 else 0
+    return {k: ("report" if i < n_report else "select" if i < n_report + n_select else "search") for i, k in enumerate(keys)}
+
+
+def split_of(key) -> Literal["search", "select", "report"]:
+    """The split of one template by its hash alone, independent of which other templates exist: for
+    keys shared between groups (the same concept under two association attributes) that must land
+    on the same side everywhere. The shares match `assign_splits` in expectation, not exactly."""
+    u = int(_rank(key)[:12], 16) / 16 ** 12
+    return "report" if u < FRACTIONS["report"] else "select" if u < FRACTIONS["report"] + FRACTIONS["select"] else "search"

@@ -1,7 +1,7 @@
 """Perplexity suites: the language-modelling utility check next to the bias suites.
 
 Split design. The tokenised text is cut into fixed chunks of `ppl_window` tokens; chunk ids are the
-"templates" of `assign_splits`, so ~30% of the chunks are held out for `report`. The selected chunks
+"templates" of `assign_splits`, so ~30% of the chunks are held out for `report` and ~20% for `select`. The selected chunks
 are taken in text order until `ppl_tokens` tokens are scored. Runs of adjacent selected chunks are
 scored together as one sequence with `scorer.token_nll` (sliding window, `ppl_stride`), so context
 flows across chunk borders inside a run but never from a chunk of the other split; only the first
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from repair.errors import DataError, UserError
-from repair.stats import Metric, bootstrap, ratio_metric
+from repair.stats import Units, ratio_metric, units_metric
 from repair.suites.base import EvalConfig, SuiteResult, assign_splits, sha256_file
 
 
@@ -29,7 +29,7 @@ BLOCK = 64  # tokens per bootstrap unit of the perplexity interval
 @dataclass(frozen=True)
 class Chunk:
     id: int
-    side: str  # "search" or "report"
+    side: str  # "search", "select" or "report"
     start: int  # token offsets into the whole text
     stop: int
 
@@ -135,14 +135,10 @@ class PerplexitySuite:
         nll_sum = np.array([b.sum() for b in blocks])
         n_tok = np.array([len(b) for b in blocks], dtype=np.float64)
 
-        def ppl(w):
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                return np.exp((w @ nll_sum) / (w @ n_tok))
-
         seed = self.config.seed
-        value, low, high = bootstrap(ppl, len(blocks), seed=seed)
         metrics = {
-            "overall/perplexity": Metric(value, low, high, "lower", int(n_tok.sum())),
+            "overall/perplexity": units_metric(Units(((nll_sum, n_tok, 1.0, 0.0),), exp=True), "lower",
+                                               n=int(n_tok.sum()), seed=seed),
             "overall/nll": ratio_metric(nll_sum, n_tok, "lower", seed=seed),
         }
         info = {"n_tokens": int(n_tok.sum()), "n_chunks": len(records), "n_runs": len(runs),
