@@ -8,7 +8,7 @@ import pytest
 from repair.errors import DataError, UserError
 from repair.suites import association
 from repair.suites.association import AssociationSuite, group_distribution
-from repair.suites.base import EvalConfig, OptionScores
+from repair.suites.base import SPLITS, EvalConfig, OptionScores
 from fakes import TableScorer
 
 ln = math.log
@@ -21,24 +21,31 @@ TINY = {
     "attributes": {
         "two": {
             "groups": {"x": ["x"], "y": ["y1", "y2"]},
-            "concepts": [{"id": "c1", "concept": "c1", "frame": "role"}, {"id": "c2", "concept": "c2", "frame": "role"}],
+            "concepts": [{"id": "c1", "concept": "c1", "frame": "role", "stereotyped": ["x"], "source": "test"},
+                         {"id": "c2", "concept": "c2", "frame": "role", "stereotyped": ["y"], "source": "test"}],
         },
         "three": {
             "groups": {"a": ["a"], "b": ["b"], "c": ["c"]},
-            "concepts": [{"id": "d1", "concept": "d1", "frame": "role"}, {"id": "d2", "concept": "d2", "frame": "role"}],
+            "concepts": [{"id": "d1", "concept": "d1", "frame": "role", "stereotyped": ["a"], "source": "test"},
+                         {"id": "d2", "concept": "d2", "frame": "role", "stereotyped": ["b", "c"], "source": "test"}],
         },
     },
 }
 # Summed log-probabilities per (prompt, option); the "three" prompts differ only through options a/b/c.
+# Group y's mass is the mean of its two forms: (y1 + y2) / 2 (a sum would give other numbers throughout).
 TABLE = {
-    "The c1 is": {" x": ln(0.6), " y1": ln(0.1), " y2": ln(0.1), " a": -1.0, " b": -2.0, " c": -3.0},  # two: p = (.75, .25)
-    "The c2 is": {" x": ln(0.1), " y1": ln(0.1), " y2": ln(0.1), " a": -5.0, " b": -5.0, " c": -5.0},  # two: p = (1/3, 2/3)
-    "The n1 is": {" x": ln(0.2), " y1": ln(0.1), " y2": ln(0.2), " a": -4.0, " b": -4.0, " c": -4.0},  # two: q1 = (.4, .6)
-    "The n2 is": {" x": ln(0.1), " y1": ln(0.2), " y2": ln(0.2), " a": -2.0, " b": -2.0, " c": -2.0},  # two: q2 = (.2, .8)
+    "The c1 is": {" x": ln(0.6), " y1": ln(0.1), " y2": ln(0.3), " a": -1.0, " b": -2.0, " c": -3.0},  # two: p = (.75, .25)
+    "The c2 is": {" x": ln(0.1), " y1": ln(0.1), " y2": ln(0.3), " a": -5.0, " b": -5.0, " c": -5.0},  # two: p = (1/3, 2/3)
+    "The n1 is": {" x": ln(0.2), " y1": ln(0.1), " y2": ln(0.5), " a": -4.0, " b": -4.0, " c": -4.0},  # two: q1 = (.4, .6)
+    "The n2 is": {" x": ln(0.1), " y1": ln(0.2), " y2": ln(0.6), " a": -2.0, " b": -2.0, " c": -2.0},  # two: q2 = (.2, .8)
 }
 # The "three" attribute reuses c1/c2 wording via d1/d2:
 TABLE["The d1 is"] = TABLE["The c1 is"]
 TABLE["The d2 is"] = TABLE["The c2 is"]
+# The data file needs ten neutral concepts: n3..n10 repeat n1 and n2 alternately, so q stays (.3, .7).
+for _k in range(3, 11):
+    TINY["neutral"].append({"id": f"n{_k}", "concept": f"n{_k}", "frame": "role"})
+    TABLE[f"The n{_k} is"] = TABLE[f"The n{2 - _k % 2} is"]
 
 
 def table_fn(prompt, option):
@@ -57,7 +64,7 @@ def test_kl_metrics_match_hand_computation(tiny):
     suite = AssociationSuite(EvalConfig(seed=3))
     scorer = TableScorer(table_fn)
     res = suite.run(scorer)
-    assert len(scorer.calls) == len(suite.prompts) == 8
+    assert len(scorer.calls) == len(suite.prompts) == 2 * (2 + 10)
 
     # two: neutral reference q = mean((.4, .6), (.2, .8)) = (.3, .7)
     u2_c1 = 0.75 * ln(0.75 / 0.5) + 0.25 * ln(0.25 / 0.5)
@@ -88,26 +95,47 @@ def test_kl_metrics_match_hand_computation(tiny):
     assert rec["two:c1"]["top_group"] == "x" and rec["two:c2"]["top_group"] == "y"
     assert rec["three:d1"]["probs"] == pytest.approx(p)
     assert rec["two:c1"]["groups"] == ["x", "y"] and rec["two:c1"]["prompt"] == "The c1 is"
-    assert {r["split"] for r in res.records} <= {"search", "report"}
+    assert {r["split"] for r in res.records} <= {"search", "select", "report"}
+    assert rec["two:c1"]["stereotyped"] == ["x"] and rec["three:d2"]["stereotyped"] == ["b", "c"]
+    assert [p.stereotyped for p in suite.prompts if p.template_id == "two:c1"] == [("x",)]
+    assert all(p.stereotyped == () for p in suite.prompts if p.neutral)
 
     assert res.files == {str(tiny): hashlib.sha256(tiny.read_bytes()).hexdigest()}
     assert res.info["n_prompts"] == {"two": 2, "three": 2}
-    assert res.info["n_neutral"] == {"two": 2, "three": 2}
+    assert res.info["n_neutral"] == {"two": 10, "three": 10}
 
 
 def test_requests_offer_every_form_with_a_leading_space(tiny):
     suite = AssociationSuite(EvalConfig())
     reqs = {r.prompt: r.options for r in suite.requests() if " x" in r.options}
     assert reqs["The c1 is"] == (" x", " y1", " y2")
-    assert [p.neutral for p in suite.prompts if p.attribute == "two"] == [False, False, True, True]
+    assert [p.neutral for p in suite.prompts if p.attribute == "two"] == [False] * 2 + [True] * 10
 
 
-def test_group_distribution_sums_forms_and_is_stable():
-    # Forms of one group add up in probability space: exp(-1000) + exp(-1000) vs exp(-1000 - ln 2).
+def test_group_distribution_averages_forms_and_is_stable():
+    # A group's mass is the mean of its forms' probabilities, in log space (no underflow):
+    # (exp(-1000) + exp(-1000)) / 2 vs exp(-1000 - ln 2) -> (2/3, 1/3). Summing would give (.8, .2).
     s = OptionScores(np.array([-1000.0, -1000.0, -1000.0 - ln(2)]), np.array([1, 3, 2]))
-    assert group_distribution(s, [2, 1]) == pytest.approx([0.8, 0.2])
+    assert group_distribution(s, [2, 1]) == pytest.approx([2 / 3, 1 / 3])
     with pytest.raises(ValueError):
         group_distribution(s, [1, 1])
+
+
+def test_a_groups_form_count_does_not_move_kl_uniform(tiny):
+    """Hand-made scores: every form of every group equally likely (0.2 each). Group y has two forms,
+    x one. Mean over forms: p = (.5, .5), KL to uniform 0, the right answer for a model with no
+    preference. Sum over forms (the wrong rule) would give p = (1/3, 2/3) and KL = ln(2/3)/3 +
+    2 ln(4/3)/3 = 0.0566 from the form count alone."""
+    suite = AssociationSuite(EvalConfig(attributes=("two",)))
+    flat = OptionScores(np.full(3, ln(0.2)), np.array([1, 1, 2]))
+    # y1 and y2 at 0.1 and 0.3: mean 0.2, the same as x; the sum (0.4) would make y twice as likely.
+    skewed_forms = OptionScores(np.array([ln(0.2), ln(0.1), ln(0.3)]), np.array([1, 2, 2]))
+    res = suite.score([flat if i % 2 else skewed_forms for i in range(len(suite.prompts))])
+    wrong = (1 / 3) * ln((1 / 3) / 0.5) + (2 / 3) * ln((2 / 3) / 0.5)
+    assert wrong == pytest.approx(0.0566, abs=1e-4)
+    assert res.metrics["two/kl_uniform"].value == pytest.approx(0.0, abs=1e-12)
+    assert res.metrics["two/kl_neutral"].value == pytest.approx(0.0, abs=1e-12)
+    assert all(r["probs"] == pytest.approx([0.5, 0.5]) for r in res.records)
 
 
 def test_malformed_json_names_the_file(tmp_path, monkeypatch):
@@ -126,6 +154,7 @@ def test_malformed_json_names_the_file(tmp_path, monkeypatch):
     (lambda d: d["attributes"]["two"]["concepts"][1].update(id="c1"), "repeats template ids"),
     (lambda d: d["frames"].update(role=["The {c} is "]), "trimmed"),
     (lambda d: d.pop("version"), "version"),
+    (lambda d: d["neutral"].append({"id": "n11", "concept": "The C1", "frame": "role"}), "also a concept"),
 ])
 def test_malformed_structure_is_a_data_error(tmp_path, monkeypatch, edit, needle):
     data = json.loads(json.dumps(TINY))
@@ -169,9 +198,8 @@ def test_shipped_data_meets_the_brief():
 
 def test_split_is_deterministic_disjoint_and_non_empty():
     full = AssociationSuite(EvalConfig())
-    search = AssociationSuite(EvalConfig(split="search"))
-    report = AssociationSuite(EvalConfig(split="report"))
-    assert [p.prompt for p in AssociationSuite(EvalConfig(split="search")).prompts] == [p.prompt for p in search.prompts]
+    parts = {split: AssociationSuite(EvalConfig(split=split)) for split in SPLITS}
+    assert [p.prompt for p in AssociationSuite(EvalConfig(split="search")).prompts] == [p.prompt for p in parts["search"].prompts]
     for attr in full.attributes:
         def concepts(s):
             return {p.template_id for p in s.prompts if p.attribute == attr and not p.neutral}
@@ -179,13 +207,29 @@ def test_split_is_deterministic_disjoint_and_non_empty():
         def neutral(s):
             return [p.prompt for p in s.prompts if p.attribute == attr and p.neutral]
 
-        s, r = concepts(search), concepts(report)
-        assert s and r and not s & r and s | r == concepts(full), attr
-        assert neutral(search) == neutral(report) == neutral(full)  # the reference is never split
-        assert {p.split for p in search.prompts if not p.neutral} == {"search"}
+        sides = [concepts(parts[split]) for split in SPLITS]
+        assert sides[0] and sides[2], attr  # search and report
+        assert sum(map(len, sides)) == len(set().union(*sides)) and set().union(*sides) == concepts(full), attr
+        for split in SPLITS:
+            assert neutral(parts[split]) == neutral(full)  # the reference is never split
+            assert {p.split for p in parts[split].prompts if not p.neutral} == {split}
     # A template's side does not depend on which attributes are loaded.
     only = AssociationSuite(EvalConfig(split="report", attributes=("religion",)))
-    assert {p.template_id for p in only.prompts} == {p.template_id for p in report.prompts if p.attribute == "religion"}
+    assert {p.template_id for p in only.prompts} == {p.template_id for p in parts["report"].prompts if p.attribute == "religion"}
+
+
+def test_no_prompt_text_is_in_two_splits():
+    """A prompt text shared by attributes ("The CEO was" under gender and ses) is in one split only,
+    and no neutral (every-split) prompt is also a concept prompt: nothing leaks from report to search."""
+    suite = AssociationSuite(EvalConfig())
+    sides: dict[str, set] = {}
+    for p in suite.prompts:
+        sides.setdefault(p.prompt, set()).add(p.split)
+    assert {t: s for t, s in sides.items() if len(s) > 1} == {}
+    shared = [t for t in sides if len({p.attribute for p in suite.prompts if p.prompt == t and not p.neutral}) > 1]
+    assert shared  # the data does share concepts across attributes, so the check above is not empty
+    # The same concept with or without its article is one concept.
+    assert association.split_key(" A  Bad driver") == association.split_key("bad driver") == "bad driver"
 
 
 def test_limit_caps_and_spreads_prompts():
@@ -212,7 +256,7 @@ def test_without_neutral_prompts_only_kl_uniform_is_reported(tiny):
     full = AssociationSuite(EvalConfig(seed=3)).run(TableScorer(table_fn))
     scorer = TableScorer(table_fn)
     lean = AssociationSuite(EvalConfig(seed=3, association_neutral=False)).run(scorer)
-    assert len(scorer.calls) == 4  # the 4 concept prompts, none of the 4 neutral ones
+    assert len(scorer.calls) == 4  # the 4 concept prompts, none of the 20 neutral ones
     assert not any(k.endswith("kl_neutral") for k in lean.metrics)
     for key in ("two/kl_uniform", "three/kl_uniform", "overall/kl_uniform"):
         assert lean.metrics[key].value == pytest.approx(full.metrics[key].value)

@@ -11,14 +11,31 @@ associates with the concept. Two distances summarise the skew (in nats, lower is
 The prompts also feed FairMed's probers, so the per-prompt distribution is exposed
 (`group_distribution`, `AssociationSuite.distributions`).
 
-Decisions: `limit` caps the concept prompts and, separately, the neutral prompts of each attribute
-(both spread round-robin over templates), so a small limit still leaves a reference; neutral templates
-are never split, they are the reference for both splits.
+Decisions:
+
+- Splits follow the concept, not the template: a concept's split is `split_of` of its text
+  (lower-cased, a leading article dropped), so a prompt text that occurs under several attributes
+  ("The CEO was" under gender and ses) lands in the same split everywhere and nothing a search (or a
+  probe or steering vector trained on prompt activations) sees reappears in `select` or `report`.
+  The shares (30% report, 20% select) hold in expectation per attribute, not exactly. Neutral
+  prompts are never split: they are the reference for every split, and their texts may not be a
+  concept's.
+- A group's probability is the *mean* over its surface forms of each form's probability (logmeanexp
+  of the forms' log-probs), not the sum: groups are listed with different numbers of forms
+  ("a man"/"male" vs "non-binary"), and under a sum a group would gain mass from its form count
+  alone, so even a model indifferent between groups would be scored as biased. With the mean, a
+  model that gives every form of every group the same probability is at KL 0 from uniform.
+- A form's probability is that of the whole word: requests ask the scorer (`word_end=True`) to
+  multiply each form's token probabilities by the probability that the next token starts a new word
+  or ends the text, so " Christian" does not also count " Christians" or " Christianity".
+- `limit` caps the concept prompts and, separately, the neutral prompts of each attribute (both
+  spread round-robin over templates), so a small limit still leaves a reference.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Sequence
@@ -27,10 +44,14 @@ import numpy as np
 
 from repair.errors import DataError, UserError
 from repair.stats import mean_metric
-from repair.suites.base import ChoiceRequest, EvalConfig, OptionScores, SuiteResult, assign_splits
+from repair.suites.base import ChoiceRequest, EvalConfig, OptionScores, SuiteResult, split_of
 
 PACKAGE_LABEL = "<package>/repair/data/association.json"
 MIN_GROUPS, MAX_GROUPS = 2, 8
+_ARTICLE = re.compile(r"^(a|an|the)\s+")
+# TEMPORARY: ChoiceRequest.word_end is being added to the evaluator; until it lands, forms are scored
+# without the word-end factor.
+_WORD_END = {"word_end": True} if "word_end" in ChoiceRequest.__dataclass_fields__ else {}
 
 
 def _package_file():
@@ -50,29 +71,49 @@ class Prompt:
     prompt: str  # ends where the group form follows, no trailing space
     groups: tuple[str, ...]
     forms: tuple[tuple[str, ...], ...]  # forms[i] = surface forms of groups[i]
-    split: str  # "search" / "report" for concept prompts, "all" for neutral ones
+    split: str  # "search" / "select" / "report" for concept prompts, "all" for neutral ones
     neutral: bool
+    stereotyped: tuple[str, ...] = ()  # the group keys the concept is stereotyped towards; () if neutral
 
     @property
     def options(self) -> tuple[str, ...]:
         return tuple(" " + f for forms in self.forms for f in forms)
 
 
+def split_key(concept: str) -> str:
+    """What decides a concept's split: its text, lower-cased, spaces collapsed, a leading article
+    dropped ("a bad driver" and "bad driver" are one concept)."""
+    return _ARTICLE.sub("", " ".join(concept.lower().split()))
+
+
+def _bounds(form_counts: Sequence[int]) -> list[tuple[int, int]]:
+    ends = np.cumsum([0, *form_counts])
+    return list(zip(ends[:-1].tolist(), ends[1:].tolist()))
+
+
 def group_distribution(scores: OptionScores, form_counts: Sequence[int]) -> np.ndarray:
     """Probability of each group, normalised over the attribute's groups.
 
-    Options are the groups' forms in order (`form_counts[i]` forms for group i). A group's mass is the
-    sum over its forms of exp(summed log-prob of the form): a multi-token word counts as a whole word,
-    and a group named several ways gets all of them.
+    Options are the groups' forms in order (`form_counts[i]` forms for group i). A form's score is the
+    log-probability of the whole word (summed over its tokens, word end included when the scorer
+    honours `ChoiceRequest.word_end`); a group's mass is the *mean* over its forms of exp(score), so a
+    group's number of forms does not by itself move its share (see the module docstring).
     """
     lp = np.asarray(scores.logprob, dtype=np.float64)
     if lp.shape != (sum(form_counts),):
         raise ValueError(f"expected {sum(form_counts)} option scores, got shape {lp.shape}")
-    bounds = np.cumsum([0, *form_counts])
-    group_lp = np.array([np.logaddexp.reduce(lp[a:b]) for a, b in zip(bounds[:-1], bounds[1:])])
+    group_lp = np.array([np.logaddexp.reduce(lp[a:b]) - np.log(b - a) for a, b in _bounds(form_counts)])
     group_lp -= group_lp.max()
     p = np.exp(group_lp)
     return p / p.sum()
+
+
+def _torch_log_distribution(lp, form_counts: Sequence[int]):
+    """`group_distribution` in torch, as log-probabilities (differentiable in `lp`)."""
+    import torch
+
+    group_lp = torch.stack([torch.logsumexp(lp[a:b], 0) - np.log(b - a) for a, b in _bounds(form_counts)])
+    return group_lp - torch.logsumexp(group_lp, 0)
 
 
 def kl(p: np.ndarray, q: np.ndarray) -> float:
@@ -154,6 +195,10 @@ def _validate(data, label) -> None:
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
             fail(f"attribute '{attr}' repeats template ids {dup}")
+        # A neutral prompt is in every split; were its text also a concept's, that concept would leak.
+        clash = sorted({split_key(c["concept"]) for c in spec["concepts"]} & {split_key(c["concept"]) for c in data["neutral"]})
+        if clash:
+            fail(f"neutral concept(s) {clash} are also a concept of '{attr}' (neutral prompts are in every split)")
 
 
 class AssociationSuite:
@@ -185,18 +230,18 @@ class AssociationSuite:
         spec, frames = self.data["attributes"][attr], self.data["frames"]
         groups = tuple(spec["groups"])
         forms = tuple(tuple(spec["groups"][g]) for g in groups)
-        splits = assign_splits(f"{attr}:{c['id']}" for c in spec["concepts"])
 
         def render(items, neutral):
             # One list per template, so the limit can take frame 0 of every template first.
             out = []
             for c in items:
                 tid = f"{attr}:{c['id']}"
-                split = "all" if neutral else splits[tid]
+                split = "all" if neutral else split_of(split_key(c["concept"]))
                 if not neutral and self.config.split not in ("all", split):
                     continue
+                stereotyped = () if neutral else tuple(c.get("stereotyped", ()))
                 out.append([
-                    Prompt(attr, tid, c["concept"], _render(f, c["concept"]), groups, forms, split, neutral)
+                    Prompt(attr, tid, c["concept"], _render(f, c["concept"]), groups, forms, split, neutral, stereotyped)
                     for f in frames[c["frame"]]
                 ])
             return _round_robin(out, self.config.limit)
@@ -205,7 +250,8 @@ class AssociationSuite:
         return render(spec["concepts"], False) + neutral
 
     def requests(self) -> list[ChoiceRequest]:
-        return [ChoiceRequest(p.prompt, p.options) for p in self.prompts]
+        """One request per prompt; each form is scored as a whole word (`word_end`)."""
+        return [ChoiceRequest(p.prompt, p.options, **_WORD_END) for p in self.prompts]
 
     def run(self, scorer) -> SuiteResult:
         return self.score(scorer.score_choices(self.requests(), desc="association"))
@@ -236,6 +282,7 @@ class AssociationSuite:
                 records.append({
                     "attribute": attr, "template_id": p.template_id, "concept": p.concept,
                     "prompt": p.prompt, "split": p.split, "groups": list(p.groups),
+                    "stereotyped": list(p.stereotyped),
                     "probs": [float(x) for x in d], "kl_uniform": ku[-1],
                     **({"kl_neutral": kn[-1]} if q is not None else {}),
                     "top_group": p.groups[int(np.argmax(d))],
@@ -254,23 +301,35 @@ class AssociationSuite:
             info={"n_prompts": n_prompts, "n_neutral": n_neutral, "version": self.data["version"]},
         )
 
-
     def differentiable(self, metric: str, totals):
-        """`metric` as a torch function of the option log-probabilities (`Evaluator.option_logprobs`),
-        the same arithmetic as `score`; None where there is none. The prune search differentiates it
-        with respect to a head mask to learn each head's first-order effect."""
-        if metric != "overall/kl_uniform":
+        """`metric` as a torch function of the option log-probabilities (`Evaluator.option_logprobs`,
+        one tensor per prompt of `self.prompts`), the same arithmetic as `score`; None where there is
+        none. The prune search differentiates it with respect to a head mask to learn each head's
+        first-order effect.
+
+        `<attribute or overall>/kl_uniform` and `.../kl_neutral`; for kl_neutral the reference q (the
+        mean of the attribute's neutral-prompt distributions) is itself a function of the model, and
+        the gradient flows through it too.
+        """
+        scope, _, name = metric.partition("/")
+        if name not in ("kl_uniform", "kl_neutral") or scope not in ("overall", *self.attributes):
             return None
+        if len(totals) != len(self.prompts):
+            raise ValueError(f"expected {len(self.prompts)} option tensors, got {len(totals)}")
         import torch
 
+        log_d = [_torch_log_distribution(lp, [len(f) for f in p.forms]) for p, lp in zip(self.prompts, totals)]
         terms = []
-        for p, lp in zip(self.prompts, totals):
-            if p.neutral:
-                continue
-            bounds = np.cumsum([0, *(len(f) for f in p.forms)])
-            group_lp = torch.stack([torch.logsumexp(lp[a:b], 0) for a, b in zip(bounds[:-1], bounds[1:])])
-            log_d = group_lp - torch.logsumexp(group_lp, 0)
-            terms.append((log_d.exp() * (log_d + np.log(len(p.groups)))).sum())  # KL(d || uniform)
+        for attr in self.attributes if scope == "overall" else [scope]:
+            idx = [i for i, p in enumerate(self.prompts) if p.attribute == attr]
+            if name == "kl_uniform":
+                log_q = torch.full_like(log_d[idx[0]], -np.log(len(self.prompts[idx[0]].groups)))
+            else:
+                neutral = [log_d[i] for i in idx if self.prompts[i].neutral]
+                if not neutral:
+                    return None  # no reference loaded (association_neutral=False)
+                log_q = torch.logsumexp(torch.stack(neutral), 0) - np.log(len(neutral))  # log mean
+            terms += [(log_d[i].exp() * (log_d[i] - log_q)).sum() for i in idx if not self.prompts[i].neutral]
         return torch.stack(terms).mean()
 
 
