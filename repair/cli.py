@@ -43,8 +43,9 @@ def add_suite_flags(p: argparse.ArgumentParser) -> None:
                    help="association attributes, comma-separated (gender, religion, race_ethnicity, nationality, age, "
                         "disability, sexual_orientation, ses; default: all)")
     g.add_argument("--limit", type=int, default=None, help="at most N items per BBQ category / association attribute / MMLU subject")
-    g.add_argument("--split", choices=["search", "report", "all"], default="all",
-                   help="templates searched on, held-out templates for the report, or both")
+    g.add_argument("--split", choices=["search", "select", "report", "all"], default="all",
+                   help="templates a search fits on, held-out templates it chooses on, held-out templates only "
+                        "reported, or all of them")
     g.add_argument("--bbq-mode", choices=["cloze", "choice"], default="cloze",
                    help="cloze: length-normalised log-likelihood of each answer; choice: the letter after a multiple-choice prompt")
     g.add_argument("--mmlu-subjects", type=_csv, default=None, help="MMLU subjects, comma-separated (default: all)")
@@ -193,9 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
     rn.add_argument("--data-dir", type=Path, default=None,
                     help="folder with bbq/, mmlu/, wikitext2/ (default: $REPAIR_DATA_DIR); only needed for those suites")
-    rn.add_argument("--fairness", default="association",
-                    help="fairness objective(s), lower is fairer: association (KL to uniform), association-neutral, "
-                         "bbq-margin, bbq-samb, bbq-sdis; weighted sums as 'association:1,bbq-margin:0.5'")
+    rn.add_argument("--fairness", default="association-neutral",
+                    help="fairness objective(s), lower is fairer: association-neutral (default: KL to the neutral-context "
+                         "distribution, the stereotype part), association (KL to uniform, which flattening group words "
+                         "can game), bbq-margin, bbq-samb, bbq-sdis; weighted sums as 'association-neutral:1,bbq-margin:0.5'")
     rn.add_argument("--utility", default="text", help="utility objective: text or wikitext (perplexity), mmlu (accuracy)")
     rn.add_argument("--budget-evals", type=int, default=120, help="LLM evaluations of masks in all (sampling + rounds)")
     rn.add_argument("--rounds", type=int, default=2, help="active-learning rounds: refit surrogates, anneal, evaluate")
@@ -207,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--baselines", type=_csv, default=(), help="random,knockout: baselines with the same LLM-evaluation budget, verified and reported alike (off by default)")
     rn.add_argument("--search-limit", type=int, default=6, help="prompts per attribute (items per category) in the search split")
     rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
-    rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the report split (default: all)")
-    rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the report split")
-    rn.add_argument("--verify-top", type=int, default=6, help="masks verified on the held-out report split")
+    rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the held-out select and report splits (default: all)")
+    rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the select and report splits")
+    rn.add_argument("--verify-top", type=int, default=6, help="finalists per method verified on the held-out select split")
     rn.add_argument("--bbq-mode", choices=["cloze", "choice"], default="cloze", help="BBQ scoring mode for bbq objectives")
     rn.add_argument("--batch-masks", type=int, default=8, help="masks evaluated together in one batched forward")
     rn.add_argument("--storage", default=None, help="Optuna RDB URL for the records (default: sqlite file in --out)")

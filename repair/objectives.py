@@ -1,14 +1,16 @@
 """The two numbers a repair search trades: fairness (lower is fairer) and utility, measured for many
 configurations of one model in shared batched forwards.
 
-Fairness is a weighted sum of suite metrics, each oriented so that lower is fairer (metrics whose
-ideal is zero enter as absolute values). Utility is one suite metric; the search works on its
+Fairness is a weighted sum of suite metrics, each oriented so that lower is fairer (signed metrics
+whose ideal is zero enter as the mean of their per-category absolute values). Utility is one suite metric; the search works on its
 *loss* (log-perplexity, or minus accuracy), so both search objectives are minimised.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from repair.errors import UserError
 from repair.suites import build_suite
@@ -22,6 +24,10 @@ FAIRNESS = {
     "bbq-samb": ("bbq", "overall/s_amb"),
     "bbq-sdis": ("bbq", "overall/s_dis"),
 }
+# Signed metrics whose ideal is zero. Their term is the mean over categories of |category value|, not
+# |overall value|: a model biased one way on Age and the other way on Religion has an overall score
+# near 0, and a search would happily trade one bias for the other.
+PER_CATEGORY_ABS = ("bbq-margin", "bbq-samb", "bbq-sdis")
 UTILITY = {
     "text": ("text", "overall/perplexity"),
     "wikitext": ("wikitext", "overall/perplexity"),
@@ -75,13 +81,34 @@ class Objectives:
         }
 
     def fairness_of(self, metrics: dict) -> float:
-        """metrics: {"suite/metric/name": value}."""
+        """metrics: {"suite/category/metric": value}; values may also be arrays of bootstrap replicates.
+
+        A PER_CATEGORY_ABS term is the mean of |value| over the categories present; a category whose
+        value is undefined (NaN: an empty denominator, e.g. no disambiguated item answered other than
+        'unknown') is skipped (`skipped_categories` names them), and a term undefined in every
+        category is an error naming them, so that NaN is never stored as an objective value."""
         total = 0.0
         for name, weight in self.fairness:
             suite, metric = FAIRNESS[name]
-            value = metrics[f"{suite}/{metric}"]
-            total += weight * (abs(value) if name.startswith("bbq") else value)
+            if name not in PER_CATEGORY_ABS:
+                total = total + weight * metrics[f"{suite}/{metric}"]
+                continue
+            values = per_category(metrics, suite, metric)
+            stacked = np.abs(np.stack([np.asarray(v, dtype=np.float64) for v in values.values()]))
+            finite = np.isfinite(stacked)
+            if stacked.ndim == 1 and not finite.any():
+                raise UserError(f"fairness objective {name} is undefined in every BBQ category "
+                                f"({', '.join(values)}): no item of the kind it needs was answered other than "
+                                "'unknown' (raise --search-limit/--report-limit, or choose another --fairness)")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(finite, stacked, 0.0).sum(0) / finite.sum(0)
+            total = total + weight * (float(mean) if mean.ndim == 0 else mean)
         return total
+
+    def skipped_categories(self, metrics: dict) -> list[str]:
+        """'term/category' for each category a PER_CATEGORY_ABS term left out (its value is NaN)."""
+        return [f"{name}/{cat}" for name, _ in self.fairness if name in PER_CATEGORY_ABS
+                for cat, v in per_category(metrics, *FAIRNESS[name]).items() if not math.isfinite(v)]
 
     def utility_of(self, metrics: dict) -> float:
         suite, metric = UTILITY[self.utility]
@@ -118,8 +145,10 @@ class ConfigEvaluator:
                 ids, runs = suite.runs(tokenizer)
                 self._prepared[name] = ("nll", [ids[r[0].start:r[-1].stop] for r in runs], runs)
 
-    def evaluate(self, evaluator, n_variants: int) -> list[dict]:
-        """One dict per variant: fairness, utility, utility_loss and every suite metric (+ CIs)."""
+    def evaluate(self, evaluator, n_variants: int, *, keep_units: bool = False) -> list[dict]:
+        """One dict per variant: fairness, utility, utility_loss and every suite metric (+ CIs); with
+        `keep_units`, also the per-unit numbers of the metrics a before/after change is shown for
+        (`shown_metrics`), so that changes get paired intervals."""
         per_variant: list[dict] = [{} for _ in range(n_variants)]
         for name, prepared in self._prepared.items():
             suite = self.suites[name]
@@ -138,12 +167,16 @@ class ConfigEvaluator:
         for metrics in per_variant:
             values = {k: m.value for k, m in metrics.items()}
             utility = self.objectives.utility_of(values)
-            out.append({
+            row = {
                 "fairness": self.objectives.fairness_of(values),
                 "utility": utility,
                 "utility_loss": self.objectives.utility_loss(utility),
                 "metrics": {k: m.as_dict() for k, m in metrics.items()},
-            })
+            }
+            if keep_units:
+                row["units"] = {k: metrics[k].units.as_dict() for k in shown_metrics(self.objectives, metrics)
+                                if metrics[k].units is not None}
+            out.append(row)
         return out
 
 
@@ -169,15 +202,29 @@ class ConfigEvaluator:
         return grad[0].double().cpu().numpy()
 
 
+def per_category(metrics: dict, suite: str, metric: str) -> dict:
+    """{category: value} of `metric`'s per-category siblings ("bbq/Age/s_dis" for "overall/s_dis"),
+    or {"overall": value} when the suite reported no categories."""
+    last = metric.split("/")[-1]
+    found = {k.split("/")[1]: v for k, v in metrics.items()
+             if k.count("/") == 2 and k.startswith(f"{suite}/") and k.endswith(f"/{last}") and k.split("/")[1] != "overall"}
+    return found or {"overall": metrics[f"{suite}/{metric}"]}
+
+
 def fairness_interval(objectives: Objectives, metrics: dict) -> tuple[float, float] | None:
-    """A 95% interval for a single-term fairness objective (weighted sums have none of their own)."""
+    """A 95% interval for a single-term fairness objective, or None: weighted sums have none of their
+    own, and neither has a mean of per-category absolute values over several categories (the overall
+    metric's interval says nothing about it, and the categories' intervals do not combine into one).
+    With one category, the interval of |value| follows from that of the value."""
     if len(objectives.fairness) != 1:
         return None
     name, weight = objectives.fairness[0]
     suite, metric = FAIRNESS[name]
     m = metrics[f"{suite}/{metric}"]
     lo, hi = m["ci_low"], m["ci_high"]
-    if name.startswith("bbq"):
+    if name in PER_CATEGORY_ABS:
+        if len(per_category(metrics, suite, metric)) > 1 or not (math.isfinite(lo) and math.isfinite(hi)):
+            return None
         lo, hi = (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
     return (weight * lo, weight * hi)
 
@@ -186,3 +233,49 @@ def utility_interval(objectives: Objectives, metrics: dict) -> tuple[float, floa
     suite, metric = UTILITY[objectives.utility]
     m = metrics[f"{suite}/{metric}"]
     return (m["ci_low"], m["ci_high"])
+
+
+# The association suite's two distances are always shown side by side: kl_uniform can be gamed by
+# flattening the group words, kl_neutral (the stereotype part) is what repairs are judged on.
+ALWAYS_SHOWN = ("association/overall/kl_neutral", "association/overall/kl_uniform")
+
+
+def shown_metrics(objectives: Objectives, metrics) -> list[str]:
+    """The metrics a before/after change is reported for: every metric the objectives read (all
+    categories of a term, since a term may combine them), and both association distances."""
+    suffixes = {(suite, metric.split("/")[-1]) for suite, metric in (FAIRNESS[n] for n, _ in objectives.fairness)}
+    suffixes.add(UTILITY[objectives.utility])
+    names = [k for k in metrics if any(k.startswith(f"{suite}/") and k.endswith("/" + last.split("/")[-1])
+                                        for suite, last in suffixes)]
+    return list(dict.fromkeys(names + [k for k in ALWAYS_SHOWN if k in metrics]))
+
+
+def paired_changes(objectives: Objectives, before: dict, after: dict, *, seed: int = 0) -> dict:
+    """Changes from `before` to `after` (two evaluation rows of the same split, with "units"), each with
+    a paired bootstrap 95% interval: the objectives' fairness and utility and every kept metric.
+
+    Each metric is resampled with draws seeded by its name, identical on both sides (that is the
+    pairing) and independent between metrics of different item sets. A fairness objective that
+    combines several metrics is recomputed from their replicates, replicate by replicate."""
+    import zlib
+
+    from repair.stats import Units, change_from_replicates, replicates
+
+    names = [k for k in before.get("units", {}) if k in after.get("units", {})]
+    reps = {}
+    for k in names:
+        ub, ua = Units.from_dict(before["units"][k]), Units.from_dict(after["units"][k])
+        s = seed + zlib.crc32(k.encode())
+        reps[k] = (replicates(ub.statistic, ub.n, seed=s), replicates(ua.statistic, ua.n, seed=s))
+    changes = {k: change_from_replicates(before["metrics"][k]["value"], after["metrics"][k]["value"], *reps[k]).as_dict()
+               for k in names}
+    out = {"metrics": changes}
+    try:
+        fb = objectives.fairness_of({k: r[0] for k, r in reps.items()})
+        fa = objectives.fairness_of({k: r[1] for k, r in reps.items()})
+        out["fairness"] = change_from_replicates(before["fairness"], after["fairness"], fb, fa).as_dict()
+    except KeyError:  # a metric the objective reads has no units: no interval for the combination
+        out["fairness"] = None
+    suite, metric = UTILITY[objectives.utility]
+    out["utility"] = changes.get(f"{suite}/{metric}")
+    return out

@@ -4,8 +4,10 @@
 2. fit surrogate ensembles mask -> fairness and mask -> log-perplexity on the records;
 3. anneal over the surrogates for a sweep of trade-off weights, inside a trust region around
    evaluated masks; evaluate the most promising new masks for real; refit; repeat for `rounds`;
-4. verify the best masks and the unrepaired model on the held-out report split; choose the fairest
-   one that keeps utility within the allowed loss there; export it and write the report.
+4. verify the best masks and the unrepaired model on the held-out `select` split; choose the fairest
+   one that keeps utility within the allowed loss there; only then measure the unrepaired model, the
+   chosen mask and the select split's front on the `report` split, which nothing ever chooses by;
+   export the chosen mask and write the report.
 Every LLM evaluation is a trial in an Optuna study, so a killed run resumes where it stopped, and
 `repair worker` processes on other machines can take evaluations from the same study.
 """
@@ -25,7 +27,7 @@ from repair.evaluator import Evaluator
 from repair.heads import HeadMasker, head_layout
 from repair.io import write_json_atomic, write_text_atomic
 from repair.models import LoadedModel
-from repair.objectives import ConfigEvaluator, Objectives
+from repair.objectives import ConfigEvaluator, Objectives, paired_changes
 from repair.records import Records, open_study
 from repair.rundir import RunConfig
 from repair.suites.base import EvalConfig
@@ -38,7 +40,12 @@ GRADIENT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
 SWEEP_WEIGHTS = (3.0, 10.0, 30.0, 100.0)
 
 
+SPLITS = ("search", "select", "report")
+
+
 def eval_config(config: RunConfig, split: str) -> EvalConfig:
+    """The suites of one split; `select` and `report` both take the held-out limits (`report_limit`,
+    `report_ppl_tokens`)."""
     search = split == "search"
     return EvalConfig(
         data_dir=config.data_dir, split=split,
@@ -65,10 +72,12 @@ class MaskScorer:
         return {f: h for ev in self.objectives.values() for s in ev.suites.values() for f, h in (getattr(s, "files", {}) or {}).items()}
 
     def scorer(self, split: str):
+        """Evaluates a batch of mask keys on `split`; held-out evaluations keep the per-unit numbers
+        that paired intervals of their changes need."""
         def score(keys: list[str]) -> list[dict]:
             stack = np.stack([M.from_key(k, self.layout) for k in keys]).astype(np.float32)
             self.masker.set_masks(torch.from_numpy(stack))
-            return self.objectives[split].evaluate(self.evaluator, len(keys))
+            return self.objectives[split].evaluate(self.evaluator, len(keys), keep_units=split != "search")
         return score
 
     def close(self) -> None:
@@ -280,14 +289,30 @@ def _holdout_points(model, X, y, seed):
     return {"predicted": model.predict(X[ho]).tolist(), "measured": y[ho].tolist()}
 
 
-def verify(config: RunConfig, scorer: MaskScorer, keys: list[str]) -> list[dict]:
-    """Evaluate `keys` on the report split, resumably, in the run's second study."""
-    records = Records(open_study(config.storage_url, config.study_name + "-report", config.heartbeat))
+def verify(config: RunConfig, scorer: MaskScorer, keys: list[str], split: str) -> dict[str, dict]:
+    """Evaluate `keys` on a held-out split (`select` or `report`), resumably, in that split's study."""
+    records = Records(open_study(config.storage_url, f"{config.study_name}-{split}", config.heartbeat))
     records.fail_stale(local_dead=True)
-    with _bar(len(keys), "verifying on held-out split") as bar:
-        done = records.evaluate([(k, "report") for k in keys], scorer.scorer("report"), batch_size=config.batch_masks,
+    desc = "verifying finalists on the select split" if split == "select" else "measuring on the report split"
+    with _bar(len(keys), desc) as bar:
+        done = records.evaluate([(k, split) for k in keys], scorer.scorer(split), batch_size=config.batch_masks,
                                 progress=bar, work=not config.workers_only, stage="verification")
-    return [{"key": k, **{a: done[k].user_attrs[a] for a in ("fairness", "utility", "metrics")}} for k in keys]
+    return {k: {a: done[k].user_attrs.get(a) for a in ("fairness", "utility", "metrics", "units")} for k in keys}
+
+
+def choose(objectives: Objectives, selected: dict[str, dict], base_key: str, allowed: list[str], max_loss: float) -> str:
+    """The fairest of `allowed` whose utility on the select split stays within `max_loss` of the
+    unrepaired model's there; the unrepaired model when none does. Reads select-split records only."""
+    bound = objectives.utility_bound(selected[base_key]["utility"], max_loss)
+    meeting = [k for k in allowed if k in selected and k != base_key and objectives.meets(selected[k]["utility"], bound)]
+    return min(meeting, key=lambda k: (selected[k]["fairness"], k)) if meeting else base_key
+
+
+def select_front(objectives: Objectives, selected: dict[str, dict]) -> list[str]:
+    """The verified configurations that no other beats on both objectives on the select split."""
+    keys = list(selected)
+    points = np.array([[selected[k]["fairness"], objectives.utility_loss(selected[k]["utility"])] for k in keys])
+    return [keys[i] for i in pareto_front(points, ("min", "min"))]
 
 
 def publish(study, config: RunConfig, files: dict[str, str]) -> None:
@@ -299,7 +324,7 @@ def publish(study, config: RunConfig, files: dict[str, str]) -> None:
 
 def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) -> dict:
     started = time.perf_counter()
-    scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in ("search", "report")})
+    scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS})
     try:
         search = PruneSearch(config, objectives, scorer)
         publish(search.records.study, config, scorer.files())
@@ -313,25 +338,32 @@ def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) ->
             sequences["knockout"] = search.knockout_baseline()
         finalists = {method: search.finalists(seq) for method, seq in sequences.items()}
         done = search.records.completed()
-        to_verify = list(dict.fromkeys([search.base_key] + [k for keys in finalists.values() for k in keys]))
-        verified = verify(config, scorer, to_verify)
+        base = search.base_key
+        to_select = list(dict.fromkeys([base] + [k for keys in finalists.values() for k in keys]))
+        selected = verify(config, scorer, to_select, "select")
+        chosen = choose(objectives, selected, base, finalists["prune"], config.max_utility_loss)
+        best = {m: choose(objectives, selected, base, keys, config.max_utility_loss) for m, keys in finalists.items()}
+        # only now, after every choice, the report split: what the user is shown
+        to_report = list(dict.fromkeys([base, chosen, *best.values(), *select_front(objectives, selected)]))
+        reported = verify(config, scorer, to_report, "report")
         search.records.study.set_user_attr("finished", True)  # workers may leave
     finally:
         scorer.close()
-    base_report = verified[0]
-    bound = objectives.utility_bound(base_report["utility"], config.max_utility_loss)
-    meeting = [v for v in verified[1:] if v["key"] in finalists["prune"] and objectives.meets(v["utility"], bound)]
-    chosen = min(meeting, key=lambda v: v["fairness"]) if meeting else base_report
     candidates = []
-    for v in verified:
-        t = done[v["key"]]
-        mask = M.from_key(v["key"], search.layout)
+    for k in to_select:
+        t = done[k]
+        sides = {"select": selected[k], "report": reported.get(k)}
         candidates.append({
-            "key": v["key"], "phase": t.user_attrs["phase"], "pruned_heads": M.pruned_heads(mask),
-            "methods": [m for m, keys in finalists.items() if v["key"] in keys],
-            "chosen": v["key"] == chosen["key"], "meets_constraint_on_report": objectives.meets(v["utility"], bound),
+            "key": k, "phase": t.user_attrs["phase"], "pruned_heads": M.pruned_heads(M.from_key(k, search.layout)),
+            "methods": [m for m, keys in finalists.items() if k in keys], "chosen": k == chosen,
+            "best_of": [m for m, b in best.items() if b == k and k != base],
+            "meets_constraint_on_select": objectives.meets(selected[k]["utility"], objectives.utility_bound(
+                selected[base]["utility"], config.max_utility_loss)),
             "search": {a: t.user_attrs[a] for a in ("fairness", "utility", "metrics")},
-            "report": {a: v[a] for a in ("fairness", "utility", "metrics")},
+            **{split: None if side is None else {a: side[a] for a in ("fairness", "utility", "metrics")}
+               for split, side in sides.items()},
+            "changes": {split: None if side is None or k == base else paired_changes(objectives, (selected if split == "select" else reported)[base], side, seed=config.seed)
+                        for split, side in sides.items()},
         })
     write_text_atomic(config.out / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
     write_json_atomic(config.out / "methods.json", {
@@ -342,11 +374,11 @@ def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) ->
 
 
 def best_verified(sequence: list[str], candidates: list[dict], method: str) -> dict | None:
-    """A method's fairest verified mask that meets the constraint on the report split, and after how
-    many of the method's own LLM evaluations it was first evaluated."""
-    ok = [c for c in candidates if method in c["methods"] and c["meets_constraint_on_report"]]
-    if not ok:
+    """A method's best mask as chosen on the select split (its report-split numbers beside it), and
+    after how many of the method's own LLM evaluations it was first evaluated."""
+    best = next((c for c in candidates if method in c["best_of"]), None)
+    if best is None:
         return None
-    best = min(ok, key=lambda c: c["report"]["fairness"])
-    return {"key": best["key"], "report_fairness": best["report"]["fairness"], "report_utility": best["report"]["utility"],
+    return {"key": best["key"], "select_fairness": best["select"]["fairness"], "select_utility": best["select"]["utility"],
+            "report_fairness": best["report"]["fairness"], "report_utility": best["report"]["utility"],
             "first_reached_at_evaluation": sequence.index(best["key"]) + 1, "n_pruned": len(best["pruned_heads"])}

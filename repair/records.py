@@ -174,8 +174,9 @@ class Records:
         return stored
 
     def _complete(self, t, row: dict, seconds: float) -> bool:
-        for name in ("metrics", "fairness", "utility"):
-            self.storage.set_trial_user_attr(t._trial_id, name, row[name])
+        for name in ("metrics", "fairness", "utility", "units"):
+            if name in row:
+                self.storage.set_trial_user_attr(t._trial_id, name, row[name])
         self.storage.set_trial_user_attr(t._trial_id, "seconds", round(seconds, 3))
         return self.storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [row["fairness"], row["utility_loss"]])
 

@@ -11,7 +11,7 @@ from repair.errors import UserError
 from repair.evaluate import versions
 from repair.export import export_pruned, model_card
 from repair.models import load_model
-from repair.objectives import Objectives, fairness_interval, utility_interval
+from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, utility_interval
 from repair.records import open_study, redact
 from repair.rundir import RunConfig, prepare
 from repair.suites import build_suite
@@ -82,7 +82,9 @@ def run(config: RunConfig) -> int:
         "pruned_heads": chosen["pruned_heads"],
         "objectives": objectives.describe(),
         "max_utility_loss": config.max_utility_loss,
-        "metrics": {split: {"base": _side(base[split]), "repaired": _side(chosen[split])} for split in ("search", "report")},
+        "chosen_on": "select", "reported_on": "report",
+        "metrics": {split: {"base": _side(base[split]), "repaired": _side(chosen[split])} for split in ("search", "select", "report")},
+        "changes": chosen["changes"],  # repaired against unrepaired, paired 95% intervals, per held-out split
         "data_files": files,
         "versions": versions(),
         "command": sys.argv,
@@ -100,19 +102,39 @@ def _side(side: dict) -> dict:
     return {"fairness": side["fairness"], "utility": side["utility"], **side["metrics"]}
 
 
-def _print_summary(config, objectives, base, chosen, report, result) -> None:
+def format_change(change: dict | None) -> str:
+    """'-7.4% [-9.1%, -5.6%]' (relative change, paired 95% interval), '*' when it excludes zero."""
+    if not change:
+        return "n/a"
+    lo, hi = change["relative_ci"]
+    return f"{change['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]{' *' if change['significant'] else ''}"
+
+
+def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -> list[tuple[str, float, float, str]]:
+    """(label, unrepaired, repaired, change) for the objectives and both association distances."""
     desc = objectives.describe()
-    rb, rc = base["report"], chosen["report"]
-    change = lambda a, b: f"{(b - a) / abs(a):+.1%}" if a else "n/a"
+    b, c = base[split], chosen[split]
+    changes = (chosen["changes"] or {}).get(split) or {"metrics": {}}
+    rows = [(f"fairness: {desc['fairness']['name']} (lower is better)", b["fairness"], c["fairness"], format_change(changes.get("fairness"))),
+            (f"utility: {desc['utility']['name']} ({desc['utility']['better']} is better)", b["utility"], c["utility"],
+             format_change(changes.get("utility")))]
+    for key in ALWAYS_SHOWN:
+        if key in b["metrics"]:
+            rows.append((f"{key.split('/')[-1]} (association, lower is better)", b["metrics"][key]["value"],
+                         c["metrics"][key]["value"], format_change(changes["metrics"].get(key))))
+    return rows
+
+
+def _print_summary(config, objectives, base, chosen, report, result) -> None:
     print(f"\nLLM evaluations: {result['n_evaluations']} in {result['seconds'] / 60:.1f} min")
     if chosen is base:
-        print("no pruned configuration kept utility within the limit on the held-out split: the checkpoint is the unrepaired model")
-    rows = [(f"fairness: {desc['fairness']['name']} (lower is better)", rb["fairness"], rc["fairness"]),
-            (f"utility: {desc['utility']['name']} ({desc['utility']['better']} is better)", rb["utility"], rc["utility"])]
+        print("no pruned configuration kept utility within the limit on the select split: the checkpoint is the unrepaired model")
+    print("chosen on the select split; measured on the report split, which no choice has seen")
+    rows = summary_rows(objectives, base, chosen, "report")
     width = max(len(r[0]) for r in rows)
-    print(f"{'held-out report split'.ljust(width)}  unrepaired    repaired  change")
-    for label, a, b in rows:
-        print(f"{label.ljust(width)}  {a:10.4f}  {b:10.4f}  {change(a, b)}")
+    print(f"{'report split'.ljust(width)}  unrepaired    repaired  change [paired 95% CI] (* excludes 0)")
+    for label, a, b, change in rows:
+        print(f"{label.ljust(width)}  {a:10.4f}  {b:10.4f}  {change}")
     print(f"pruned heads: {len(chosen['pruned_heads'])}")
     print(f"checkpoint: {config.out / 'checkpoint'}")
     print(f"report:     {report}")
@@ -126,8 +148,9 @@ def _name(phase: str, key: str) -> str:
 
 
 def write_run_report(run_dir: Path) -> Path:
-    """Build report/ from the run's records: the verified configurations (unrepaired model, the
-    search's finalists, the baselines') on the held-out split, and the surrogate fits. Search-split
+    """Build report/ from the run's records: the configurations measured on the report split (the
+    unrepaired model, the chosen one, each method's best and the select split's front), with their
+    paired changes against the unrepaired model, and the surrogate fits. Search- and select-split
     records are not plotted: their texts differ from the report split's, so their values would not
     be comparable on the same axes."""
     from reports import write_report
@@ -142,13 +165,18 @@ def write_run_report(run_dir: Path) -> Path:
     candidates = [json.loads(line) for line in cand_path.read_text().splitlines() if line.strip()]
     points = []
     for i, c in enumerate(candidates):
-        kind = "base" if i == 0 else ("chosen" if c["chosen"] else "candidate")
         rep = c["report"]
+        if rep is None:  # verified on the select split only: not on the report's axes
+            continue
+        kind = "base" if i == 0 else ("chosen" if c["chosen"] else "candidate")
         points.append({
             "name": "unrepaired" if i == 0 else _name(c["phase"], c["key"]), "method": "base" if i == 0 else c["methods"][0],
             "kind": kind, "split": "report", "fairness": rep["fairness"], "utility": rep["utility"],
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
             "config": {"pruned_heads": c["pruned_heads"]},
+            "changes": (c.get("changes") or {}).get("report"),
+            "shown": {k.split("/")[-1]: rep["metrics"][k]["value"] for k in ALWAYS_SHOWN if k in rep["metrics"]},
+            "select": {"fairness": c["select"]["fairness"], "utility": c["select"]["utility"]},
         })
     fits = []
     for plan in sorted((run_dir / "surrogates").glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
@@ -157,6 +185,7 @@ def write_run_report(run_dir: Path) -> Path:
             fits.append({"objective": objective, "predicted": fit["predicted"], "measured": fit["measured"],
                          "scores": fit["scores"], "label": f"round {data['round']}"})
     meta = {"model": identity["model"]["model"], "method": identity["method"],
+            "splits": "chosen on the select split; every number shown is from the report split, which no choice has seen",
             "command": " ".join(saved.get("command", [])), "versions": json.dumps(saved.get("versions", {})),
             "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     desc = objectives.describe()

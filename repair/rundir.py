@@ -9,7 +9,7 @@ from pathlib import Path
 
 from repair.errors import UserError
 from repair.io import write_json_atomic
-from repair.models import ModelSpec
+from repair.models import ModelSpec, model_numbers
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class RunConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     method: str = "prune"
     data_dir: Path | None = None
-    fairness: str = "association"
+    fairness: str = "association-neutral"  # the stereotype part; kl_uniform is shown beside it
     utility: str = "text"
     budget_evals: int = 120
     rounds: int = 2
@@ -51,13 +51,31 @@ class RunConfig:
         return self.study or f"repair-{self.out.resolve().name}"
 
     def identity(self) -> dict:
-        """The fields that must match for a rerun to resume (not where records are stored)."""
+        """What must match for a rerun to resume or a worker to join (not where records are stored):
+        the configuration, and under "numbers" what the model computes with (`models.model_numbers`:
+        the weights' fingerprint, device type, resolved dtype), since a bfloat16 GPU run or another
+        checkpoint behind the same path gives other numbers for the same flags."""
         d = asdict(self)
         for k in ("out", "storage", "study", "batch_masks", "workers_only", "heartbeat"):
             d.pop(k)
-        d["model"].pop("device")
-        d["model"].pop("device_map")
+        d["model"] = {"model": self.model.model, "trust_remote_code": self.model.trust_remote_code}
+        d["numbers"] = model_numbers(self.model)
         return json.loads(json.dumps(d, default=str))
+
+
+def check_numbers(held: dict | None, ours: dict, holder: str, this: str, fix: str, old_fix: str) -> None:
+    """Refuse, in one line naming what differs, to add records computed with other weights, another
+    device type or dtype to a run: `held` is the run's "numbers", `ours` this process's."""
+    if not held:
+        raise UserError(f"{holder} was made by an older fairness-repair that did not record the model's "
+                        f"fingerprint, device and dtype, so its records cannot be checked against this {this} "
+                        f"({old_fix})")
+    differ = [name for key, name in (("fingerprint", "model weights"), ("device", "device"), ("dtype", "dtype"))
+              if held.get(key) != ours.get(key)]
+    if differ:
+        raise UserError(f"{holder} holds a run of model fingerprint {held['fingerprint'][:12]} on "
+                        f"{held['device']}/{held['dtype']}; this {this} has {ours['fingerprint'][:12]} on "
+                        f"{ours['device']}/{ours['dtype']} (different {' and '.join(differ)}: {fix})")
 
 
 def prepare(config: RunConfig, resolved: dict) -> bool:
@@ -74,8 +92,12 @@ def prepare(config: RunConfig, resolved: dict) -> bool:
             previous = json.loads(saved.read_text())["identity"]
         except (ValueError, KeyError):
             raise UserError(f"{saved} is not a run configuration (choose another --out)") from None
-        if previous != config.identity():
-            diff = sorted(k for k in set(previous) | set(config.identity()) if previous.get(k) != config.identity().get(k))
+        current = config.identity()
+        check_numbers(previous.get("numbers"), current["numbers"], str(out), "process",
+                      "rerun with the same --model/--device/--dtype to resume, or choose another --out",
+                      "choose another --out")
+        if previous != current:
+            diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise UserError(f"{out} holds a run with a different configuration ({', '.join(diff)} differ): "
                             "rerun with the same arguments to resume, or choose another --out")
         return True

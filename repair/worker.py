@@ -2,7 +2,7 @@
 
 The coordinator (`repair run`) stores its configuration and its data files' hashes in the study; a
 worker loads the same model and suites from them, claims WAITING trials of the run's two studies
-(search split, then the held-out report split), evaluates them in batches and completes them, until
+(search split, then the held-out select and report splits), evaluates them in batches and completes them, until
 the coordinator marks the run finished or nothing arrives for `max_idle` seconds.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from repair.errors import UserError
-from repair.models import ModelSpec, load_model
+from repair.models import ModelSpec, load_model, model_numbers
 from repair.objectives import Objectives
 from repair.records import NoSuchStudy, Records, open_study, redact
-from repair.rundir import RunConfig
+from repair.rundir import RunConfig, check_numbers
 
 
 @dataclass(frozen=True)
@@ -35,16 +35,25 @@ class WorkerConfig:
 
 
 def run_config_from_study(study, worker: WorkerConfig) -> RunConfig:
+    """The run's configuration with this machine's paths and device; refused (before any loading) when
+    its model would compute other numbers than the run's: other weights, device type or dtype."""
     stored = study.user_attrs.get("run")
     if not stored:
         raise UserError(f"study {worker.study!r} holds no repair run (start it with `repair run --storage ... --study {worker.study}`)")
     identity = dict(stored["identity"])
+    numbers = identity.pop("numbers", None)
     model = {**identity.pop("model"), "device": worker.device, "device_map": worker.device_map}
+    if numbers:
+        model["dtype"] = numbers["dtype"]  # the run's, as it resolved there
     if worker.model:
         model["model"] = worker.model
+    spec = ModelSpec(**model)
+    check_numbers(numbers, model_numbers(spec) if numbers else {}, f"study {worker.study!r}", "worker",
+                  f"point --model at a copy of the run's model, with --device {(numbers or {}).get('device')}",
+                  "restart the run with this version of fairness-repair")
     data_dir = worker.data_dir or stored["data_dir"]
     identity["baselines"] = tuple(identity["baselines"])
-    return RunConfig(out=Path("."), model=ModelSpec(**model), data_dir=Path(data_dir) if data_dir else None,
+    return RunConfig(out=Path("."), model=spec, data_dir=Path(data_dir) if data_dir else None,
                      heartbeat=stored["heartbeat"], **{k: v for k, v in identity.items() if k != "data_dir"})
 
 
@@ -63,20 +72,21 @@ def _wait_for_run(worker: WorkerConfig):
 
 
 def run_worker(worker: WorkerConfig) -> int:
-    from repair.prune import MaskScorer, eval_config
+    from repair.prune import SPLITS, MaskScorer, eval_config
 
     config = run_config_from_study(_wait_for_run(worker), worker)
     search_study = open_study(worker.storage, worker.study, config.heartbeat, create=False)  # beat as the run expects
     objectives = Objectives.parse(config.fairness, config.utility)
     loaded = load_model(config.model)
-    scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in ("search", "report")})
+    scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS})
     try:
         if sorted(scorer.files().values()) != search_study.user_attrs["run"]["data_sha256"]:
             raise UserError("this worker's data files differ from the run's (their sha256 do not match): "
                             "point --data-dir at the same copy of the data the run uses")
         queues = [
             (Records(search_study), scorer.scorer("search"), "sampling"),
-            (Records(open_study(worker.storage, worker.study + "-report", config.heartbeat)), scorer.scorer("report"), "verification"),
+            *((Records(open_study(worker.storage, f"{worker.study}-{split}", config.heartbeat)), scorer.scorer(split), "verification")
+              for split in ("select", "report")),
         ]
         print(f"worker: joined study {worker.study!r} in {redact(worker.storage)}", file=sys.stderr)
         n, idle_since = 0, time.monotonic()

@@ -58,6 +58,8 @@ svg.plot { display: block; max-width: 100%; height: auto; font-family: inherit; 
 .card dt { color: var(--muted); }
 .card dd { margin: 0; font-variant-numeric: tabular-nums; }
 .better { color: #1a7f37; }
+.sig { font-weight: 600; }
+.ns { color: var(--muted); }
 .worse { color: #cf222e; }
 table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
 th, td { text-align: left; padding: 6px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
@@ -176,8 +178,21 @@ def _value_ci(value: float, ci) -> str:
     return text
 
 
-def _change(chosen: float, base: float, better: str) -> str:
-    """The chosen point's change against the base, coloured by whether it is an improvement."""
+def _paired(change) -> str:
+    """A change's paired 95% interval and whether it excludes zero, or nothing when there is none."""
+    if not isinstance(change, Mapping) or not change.get("relative_ci"):
+        return ""
+    lo, hi = change["relative_ci"]
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return ""
+    mark = ('<span class="sig" title="the paired 95% interval excludes zero">significant</span>' if change.get("significant")
+            else '<span class="ns" title="the paired 95% interval includes zero">within noise</span>')
+    return f' <span class="ci">paired 95% CI [{esc(f"{lo:+.1%}")}, {esc(f"{hi:+.1%}")}]</span> {mark}'
+
+
+def _change(chosen: float, base: float, better: str, change=None) -> str:
+    """The chosen point's change against the base, coloured by whether it is an improvement, with the
+    paired interval of the change when the records carry one."""
     delta = chosen - base
     if not (math.isfinite(delta)):
         return ""
@@ -188,7 +203,7 @@ def _change(chosen: float, base: float, better: str) -> str:
         improved = delta < 0 if better == "lower" else delta > 0
         worsened = delta > 0 if better == "lower" else delta < 0
     cls, word = ("better", "better") if improved else ("worse", "worse") if worsened else ("", "unchanged")
-    return f'<span class="{cls}">{esc(f"{delta:+.4g}{rel}")} vs base · {word}</span>'
+    return f'<span class="{cls}">{esc(f"{delta:+.4g}{rel}")} vs base · {word}</span>{_paired(change)}'
 
 
 def _summary(points, front, objectives) -> str:
@@ -202,11 +217,18 @@ def _summary(points, front, objectives) -> str:
         for key in OBJECTIVES:
             change = ""
             if p is chosen and base is not None:
-                change = f'<div class="delta">{_change(p[key], base[key], objectives[key]["better"])}</div>'
+                paired = (p.get("changes") or {}).get(key)
+                change = f'<div class="delta">{_change(p[key], base[key], objectives[key]["better"], paired)}</div>'
             rows.append(
                 f'<div class="metric"><div class="label">{esc(objectives[key]["name"])}</div>'
                 f'<div class="value">{_value_ci(p[key], p[f"{key}_ci"])}</div>{change}</div>'
             )
+        for name, value in (p.get("shown") or {}).items():  # kl_neutral and kl_uniform, always both
+            paired = ((p.get("changes") or {}).get("metrics") or {}).get(f"association/overall/{name}")
+            change = f'<div class="delta">{_change(value, base["shown"][name], "lower", paired)}</div>' \
+                if p is chosen and base is not None and name in (base.get("shown") or {}) else ""
+            rows.append(f'<div class="metric"><div class="label">{esc(name)} (association)</div>'
+                        f'<div class="value">{esc(fmt(value))}</div>{change}</div>')
         count = n_pruned(p)
         if count is not None:
             rows.append(f'<div class="metric"><div class="label">pruned heads</div><div class="value">{count}</div></div>')
@@ -268,10 +290,13 @@ def _tradeoff(points, front, objectives) -> str:
 
 def _front_table(points, front, objectives) -> str:
     show_split = len({points[i]["split"] for i in front}) > 1
+    shown = list(dict.fromkeys(n for i in front for n in (points[i].get("shown") or {})))
     head = [
         '<th class="num">#</th>', "<th>Name</th>", "<th>Method</th>", "<th>Kind</th>",
         f"<th class=\"num\">Fairness: {esc(objectives['fairness']['name'])} [CI]</th>",
         f"<th class=\"num\">Utility: {esc(objectives['utility']['name'])} [CI]</th>",
+        '<th class="num">Fairness change vs unrepaired [paired 95% CI]</th>',
+        *[f'<th class="num">{esc(n)}</th>' for n in shown],
         '<th class="num">Pruned heads</th>',
     ] + (["<th>Split</th>"] if show_split else [])
     colours = method_colours(points)
@@ -287,6 +312,8 @@ def _front_table(points, front, objectives) -> str:
             f'<td><span class="tag {kind}">{kind}</span></td>',
             f'<td class="num">{_value_ci(p["fairness"], p["fairness_ci"])}</td>',
             f'<td class="num">{_value_ci(p["utility"], p["utility_ci"])}</td>',
+            f'<td class="num">{_table_change(p)}</td>',
+            *[f'<td class="num">{esc(fmt((p.get("shown") or {}).get(n, float("nan"))))}</td>' for n in shown],
             f'<td class="num">{"" if count is None else count}</td>',
         ] + ([f"<td>{esc(p['split'])}</td>"] if show_split else [])
         rows.append(f'<tr class="{kind}">{"".join(cells)}</tr>')
@@ -299,6 +326,13 @@ def _front_table(points, front, objectives) -> str:
         f'<p class="note">{len(front)} non-dominated configurations, best fairness first.</p>'
         f'<table id="table-front"><thead><tr>{"".join(head)}</tr></thead><tbody>{body}</tbody></table></section>'
     )
+
+
+def _table_change(p) -> str:
+    change = (p.get("changes") or {}).get("fairness")
+    if not isinstance(change, Mapping):
+        return ""
+    return esc(f"{change['relative']:+.1%}") + _paired(change)
 
 
 def _fits(fits, objectives) -> str:

@@ -20,7 +20,7 @@ def _trials(out):
     with sqlite3.connect(out / "study.db") as db:
         rows = db.execute("select t.state, a.value_json from trials t join trial_user_attributes a "
                           "on a.trial_id = t.trial_id and a.key = 'key' join studies s on s.study_id = t.study_id "
-                          "where s.study_name not like '%-report'").fetchall()
+                          "where s.study_name not like '%-report' and s.study_name not like '%-select'").fetchall()
     return rows
 
 
@@ -37,11 +37,14 @@ def test_checkpoint_equals_independently_pruned_model(finished_run, model_dir):
     with torch.inference_mode():
         assert torch.allclose(exported(ids).logits, reference(ids).logits, atol=1e-5)
     assert manifest["method"] == "prune"
-    for split in ("search", "report"):
+    assert (manifest["chosen_on"], manifest["reported_on"]) == ("select", "report")
+    for split in ("search", "select", "report"):
         for side in ("base", "repaired"):
             entry = manifest["metrics"][split][side]
-            assert {"fairness", "utility", "association/overall/kl_uniform", "text/overall/perplexity"} <= set(entry)
-            assert entry["association/overall/kl_uniform"]["ci_low"] <= entry["fairness"] <= entry["association/overall/kl_uniform"]["ci_high"]
+            assert {"fairness", "utility", "association/overall/kl_uniform", "association/overall/kl_neutral",
+                    "text/overall/perplexity"} <= set(entry)
+            kl = entry["association/overall/kl_neutral"]  # the default objective
+            assert kl["ci_low"] <= entry["fairness"] == kl["value"] <= kl["ci_high"]
     assert manifest["objectives"]["fairness"]["better"] == "lower"
     assert (finished_run / "checkpoint" / "README.md").read_text().startswith("# Fairness-repaired")
 
@@ -54,7 +57,10 @@ def test_reported_numbers_reproduce_from_the_checkpoint(finished_run):
                  "--split", "report", "--limit", "1", "--ppl-tokens", "64", "--no-progress", "--json", str(out)]) == 0
     fresh = json.loads(out.read_text())["suites"]
     repaired = manifest["metrics"]["report"]["repaired"]
-    assert fresh["association"]["metrics"]["overall/kl_uniform"]["value"] == pytest.approx(repaired["fairness"], abs=1e-5)
+    for metric in ("kl_neutral", "kl_uniform"):
+        assert fresh["association"]["metrics"][f"overall/{metric}"]["value"] == pytest.approx(
+            repaired[f"association/overall/{metric}"]["value"], abs=1e-5)
+    assert fresh["association"]["metrics"]["overall/kl_neutral"]["value"] == pytest.approx(repaired["fairness"], abs=1e-5)
     assert fresh["text"]["metrics"]["overall/perplexity"]["value"] == pytest.approx(repaired["utility"], rel=1e-5)
 
 
@@ -65,7 +71,9 @@ def test_records_are_unique_and_complete(finished_run):
     candidates = [json.loads(l) for l in (finished_run / "candidates.jsonl").read_text().splitlines()]
     assert candidates[0]["pruned_heads"] == [] and sum(c["chosen"] for c in candidates) == 1
     for c in candidates:
-        assert set(c) >= {"search", "report", "pruned_heads", "key"}
+        assert set(c) >= {"search", "select", "report", "pruned_heads", "key", "changes"}
+    chosen = next(c for c in candidates if c["chosen"])
+    assert chosen["report"] is not None and candidates[0]["report"] is not None  # measured on report after the choice
 
 
 def test_report_is_written(finished_run):
@@ -126,7 +134,9 @@ def test_baselines_share_budget_and_are_reported(model_dir, tmp_path):
         rows = db.execute("select a.value_json, p.value_json, v.objective, v.value from trials t "
                           "join trial_user_attributes a on a.trial_id = t.trial_id and a.key = 'key' "
                           "join trial_user_attributes p on p.trial_id = t.trial_id and p.key = 'phase' "
-                          "join trial_values v on v.trial_id = t.trial_id where t.state = 'COMPLETE'").fetchall()
+                          "join trial_values v on v.trial_id = t.trial_id join studies s on s.study_id = t.study_id "
+                          "where t.state = 'COMPLETE' and s.study_name not like '%-report' "
+                          "and s.study_name not like '%-select'").fetchall()
     from repair import masks as M
     values = {}
     for key, phase, objective, value in rows:
