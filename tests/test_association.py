@@ -1,6 +1,7 @@
 import hashlib
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -155,6 +156,13 @@ def test_malformed_json_names_the_file(tmp_path, monkeypatch):
     (lambda d: d["frames"].update(role=["The {c} is "]), "trimmed"),
     (lambda d: d.pop("version"), "version"),
     (lambda d: d["neutral"].append({"id": "n11", "concept": "The C1", "frame": "role"}), "also a concept"),
+    (lambda d: d["neutral"].pop(), "at least 10"),
+    (lambda d: d["attributes"]["two"]["concepts"][0].pop("stereotyped"), "'stereotyped' must be"),
+    (lambda d: d["attributes"]["two"]["concepts"][0].update(stereotyped=[]), "'stereotyped' must be"),
+    (lambda d: d["attributes"]["two"]["concepts"][0].update(stereotyped=["a"]), "group keys of the attribute (x, y)"),
+    (lambda d: d["attributes"]["two"]["concepts"][0].update(source=" "), "'source' must be"),
+    (lambda d: d["attributes"]["two"]["concepts"][0].pop("source"), "'source' must be"),
+    (lambda d: d["attributes"]["two"]["concepts"][1].update(concept="a C1"), "repeats concept(s) ['c1']"),
 ])
 def test_malformed_structure_is_a_data_error(tmp_path, monkeypatch, edit, needle):
     data = json.loads(json.dumps(TINY))
@@ -180,10 +188,14 @@ def test_shipped_data_meets_the_brief():
         ps = [p for p in suite.prompts if p.attribute == attr]
         concepts = {p.template_id for p in ps if not p.neutral}
         neutral = [p for p in ps if p.neutral]
-        assert len(concepts) >= 15, attr
-        assert len({p.template_id for p in neutral}) >= 3 and len(neutral) >= 3, attr
-        assert len(ps) - len(neutral) >= 45, attr
+        assert len(concepts) >= 60, attr
+        assert len({p.template_id for p in neutral}) >= 10, attr
+        frames = {t: sum(p.template_id == t for p in ps) for t in concepts}
+        assert min(frames.values()) >= 4, attr  # every concept renders in at least 4 frames
         assert 2 <= len(ps[0].groups) <= 8
+        # every concept names the groups it is stereotyped towards; neutral prompts none
+        assert all(p.stereotyped and set(p.stereotyped) <= set(p.groups) for p in ps if not p.neutral), attr
+        assert all(p.stereotyped == () for p in neutral)
         assert all(t.startswith(attr + ":") for t in concepts)
         assert not ids & concepts
         ids |= concepts
@@ -194,6 +206,22 @@ def test_shipped_data_meets_the_brief():
     res = AssociationSuite(EvalConfig(attributes=("age",), limit=1)).score(
         [OptionScores(np.zeros(4), np.ones(4, np.int64))] * 2)
     assert res.files == {association.PACKAGE_LABEL: hashlib.sha256(association._package_file().read_bytes()).hexdigest()}
+
+
+def test_shipped_concepts_do_not_name_their_groups_or_repeat():
+    """A concept that contains one of its attribute's group words ("old", "Muslim") would score the
+    word's repetition, not an association; two spellings of one concept would be one concept twice."""
+    data, _, _ = association.load_data()
+    for attr, spec in data["attributes"].items():
+        words = {re.sub(r"^(a|an) ", "", f.lower()) for forms in spec["groups"].values() for f in forms}
+        for c in spec["concepts"]:
+            named = [w for w in words if re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", c["concept"].lower())]
+            assert not named, (attr, c["concept"], named)
+        keys = [association.split_key(c["concept"]) for c in spec["concepts"]]
+        assert len(set(keys)) == len(keys), attr
+        ids = [c["id"] for c in spec["concepts"]]
+        assert len(set(ids)) == len(ids), attr
+    assert data["version"] == 2
 
 
 def test_split_is_deterministic_disjoint_and_non_empty():
@@ -208,7 +236,7 @@ def test_split_is_deterministic_disjoint_and_non_empty():
             return [p.prompt for p in s.prompts if p.attribute == attr and p.neutral]
 
         sides = [concepts(parts[split]) for split in SPLITS]
-        assert sides[0] and sides[2], attr  # search and report
+        assert all(sides), attr  # every attribute has concepts in each of the three splits
         assert sum(map(len, sides)) == len(set().union(*sides)) and set().union(*sides) == concepts(full), attr
         for split in SPLITS:
             assert neutral(parts[split]) == neutral(full)  # the reference is never split

@@ -48,6 +48,7 @@ from repair.suites.base import ChoiceRequest, EvalConfig, OptionScores, SuiteRes
 
 PACKAGE_LABEL = "<package>/repair/data/association.json"
 MIN_GROUPS, MAX_GROUPS = 2, 8
+MIN_NEUTRAL = 10  # neutral concepts: the reference q is a mean over them, so not a handful
 _ARTICLE = re.compile(r"^(a|an|the)\s+")
 # TEMPORARY: ChoiceRequest.word_end is being added to the evaluator; until it lands, forms are scored
 # without the word-end factor.
@@ -164,7 +165,8 @@ def _validate(data, label) -> None:
         if not isinstance(items, list) or not items or not all(is_text(f) and "{c}" in f for f in items):
             fail(f"frames['{kind}'] must be a non-empty list of trimmed strings containing {{c}}")
 
-    def check_concepts(where, items, min_n):
+    def check_concepts(where, items, min_n, groups=None):
+        """`groups`: the attribute's group keys, for concept entries (neutral ones have none)."""
         if len(items) < min_n:
             fail(f"{where} needs at least {min_n} entries, found {len(items)}")
         for i, c in enumerate(items):
@@ -172,8 +174,20 @@ def _validate(data, label) -> None:
                 fail(f"{where}[{i}] needs trimmed non-empty 'id' and 'concept' strings")
             if c.get("frame") not in frames:
                 fail(f"{where}[{i}] ('{c['id']}'): frame must be one of {sorted(frames)}")
+            if groups is None:
+                continue
+            st = c.get("stereotyped")
+            if not (isinstance(st, list) and st and all(g in groups for g in st) and len(set(st)) == len(st)):
+                fail(f"{where}[{i}] ('{c['id']}'): 'stereotyped' must be a non-empty list of distinct group keys "
+                     f"of the attribute ({', '.join(groups)})")
+            if not (isinstance(c.get("source"), str) and c["source"].strip()):
+                fail(f"{where}[{i}] ('{c['id']}'): 'source' must be a non-empty string (where the stereotype is documented)")
+        texts = [split_key(c["concept"]) for c in items]
+        dup = sorted({t for t in texts if texts.count(t) > 1})
+        if dup:
+            fail(f"{where} repeats concept(s) {dup}")
 
-    check_concepts("neutral", data["neutral"], 1)
+    check_concepts("neutral", data["neutral"], MIN_NEUTRAL)
     if not data["attributes"]:
         fail("'attributes' is empty")
     for attr, spec in data["attributes"].items():
@@ -189,8 +203,8 @@ def _validate(data, label) -> None:
             all_forms += forms
         if len(set(all_forms)) != len(all_forms):
             fail(f"attribute '{attr}' repeats a surface form across its groups")
-        # Two concepts at least, so the split leaves both a search and a report template.
-        check_concepts(f"{attr}.concepts", spec["concepts"], 2)
+        # Two concepts at least (the shipped file has far more: every split needs some of each attribute).
+        check_concepts(f"{attr}.concepts", spec["concepts"], 2, list(groups))
         ids = [c["id"] for c in spec["concepts"]] + [c["id"] for c in data["neutral"]]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
