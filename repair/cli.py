@@ -108,6 +108,13 @@ def cmd_evaluate(args) -> int:
     from repair.models import load_model
 
     loaded = load_model(model_spec(args))
+    progress = not args.no_progress
+    before = {}
+    if args.compare is not None:  # the baseline first, unmasked; the same loaded model when it is the same spec
+        same = args.compare == args.model
+        baseline = loaded if same else load_model(ModelSpec(args.compare, args.device, args.dtype, args.device_map,
+                                                            args.trust_remote_code))
+        compared = evaluate(baseline, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=before)
     masker = keep = None
     if heads is not None:
         from repair.heads import HeadMasker, head_layout
@@ -115,8 +122,9 @@ def cmd_evaluate(args) -> int:
         n_layers, n_heads, _ = head_layout(loaded.model)
         keep = heads.keep_mask(n_layers, n_heads)
         masker = HeadMasker(loaded.model, keep[None])
+    after = {}
     try:
-        report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=not args.no_progress)
+        report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=after)
     finally:
         if masker is not None:
             masker.remove()
@@ -125,6 +133,13 @@ def cmd_evaluate(args) -> int:
         print(f"pruned {len(report['pruned_heads'])} of {keep.size} attention heads "
               f"({keep.shape[0]} layers x {keep.shape[1]} heads)\n")
     print(format_table(report))
+    if args.compare is not None:
+        from repair.evaluate import compare, format_comparison
+
+        report["compare"] = {"baseline": compared["model"], "baseline_suites": compared["suites"],
+                             "changes": compare(before, after, seed=config.seed)}
+        print(f"\nchange against --compare {args.compare} on the same items (paired bootstrap, 1,000 resamples):")
+        print(format_comparison(report["compare"]["changes"], "baseline", "model"))
     if args.json is not None:
         write_json_atomic(args.json, report)
         print(f"\nwrote {args.json}")
@@ -181,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate with these attention heads masked: LAYER:HEAD pairs ('0:3,5:1'), or a JSON file "
                          "holding a list of [layer, head] pairs (a run's checkpoint/repair_manifest.json will do) "
                          "or a layers x heads 0/1 array (1 = keep)")
+    ev.add_argument("--compare", default=None, metavar="MODEL",
+                    help="also score MODEL (e.g. the unrepaired model; the same spec as --model reuses it, without "
+                         "--prune-heads) on the same items and print every metric's change with a paired 95%% interval")
     ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch of the evaluator")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev.set_defaults(func=cmd_evaluate)

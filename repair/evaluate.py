@@ -32,13 +32,17 @@ def versions() -> dict:
     return out
 
 
-def evaluate(loaded: LoadedModel, suites: dict, config: EvalConfig, *, batch_tokens: int, progress: bool) -> dict:
-    """Score `suites` (built by `build_suites` before the model was loaded, so bad data failed fast)."""
+def evaluate(loaded: LoadedModel, suites: dict, config: EvalConfig, *, batch_tokens: int, progress: bool,
+             results_out: dict | None = None) -> dict:
+    """Score `suites` (built by `build_suites` before the model was loaded, so bad data failed fast).
+    `results_out`, when given, receives the SuiteResults themselves (their metrics keep per-unit numbers)."""
     for suite in suites.values():
         suite.tokenizer = loaded.tokenizer  # BBQ's choice mode wraps prompts in the chat template
     scorer = Evaluator(loaded.model, loaded.tokenizer, batch_tokens=batch_tokens, progress=progress)
     start = time.perf_counter()
     results = run_suites(suites, scorer)
+    if results_out is not None:
+        results_out.update(results)
     return {
         "model": loaded.describe(),
         "model_config": loaded.model.config.to_dict(),
@@ -58,6 +62,35 @@ def format_table(report: dict) -> str:
         dropped = suite["info"].get("dropped")
         if isinstance(dropped, dict) and sum(dropped.values()):
             rows.append((name, "dropped (biased answer undetermined)", str(sum(dropped.values())), "", "", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def compare(before: dict[str, SuiteResult], after: dict[str, SuiteResult], seed: int = 0) -> dict[str, dict]:
+    """Every metric's change from `before` to `after` (the same suites and items, scored for two
+    models), with a paired bootstrap 95% interval: {"suite/metric": Change.as_dict()}."""
+    from repair.stats import metric_seed, paired_change
+
+    out = {}
+    for name, result in after.items():
+        for key, m in result.metrics.items():
+            b = before[name].metrics[key]
+            if m.units is None or b.units is None or b.units.n != m.units.n:
+                continue
+            out[f"{name}/{key}"] = paired_change(b.units, m.units, seed=metric_seed(f"{name}/{key}", seed)).as_dict()
+    return out
+
+
+def format_comparison(changes: dict[str, dict], before_label: str, after_label: str) -> str:
+    """One row per metric: both values, the relative change with its paired 95% interval, the
+    interval's half-width, and whether it excludes zero."""
+    rows = [("metric", before_label, after_label, "change [paired 95% CI]", "half-width", "")]
+    for name, c in changes.items():
+        lo, hi = c["relative_ci"]
+        rows.append((name, f"{c['before']:.4f}", f"{c['after']:.4f}", f"{c['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]",
+                     f"+-{(hi - lo) / 2:.1%}", "excludes 0" if c["significant"] else ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -160,6 +160,14 @@ def change_from_replicates(before: float, after: float, rep_before: np.ndarray, 
     return Change(before, after, after - before, _percentiles(rep_after - rep_before), relative, _percentiles(rel))
 
 
+def metric_seed(name: str, seed: int = 0) -> int:
+    """The bootstrap seed of one metric's paired resampling: the same for both sides of a change (that
+    is the pairing), different between metrics so that separate item sets are drawn independently."""
+    import zlib
+
+    return seed + zlib.crc32(name.encode("utf-8"))
+
+
 def paired_change(before: Units, after: Units, *, n_boot: int = N_BOOT, seed: int = 0) -> Change:
     """The change from `before` to `after`, two measurements of the same units, with intervals from
     resampling the units once for both sides."""
