@@ -31,6 +31,46 @@ def test_interval_of_an_absolute_score_straddling_zero():
     obj = Objectives.parse("bbq-sdis", "text")
     m = {"bbq/overall/s_dis": {"value": 0.1, "ci_low": -0.2, "ci_high": 0.3}}
     assert fairness_interval(obj, m) == (0.0, 0.3)
+    m["bbq/Age/s_dis"] = m["bbq/overall/s_dis"]  # one category: the overall value is that category's
+    assert fairness_interval(obj, m) == (0.0, 0.3)
+
+
+def test_no_interval_for_a_mean_of_absolute_values_over_categories():
+    obj = Objectives.parse("bbq-sdis", "text")
+    m = {f"bbq/{c}/s_dis": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}
+         for c, v in (("Age", 0.3), ("Religion", -0.3), ("overall", 0.0))}
+    assert fairness_interval(obj, m) is None
+
+
+@pytest.mark.parametrize("name, metric", [("bbq-sdis", "s_dis"), ("bbq-samb", "s_amb"), ("bbq-margin", "bias_margin")])
+def test_opposite_biases_in_two_categories_do_not_cancel(name, metric):
+    obj = Objectives.parse(name, "text")
+    metrics = {f"bbq/Age/{metric}": 0.4, f"bbq/Religion/{metric}": -0.2, f"bbq/overall/{metric}": 0.1,
+               "bbq/Age/acc_ambig": 0.9, "text/overall/perplexity": 20.0}
+    assert obj.fairness_of(metrics) == pytest.approx(0.3)  # mean of |0.4| and |-0.2|, not |0.1|
+
+
+def test_a_category_with_an_empty_denominator_is_skipped_and_named():
+    obj = Objectives.parse("bbq-sdis:2,association", "text")
+    metrics = {"bbq/Age/s_dis": math.nan, "bbq/Religion/s_dis": -0.2, "bbq/overall/s_dis": -0.2,
+               "association/overall/kl_uniform": 0.5}
+    value = obj.fairness_of(metrics)
+    assert math.isfinite(value) and value == pytest.approx(2 * 0.2 + 0.5)
+    assert obj.skipped_categories(metrics) == ["bbq-sdis/Age"]
+
+
+def test_a_term_undefined_in_every_category_is_an_error_naming_them():
+    obj = Objectives.parse("bbq-sdis", "text")
+    metrics = {"bbq/Age/s_dis": math.nan, "bbq/Religion/s_dis": math.nan, "bbq/overall/s_dis": math.nan}
+    with pytest.raises(UserError, match=r"bbq-sdis is undefined in every BBQ category \(Age, Religion\)"):
+        obj.fairness_of(metrics)
+
+
+def test_bootstrap_replicates_combine_replicate_by_replicate():
+    obj = Objectives.parse("bbq-samb", "text")
+    reps = {"bbq/Age/s_amb": np.array([0.1, np.nan, 0.5]), "bbq/Religion/s_amb": np.array([-0.3, -0.3, np.nan]),
+            "bbq/overall/s_amb": np.array([0.0, 0.0, 0.0])}
+    assert obj.fairness_of(reps) == pytest.approx(np.array([0.2, 0.3, 0.5]))
 
 
 @pytest.mark.parametrize("fairness, utility, message", [
