@@ -152,12 +152,59 @@ def killed_run_with_corrupt_surrogate(w) -> list:
     """A run killed (failpoint) right after its round-1 surrogates were saved with their checksums, one of
     whose files is then changed; the rerun must refuse to unpickle it."""
     out = w.tmp / "out"
-    first = cli(run(w, out=out), env={"REPAIR_KILL_AT": "annealing:1"})
+    first = cli(run(w, out=out), env={"REPAIR_KILL_AT": "annealing:1", "REPAIR_CACHE_DIR": str(w.tmp / "cache")})
     saved = sorted((out / "surrogates").glob("*.joblib"))
     assert first.returncode == -9 and saved, f"setup: the run was not killed after fitting\n{first.stderr[-2000:]}"
     with open(saved[0], "ab") as f:
         f.write(b"\0")  # one more byte: the recorded sha256 no longer matches
     return run(w, out=out)
+
+
+def started_run(w, model=None, *args) -> Path:
+    """A run on the CPU killed (failpoint) at its first evaluation, as a rerun finds it; with the case's cache,
+    so that the weights' hashes it remembered are the ones the rerun looks up."""
+    out = w.tmp / "out"
+    first = cli(["run", "--model", model or w.model, "--out", out, "--device", "cpu", *SMALL_RUN, *args],
+                env={"REPAIR_KILL_AT": "sampling:1", "REPAIR_CACHE_DIR": str(w.tmp / "cache")})
+    assert first.returncode == -9 and (out / "config.json").is_file(), f"setup: the run was not killed\n{first.stderr[-2000:]}"
+    return out
+
+
+def other_model(w, name: str = "other") -> Path:
+    """A tiny random checkpoint like MODEL (same architecture and tokenizer), with other weights."""
+    from tiny import tiny_checkpoint
+
+    return tiny_checkpoint(w.tmp / name, seed=1)
+
+
+def resume_with_other_weights(w) -> list:
+    model = model_copy(w)
+    started_run(w, model)
+    shutil.copy(other_model(w) / "model.safetensors", model / "model.safetensors")
+    return ["run", "--model", model, "--out", w.tmp / "out", "--device", "cpu", *SMALL_RUN]
+
+
+def resume_old_run(w) -> list:
+    saved = started_run(w) / "config.json"
+    old = json.loads(saved.read_text())
+    del old["identity"]["numbers"]  # as fairness-repair wrote it before runs recorded their numbers
+    saved.write_text(json.dumps(old))
+    return run(w, "--device", "cpu")
+
+
+def worker_with_other_model(w) -> list:
+    out = started_run(w)
+    return ["worker", "--storage", f"sqlite:///{out / 'study.db'}", "--study", "repair-out", "--model", other_model(w),
+            "--device", "cpu", "--max-idle", "5"]
+
+
+def old_transformers(w) -> dict:
+    """A `transformers-4.40.0.dist-info` ahead of site-packages: what `importlib.metadata` reports for an
+    old install (the package imported is still the real one)."""
+    info = w.tmp / "site" / "transformers-4.40.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 4.40.0\n")
+    return {"PYTHONPATH": str(w.tmp / "site")}
 
 
 @dataclass
@@ -172,6 +219,7 @@ class Case:
     secret: str | None = None  # must appear nowhere: stdout, stderr, any file under w.tmp
     may_change: tuple[str, ...] = ()  # file names that may change during the command (a run's study.db)
     progress_ok: bool = False  # stderr may carry progress lines before the error line (a resumed run)
+    env_of: Callable | None = None  # (w) -> more environment, made with the case's folder
 
 
 CASES = [
@@ -325,6 +373,26 @@ CASES = [
          lambda w: evaluate(w), "eval.json: File too large (free space or choose another location)", fsize=4096),
     Case("report-no-run", "report of a folder that holds no run", "`report DIR` on an empty folder",
          lambda w: (w.tmp / "empty").mkdir() or ["report", w.tmp / "empty"], "holds no finished run"),
+    # ---- what a run's numbers are computed with
+    Case("resume-other-dtype", "resuming a run with another dtype",
+         "a `run --device cpu` killed at its first evaluation (float32), the same `run` again with `--dtype bfloat16`",
+         lambda w: started_run(w) and run(w, "--device", "cpu", "--dtype", "bfloat16"),
+         "(different dtype: rerun with the same --model/--device/--dtype to resume, or choose another --out)"),
+    Case("resume-other-weights", "resuming a run whose model's weights changed",
+         "a `run` killed at its first evaluation, its `model.safetensors` replaced by another random checkpoint's, the same `run` again",
+         resume_with_other_weights, "(different model weights: rerun with the same --model/--device/--dtype",
+         may_change=("sha256.json",)),
+    Case("resume-old-run", "resuming a run written before runs recorded their model's numbers",
+         "a killed `run` whose `config.json` lacks `identity.numbers`, the same `run` again",
+         resume_old_run, "was made by an older fairness-repair that did not record the model's fingerprint, device and dtype"),
+    Case("worker-other-model", "a worker pointed at another model than the run's",
+         "a `run` killed at its first evaluation (SQLite study), then `worker --model OTHER` (another random checkpoint)",
+         worker_with_other_model, "(different model weights: point --model at a copy of the run's model, with --device cpu)",
+         may_change=("sha256.json", "study.db")),
+    Case("transformers-too-old", "transformers older than the code needs",
+         "`evaluate` with a `transformers-4.40.0.dist-info` ahead of site-packages on `PYTHONPATH`",
+         lambda w: evaluate(w), "transformers 4.40.0 is installed but fairness-repair needs transformers >= 4.56",
+         env_of=old_transformers),
     Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",
          "a run killed after fitting (`REPAIR_KILL_AT=annealing:1`), one byte appended to a `.joblib`, then the same `run` again",
          killed_run_with_corrupt_surrogate, "refusing to unpickle it",
@@ -339,7 +407,7 @@ WORKS = {"tokenizer-no-pad"}
 def test_bad_input_is_one_line_exit_2(case, model_dir, tmp_path):
     w = SimpleNamespace(tmp=tmp_path / "w", model=model_dir)
     w.tmp.mkdir()
-    env = {"REPAIR_CACHE_DIR": str(w.tmp / "cache"), **case.env}
+    env = {"REPAIR_CACHE_DIR": str(w.tmp / "cache"), **case.env, **(case.env_of(w) if case.env_of else {})}
     args = case.build(w)
     before = snapshot(w.tmp)
     result = cli(args, env=env, fsize=case.fsize)
