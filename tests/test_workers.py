@@ -74,6 +74,29 @@ def test_killed_worker_is_replaced_through_the_heartbeat(finished_run, model_dir
     assert_same_records(name, finished_run)
 
 
+def test_worker_with_another_model_is_refused_and_one_with_a_copy_joins(model_dir, tmp_path):
+    """The run's identity holds its weights' fingerprint: a worker pointed at other weights is refused in
+    one line before loading anything; a copy of the run's weights under another path is accepted."""
+    import shutil
+
+    from tiny import tiny_checkpoint
+
+    name = "other-model"
+    coordinator = start("run", "--model", model_dir, "--out", tmp_path / "run", *SMALL, "--storage", PG, "--study", name,
+                        "--device", "cpu", env={"REPAIR_KILL_AT": "sampling:1"})  # publishes its run, enqueues, dies
+    assert finish(coordinator)[0] == -signal.SIGKILL
+    other = tiny_checkpoint(tmp_path / "other", seed=1)
+    rc, err = finish(start("worker", "--storage", PG, "--study", name, "--model", other, "--device", "cpu", "--max-idle", "5"), 120)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and "(different model weights: point --model at a copy of the run's model" in lines[0], err
+    copy = shutil.copytree(model_dir, tmp_path / "copy")
+    worker = start("worker", "--storage", PG, "--study", name, "--model", copy, "--device", "cpu", "--poll", "0.2",
+                   "--max-idle", "2", "--batch-masks", "4")
+    out, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0 and "worker: evaluated 0 " not in out, err[-3000:]
+    assert len(stored(PG, name)) > 1  # the configurations the coordinator left waiting
+
+
 def test_worker_for_a_study_that_never_appears_gives_up_in_one_line():
     rc, err = finish(start("worker", "--storage", PG, "--study", "nobody-started-this", "--poll", "0.2", "--max-idle", "1"), 60)
     lines = [l for l in err.splitlines() if l.strip()]
