@@ -3,9 +3,9 @@
     python benchmarks/search_quality.py --out runs/search-quality [--budget-evals 120] [-- extra run flags]
 
 Runs `repair run --method prune --baselines random,knockout` (resuming if OUT holds the same run) and
-prints, per method, the best fairness verified on the held-out report split among masks that meet the
-utility constraint there, its change against the unrepaired model, and after how many of the method's
-own LLM evaluations that mask was first evaluated.
+prints, per method, its best mask as chosen on the held-out select split (the fairest that meets the
+utility constraint there), that mask's fairness on the report split and its change against the
+unrepaired model there, and after how many of the method's own LLM evaluations it was first evaluated.
 """
 from __future__ import annotations
 
