@@ -22,6 +22,7 @@ from repair import failpoints
 from repair.errors import UserError
 from repair.heads import HeadMasker, attention_output, decoder_layers, head_layout
 from repair.io import UMASK
+from repair.stats import format_change
 from repair.models import LoadedModel
 
 CHECK_TEXT = "The nurse said that the doctor"
@@ -147,6 +148,7 @@ def _check_reload(loaded: LoadedModel, mask: np.ndarray, folder: Path) -> None:
 
 def model_card(manifest: dict) -> str:
     rep = manifest["metrics"]["report"]
+    changes = (manifest.get("changes") or {}).get("report") or {}
     obj = manifest["objectives"]
     lines = [
         f"# Fairness-repaired {manifest['model']['spec']}",
@@ -155,14 +157,20 @@ def model_card(manifest: dict) -> str:
         "pruned (their slices of the attention output projection are zero). Loads with plain",
         "`transformers.AutoModelForCausalLM.from_pretrained`, no custom code.",
         "",
-        "| held-out report split | unrepaired | repaired |",
-        "|---|---|---|",
-        f"| fairness: {obj['fairness']['name']} ({obj['fairness']['better']} is better) | "
-        f"{rep['base']['fairness']:.4f} | {rep['repaired']['fairness']:.4f} |",
-        f"| utility: {obj['utility']['name']} ({obj['utility']['better']} is better) | "
-        f"{rep['base']['utility']:.4f} | {rep['repaired']['utility']:.4f} |",
+        "Chosen on the held-out `select` split; the numbers below are from the `report` split, which no",
+        "choice has seen. Changes carry paired bootstrap 95% intervals (`*`: the interval excludes 0).",
         "",
-        "Every metric with its 95% bootstrap interval is in `repair_manifest.json`.",
+        "| report split | unrepaired | repaired | change [paired 95% CI] |",
+        "|---|---|---|---|",
+        f"| fairness: {obj['fairness']['name']} ({obj['fairness']['better']} is better) | "
+        f"{rep['base']['fairness']:.4f} | {rep['repaired']['fairness']:.4f} | {format_change(changes.get('fairness'))} |",
+        f"| utility: {obj['utility']['name']} ({obj['utility']['better']} is better) | "
+        f"{rep['base']['utility']:.4f} | {rep['repaired']['utility']:.4f} | {format_change(changes.get('utility'))} |",
+        *[f"| {key.split('/')[-1]} (association, lower is better) | {rep['base'][key]['value']:.4f} | "
+          f"{rep['repaired'][key]['value']:.4f} | {format_change(changes.get('metrics', {}).get(key))} |"
+          for key in ("association/overall/kl_neutral", "association/overall/kl_uniform") if key in rep["base"]],
+        "",
+        "Every metric with its 95% bootstrap interval, on all three splits, is in `repair_manifest.json`.",
         "",
         f"Command: `{' '.join(manifest['command'])}`",
         "",

@@ -14,6 +14,7 @@ from repair.models import load_model
 from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, utility_interval
 from repair.records import open_study, redact
 from repair.rundir import RunConfig, prepare
+from repair.stats import format_change
 from repair.suites import build_suite
 
 METHODS = ("prune",)
@@ -100,14 +101,6 @@ def run(config: RunConfig) -> int:
 
 def _side(side: dict) -> dict:
     return {"fairness": side["fairness"], "utility": side["utility"], **side["metrics"]}
-
-
-def format_change(change: dict | None) -> str:
-    """'-7.4% [-9.1%, -5.6%]' (relative change, paired 95% interval), '*' when it excludes zero."""
-    if not change:
-        return "n/a"
-    lo, hi = change["relative_ci"]
-    return f"{change['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]{' *' if change['significant'] else ''}"
 
 
 def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -> list[tuple[str, float, float, str]]:

@@ -177,3 +177,12 @@ def paired_change(before: Units, after: Units, *, n_boot: int = N_BOOT, seed: in
     return change_from_replicates(float(before.statistic(ones)[0]), float(after.statistic(ones)[0]),
                                   replicates(before.statistic, before.n, n_boot=n_boot, seed=seed),
                                   replicates(after.statistic, after.n, n_boot=n_boot, seed=seed))
+
+
+def format_change(change: dict | None) -> str:
+    """'-7.4% [-9.1%, -5.6%] *': a Change (as_dict) relative, with its paired 95% interval, '*' when
+    that interval excludes zero; 'n/a' without one."""
+    if not change:
+        return "n/a"
+    lo, hi = change["relative_ci"]
+    return f"{change['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]{' *' if change['significant'] else ''}"
