@@ -13,67 +13,34 @@ does (FASP, Attention Pruning). So one place per block serves both uses:
 
 With grouped-query attention a mask bit is one *query* head: key/value heads are shared and stay.
 
-Architecture knowledge lives only in the two path tables below (as in repeng's `model_layer_list`).
+Architecture knowledge (where the blocks and their attention output projections are) lives in repair.arch.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from repair import arch
 from repair.errors import UserError
 
-# Where the list of decoder blocks lives, tried in order (dotted attribute paths from the CausalLM).
-LAYER_PATHS = (
-    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi, Phi3, SmolLM, ...
-    "model.language_model.layers",  # Gemma3, multimodal wrappers
-    "model.decoder.layers",  # OPT
-    "transformer.h",  # GPT-2, GPT-J, GPT-Neo, Falcon, Bloom, GPT-BigCode
-    "transformer.blocks",  # MPT
-    "gpt_neox.layers",  # GPT-NeoX, Pythia
-)
-
-# Where a block's attention output projection lives (its input is the concatenated head outputs).
-ATTENTION_OUTPUT_PATHS = (
-    "self_attn.o_proj",  # Llama, Mistral, Qwen2, Gemma, Phi3
-    "self_attn.out_proj",  # OPT
-    "self_attn.dense",  # Phi
-    "self_attention.dense",  # Falcon, Bloom
-    "attention.dense",  # GPT-NeoX
-    "attn.c_proj",  # GPT-2, GPT-BigCode (GPT-2's is a transposed Conv1D)
-    "attn.out_proj",  # GPT-J, MPT
-    "attn.attention.out_proj",  # GPT-Neo
-)
-
-
-def _get(obj, dotted: str):
-    for name in dotted.split("."):
-        obj = getattr(obj, name, None)
-        if obj is None:
-            return None
-    return obj
+PURPOSE = "head pruning"
+# The path tables live in repair.arch; kept here under their old names for importers.
+LAYER_PATHS = arch.PATHS["layers"]
+ATTENTION_OUTPUT_PATHS = arch.PATHS["attention_output"]
 
 
 def _unsupported(model, what: str) -> UserError:
-    return UserError(f"{type(model).__name__}: head pruning does not support this architecture "
-                     f"({what}); use another --method, or a Llama-, GPT-2-, GPT-NeoX-, OPT-, Falcon- or Phi-like model")
+    return arch.unsupported(model, what, PURPOSE)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's decoder blocks, in order. UserError naming the class if they cannot be found."""
-    for path in LAYER_PATHS:
-        layers = _get(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return list(layers)
-    raise _unsupported(model, "no list of decoder blocks found")
+    return arch.decoder_layers(model, PURPOSE)
 
 
 def attention_output(layer: nn.Module, model: nn.Module | None = None) -> nn.Module:
     """The block's attention output projection: an nn.Linear or GPT-2's Conv1D."""
-    for path in ATTENTION_OUTPUT_PATHS:
-        module = _get(layer, path)
-        if isinstance(module, nn.Module) and hasattr(module, "weight"):
-            return module
-    raise _unsupported(model if model is not None else layer, "no attention output projection found in its blocks")
+    return arch.attention_output(layer, model, PURPOSE)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
