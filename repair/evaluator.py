@@ -4,12 +4,13 @@ Evaluating a configuration on the LLM is the expensive step of every search, so 
 does the least work the answers need:
 - each multiple-choice prompt is encoded once and its keys/values serve every option: the options'
   tokens sit side by side after the prompt in the same row, a 4D attention mask keeping each option
-  to the prompt and itself (see `_score_batch`), so nothing is recomputed or copied per option;
+  to the prompt and itself (see `_option_totals`), so nothing is recomputed or copied per option;
 - the output layer runs only at the positions whose next token is scored (the last prompt token and
-  the option tokens), never over the whole sequence;
+  the option tokens), never over the whole sequence, and it is the model's own (see `Evaluator`);
 - prompts are sorted by length and packed into batches of at most `batch_tokens` tokens, padded on
   the right (so no query row is fully masked), with explicit position ids.
-The reference scores each prompt+option alone through the plain model with full logits.
+The reference scores each prompt+option alone through the plain model with full logits. Both score
+an option on the tokens it gets inside the joint string prompt + option (see `_Tokens`).
 
 Variants: a search scores many configurations (head masks, say) of one model. `score_choices_variants`
 and `token_nll_variants` run every item once per variant in the same batches and, before every
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from repair import arch
 from repair.errors import UserError
 from repair.suites.base import ChoiceRequest, OptionScores
 
@@ -61,33 +63,131 @@ def sliding_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, 
 
 
 class _Tokens:
-    """Tokenisation with a cache: suites repeat prompts and options a lot."""
+    """Token ids as the model sees them, cached (suites repeat prompts and options a lot).
+
+    Options are scored on the tokens they get inside the joint string: a tokenizer splits text into
+    words before merging, and SentencePiece-style ones (Llama 2, Gemma, Mistral: metaspace) give a
+    separately encoded " a" a word-start marker or a different split than " a" gets after the
+    prompt. So an option's tokens are the tokens of prompt + option after the prompt's own tokens.
+
+    Boundary merges: where tokenize(prompt + option) does not start with tokenize(prompt) (a token
+    spans the boundary, e.g. a prompt ending in a space and an option without one), the prompt keeps
+    its own tokens (every option of a request must be scored after the same context) and the option
+    falls back to its own separate tokenization, the behaviour before joint tokenization. Such
+    (prompt, option) pairs are collected in `merged`, for the suites to report; none of the shipped
+    suites produces them (their prompts end without a space and their options start with one).
+
+    Special tokens: the ones the tokenizer adds in front of a text (a BOS) are put before the prompt,
+    unless the prompt text already starts with them (a chat template that writes its BOS), so no
+    sequence starts with two BOS tokens. Nothing is added after a text.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self._cache: dict[tuple[str, bool], list[int]] = {}
+        self.merged: set[tuple[str, str]] = set()
 
     def __call__(self, text: str, special: bool) -> list[int]:
+        """`text`'s ids; with `special`, preceded by the special tokens the tokenizer puts first."""
         key = (text, special)
         if key not in self._cache:
-            self._cache[key] = list(self.tokenizer(text, add_special_tokens=special).input_ids)
+            ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+            self._cache[key] = self._prefix(text, ids) + ids if special else ids
         return self._cache[key]
 
-    def request(self, r: ChoiceRequest) -> tuple[list[int], list[list[int]]]:
+    def _prefix(self, text: str, ids: list[int]) -> list[int]:
+        full = list(self.tokenizer(text, add_special_tokens=True).input_ids)
+        n = next((k for k in range(len(full) - len(ids), -1, -1) if full[k:k + len(ids)] == ids), 0)
+        prefix = full[:n]  # what comes before the text's own ids (all of `full` for an empty text)
+        return [] if ids[:n] == prefix else prefix
+
+    def request(self, r: ChoiceRequest) -> tuple[list[int], list[list[int]], bool]:
+        """(prompt ids with the leading special tokens, each option's ids, r.word_end)."""
+        alone = self(r.prompt, False)
+        options = []
+        for option in r.options:
+            joint = self(r.prompt + option, False)
+            if joint[:len(alone)] == alone and len(joint) > len(alone):
+                options.append(joint[len(alone):])
+            else:
+                self.merged.add((r.prompt, option))
+                options.append(self(option, False))
         prompt = self(r.prompt, True)
-        options = [self(o, False) for o in r.options]
         if not prompt or any(not o for o in options):
             raise UserError(f"a prompt or option tokenises to nothing: {r.prompt[-40:]!r} / {r.options!r}")
-        return prompt, options
+        return prompt, options, bool(getattr(r, "word_end", False))
+
+
+def word_start_mask(tokenizer, vocab_size: int | None = None) -> torch.Tensor:
+    """Bool [vocab]: the tokens that cannot continue the word before them, i.e. that start a new word
+    or end the text. A word ends after an option exactly when the next token is one of these, so
+    log P(word ends | prompt, option) = logsumexp of the next position's log-probs over this mask.
+
+    A token starts a word when its text begins with whitespace or with anything that is not a
+    letter, digit, mark or underscore (punctuation, symbols), read from its raw form where the raw
+    form carries the marker (byte-level BPE 'Ġ', metaspace '▁'; the decoders drop a leading '▁'),
+    else from its decoded text (byte tokenizers, byte-fallback '<0x20>'). WordPiece tokens start a
+    word unless they begin with '##'. Special tokens (EOS, BOS, padding, chat markers) end the text,
+    so they count. Incomplete UTF-8 characters (decoded as U+FFFD) continue a word. Ids beyond
+    the tokenizer (padding rows of a larger embedding) are False.
+    """
+    import unicodedata
+
+    n = len(tokenizer) if hasattr(tokenizer, "__len__") else vocab_size
+    size = vocab_size if vocab_size is not None else n
+    n = min(n, size)
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    special |= {getattr(tokenizer, a, None) for a in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    wordpiece = type(getattr(backend, "model", None)).__name__ == "WordPiece"
+    to_raw = getattr(tokenizer, "convert_ids_to_tokens", None)
+    raw = to_raw(list(range(n))) if to_raw is not None else [None] * n
+
+    def starts(i: int) -> bool:
+        r = raw[i]
+        if i in special:
+            return True
+        if wordpiece:
+            return bool(r) and not r.startswith("##")
+        if r is not None and r.startswith(("\u2581", "\u0120")):  # '▁' metaspace, 'Ġ' byte-level space
+            return True
+        text = tokenizer.decode([i])
+        if not text or text[0] == "\ufffd":
+            return False
+        c = text[0]
+        return c.isspace() or not (c.isalnum() or c == "_" or unicodedata.category(c).startswith("M"))
+
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[:n] = torch.tensor([starts(i) for i in range(n)], dtype=torch.bool)
+    return mask
 
 
 def _input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+WORD_END = -1  # target of the position after an option's last token when a word end is scored
+
+
+def _text_config(model):
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 class Evaluator:
     """The fast scorer (see the module docstring). Works on CPU and CUDA alike: the device and dtype
-    are the model's."""
+    are the model's.
+
+    Logits come from the model's own output layer: the CausalLM's forward gets `logits_to_keep` as a
+    boolean mask of the scored positions (transformers 5 then runs its head there only, flattened
+    row-major), so whatever a model does after its projection (Gemma 2/3 soft-cap the logits, Cohere
+    scales them, Granite divides them, and so do dozens of others) is applied exactly, with no table
+    of transforms to keep up to date. Where the forward takes no such mask (older transformers,
+    remote code), the backbone and the output embeddings are run separately, as this evaluator did
+    before. When the evaluator is built, a few tokens go through the plain `model(...)` and through
+    the batched path; the first of the two ways that reproduces the plain forward is used, and a
+    model that neither reproduces is refused with one line naming its class instead of mis-scored.
+    """
 
     def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, progress: bool = True,
                  on_rows=None):
@@ -96,9 +196,101 @@ class Evaluator:
         self.backbone = model.base_model  # the decoder stack, ending in the final norm
         self.head = model.get_output_embeddings()
         self.device = _input_device(model)
+        embed = model.get_input_embeddings().weight.dtype
+        self._mask_dtype = embed if embed.is_floating_point else torch.float32
         self.batch_tokens, self.max_rows, self.progress = batch_tokens, max_rows, progress
         self.tokens = _Tokens(tokenizer)
+        config = _text_config(model)
+        self._layer_types = sorted(set(getattr(config, "layer_types", None) or ()))
+        self._window = getattr(config, "sliding_window", None) if not self._layer_types or \
+            "sliding_attention" in self._layer_types else None
+        self._word_start: torch.Tensor | None = None
+        self._own_head = True
         self.work = WorkCounter()
+        self._check_against_plain_forward()
+        self.work = WorkCounter()
+
+    @property
+    def boundary_merges(self) -> int:
+        """Distinct (prompt, option) pairs tokenised with the boundary-merge rule (see `_Tokens`)."""
+        return len(self.tokens.merged)
+
+    # ---- the model ------------------------------------------------------------------------
+    def _log_probs(self, ids, attention_mask, position_ids, keep: torch.Tensor) -> torch.Tensor:
+        """Log-softmax of the model's logits at the `keep` positions (bool [B, T]), flattened row-major."""
+        inputs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        if self._own_head:
+            logits = self.model(**inputs, logits_to_keep=keep).logits
+        else:
+            logits = self.head(self.backbone(**inputs).last_hidden_state[keep])
+        if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
+            raise RuntimeError(f"logits of shape {tuple(logits.shape)} for {int(keep.sum())} kept positions")
+        self.work.head_positions += logits.shape[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _tree_mask(self, sees: torch.Tensor, pos: torch.Tensor):
+        """The 4D attention mask(s) for `sees` ([B, T, T], query x key, bool). A 4D mask reaches attention as
+        given, so the sliding windows a model adds to its own masks (Gemma 2/3, Mistral, Phi-3,
+        Cohere 2) are applied here, on position ids: a query at p sees keys at positions > p - window.
+        Models that mix full and sliding layers take one mask per layer type."""
+        full = self._additive(sees)
+        if not self._window:
+            return full
+        sliding = self._additive(sees & (pos[:, :, None] - pos[:, None, :] < self._window))
+        if not self._layer_types:
+            return sliding
+        return {kind: sliding if kind == "sliding_attention" else full for kind in self._layer_types}
+
+    def _additive(self, sees: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, T] in the model's dtype, 0 where attended and the dtype's minimum elsewhere: eager
+        attention (Gemma 2's default) adds the mask to the scores, so a boolean mask would be added as
+        0/1; SDPA takes the additive form too."""
+        dtype = self._mask_dtype
+        return torch.zeros(sees.shape, dtype=dtype, device=sees.device).masked_fill_(~sees, torch.finfo(dtype).min)[:, None]
+
+    def _word_start_mask(self, size: int) -> torch.Tensor:
+        if self._word_start is None or self._word_start.shape[0] != size:
+            with torch.inference_mode(False):  # a plain tensor, usable under autograd too (option_logprobs)
+                self._word_start = word_start_mask(self.tokenizer, size).to(self.device)
+        return self._word_start
+
+    @torch.inference_mode()
+    def _check_against_plain_forward(self) -> None:
+        """Refuse a model whose scores this evaluator cannot reproduce (see the class docstring). It runs
+        under variant 0 of the caller's intervention (`on_rows`), if any. Two checks on random token ids: the head (log-probs of one plain sequence, within 1e-4 of the
+        logits' scale in float32, 1e-2 in 16-bit) and the batched tree of options (option totals,
+        within 1e-3 per token in float32, 0.25 in 16-bit)."""
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (11,), generator=torch.Generator().manual_seed(0)).tolist()
+        prompt, options = ids[:5], [ids[5:8], ids[8:11], ids[5:6]]
+        one_row = torch.zeros(1, dtype=torch.long, device=self.device)
+        plain = []
+        for o in options:
+            self._set_rows(one_row)
+            plain.append(torch.log_softmax(self.model(input_ids=torch.tensor([prompt + o], device=self.device)).logits[0].float(), -1))
+        want = torch.tensor([float(lp[torch.arange(len(prompt) - 1, len(prompt) + len(o) - 1), o].double().sum())
+                             for lp, o in zip(plain, options)], dtype=torch.float64)
+        exact = next(self.model.parameters()).dtype == torch.float32
+        scale = 1 + float(plain[0].abs().max())
+        problem = ""
+        for own in (True, False):
+            self._own_head = own
+            try:
+                seq = torch.tensor([prompt + options[0]], device=self.device)
+                self._set_rows(one_row)
+                head = self._log_probs(seq, None, None, torch.ones_like(seq, dtype=torch.bool))
+                got = self._option_totals([(prompt, options, False)], one_row).cpu()
+            except Exception as e:  # a forward that takes no bool logits_to_keep, or no 4D mask
+                problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                continue
+            head_err = float((head - plain[0]).abs().max()) / scale
+            tree_err = float(((got - want).abs() / 3).max())
+            if head_err <= (1e-4 if exact else 1e-2) and tree_err <= (1e-3 if exact else 0.25):
+                return
+            problem = f"log-probs differ from its own forward by {head_err:.2g} of the logits' scale (head), " \
+                      f"{tree_err:.2g} per token (batched options)"
+        raise UserError(f"{type(self.model).__name__}: the fast evaluator cannot reproduce this model's own forward "
+                        f"({problem}); this architecture is not supported (use {arch.SUPPORTED})")
 
     # ---- multiple choice -------------------------------------------------------------------
     def score_choices(self, requests: Sequence[ChoiceRequest], desc: str = "") -> list[OptionScores]:
@@ -157,23 +349,27 @@ class Evaluator:
         if self.on_rows is not None:
             self.on_rows(variants)
 
-    def _option_totals(self, items: list[tuple[list[int], list[list[int]]]], variants: torch.Tensor) -> torch.Tensor:
+    def _option_totals(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor) -> torch.Tensor:
         """One forward per batch: each row is an item's prompt followed by all its options' tokens
-        (but the last) side by side. A 4D attention mask lets the prompt attend causally to itself
-        and each option to the prompt's keys/values and its own earlier tokens only, with position
-        ids restarting after the prompt: the prompt is encoded once and shared by every option,
-        exactly as if each option continued the prompt's key/value cache, without copying it."""
+        (but the last, unless a word end is scored) side by side. A 4D attention mask lets the prompt
+        attend causally to itself and each option to the prompt's keys/values and its own earlier
+        tokens only, with position ids restarting after the prompt: the prompt is encoded once and
+        shared by every option, exactly as if each option continued the prompt's key/value cache,
+        without copying it. Logits are computed at the prompt's last position (it predicts every
+        option's first token) and at the options' positions only."""
         dev = self.device
-        rows_opts = [(b, o) for b, (_, opts) in enumerate(items) for o in opts]
-        seqs, segs, poss, tgts = [], [], [], []
+        seqs, segs, poss, tgts, first_tok, row_of = [], [], [], [], [], []
         j = 0
-        for prompt, opts in items:
+        for b, (prompt, opts, word_end) in enumerate(items):
             seq, seg, pos, tgt = list(prompt), [1] * len(prompt), list(range(len(prompt))), [0] * len(prompt)
-            for opt in opts:  # option j's tokens 1.. are predicted from its tokens ..-1
-                seq += opt[:-1]
-                seg += [j + 2] * (len(opt) - 1)
-                pos += range(len(prompt), len(prompt) + len(opt) - 1)
-                tgt += opt[1:]
+            for opt in opts:  # option j's tokens 1.. are predicted from its tokens ..-1, its word end from its last
+                fed = opt if word_end else opt[:-1]
+                seq += fed
+                seg += [j + 2] * len(fed)
+                pos += range(len(prompt), len(prompt) + len(fed))
+                tgt += opt[1:] + [WORD_END] * word_end
+                first_tok.append(opt[0])
+                row_of.append(b)
                 j += 1
             seqs.append(seq), segs.append(seg), poss.append(pos), tgts.append(tgt)
         ids, valid = _right_pad(seqs, dev)
@@ -182,37 +378,37 @@ class Evaluator:
         tgt, _ = _right_pad(tgts, dev)
         width = ids.shape[1]
         causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-        sees = (seg[:, None, :] == 1) | ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 1))
+        sees = causal & ((seg[:, None, :] == 1) | ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 1)))
+        prompt_end = torch.tensor([len(p) - 1 for p, _, _ in items], device=dev)
+        keep = seg > 1
+        keep[torch.arange(len(items), device=dev), prompt_end] = True
         self._set_rows(variants)
-        out = self.backbone(input_ids=ids, attention_mask=(causal & sees)[:, None], position_ids=pos, use_cache=False)
+        logp = self._log_probs(ids, self._tree_mask(sees, pos), pos, keep)
         self.work.tokens += int(valid.sum())
         self.work.padded_tokens += valid.numel()
-        hidden = out.last_hidden_state
 
-        prompt_len = torch.tensor([len(p) for p, _ in items], device=dev)
-        first_logp = self._log_softmax(hidden[torch.arange(len(items), device=dev), prompt_len - 1])
-        row_of = torch.tensor([b for b, _ in rows_opts], device=dev)
-        first_tok = torch.tensor([o[0] for _, o in rows_opts], device=dev)
-        totals = first_logp[row_of, first_tok].double()
-        rest = seg > 1
-        if rest.any():
-            logp = self._log_softmax(hidden[rest])
-            token_logp = logp.gather(1, tgt[rest][:, None])[:, 0].double()
-            totals.index_add_(0, seg[rest] - 2, token_logp)
+        at = (keep.flatten().cumsum(0) - 1).view_as(keep)  # each kept position's row in logp
+        row_of = torch.tensor(row_of, device=dev)
+        totals = logp[at[row_of, prompt_end[row_of]], torch.tensor(first_tok, device=dev)].double()
+        kseg, ktgt = seg[keep], tgt[keep]
+        token = (kseg > 1) & (ktgt != WORD_END)
+        if token.any():
+            token_logp = logp.gather(1, ktgt.clamp(min=0)[:, None])[:, 0].double()
+            totals = totals.index_add(0, kseg[token] - 2, token_logp[token])
+        end = (kseg > 1) & (ktgt == WORD_END)
+        if end.any():
+            end_logp = torch.logsumexp(logp[end][:, self._word_start_mask(logp.shape[1])], dim=-1).double()
+            totals = totals.index_add(0, kseg[end] - 2, end_logp)
         return totals
 
-    def _score_batch(self, items: list[tuple[list[int], list[list[int]]]], variants: torch.Tensor) -> list[OptionScores]:
+    def _score_batch(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor) -> list[OptionScores]:
         totals = self._option_totals(items, variants).cpu().numpy()
-        n_tok = np.array([len(o) for _, opts in items for o in opts], dtype=np.int64)
+        n_tok = np.array([len(o) for _, opts, _ in items for o in opts], dtype=np.int64)
         result, k = [], 0
-        for _, opts in items:
+        for _, opts, _ in items:
             result.append(OptionScores(totals[k:k + len(opts)].copy(), n_tok[k:k + len(opts)].copy()))
             k += len(opts)
         return result
-
-    def _log_softmax(self, hidden: torch.Tensor) -> torch.Tensor:
-        self.work.head_positions += hidden.shape[0]
-        return torch.log_softmax(self.head(hidden).float(), dim=-1)
 
     # ---- perplexity ------------------------------------------------------------------------
     def token_nll(self, token_ids, window: int, stride: int, desc: str = "") -> np.ndarray:
@@ -229,21 +425,27 @@ class Evaluator:
             for k in range(0, len(jobs), per_batch):
                 group = jobs[k:k + per_batch]
                 inputs, mask = _right_pad([ids[b:e].tolist() for _, (b, e, _) in group], self.device)
+                keep = torch.zeros_like(mask, dtype=torch.bool)
+                for row, (_, (b, e, t0)) in enumerate(group):
+                    keep[row, t0 - 1 - b:e - 1 - b] = True  # the hidden state at position t-1 predicts token t
                 self._set_rows(torch.tensor([v for v, _ in group], device=self.device))
-                out = self.backbone(input_ids=inputs, attention_mask=mask, use_cache=False)
+                logp = self._log_probs(inputs, mask, None, keep)
                 self.work.tokens += int(mask.sum())
                 self.work.padded_tokens += mask.numel()
-                for row, (v, (b, e, t0)) in enumerate(group):
-                    # the hidden state at position t-1 predicts token t
-                    logp = self._log_softmax(out.last_hidden_state[row, t0 - 1 - b:e - 1 - b])
-                    nll[v, t0 - 1:e - 1] = -logp.gather(1, ids[t0:e, None])[:, 0].double()
+                targets = torch.cat([ids[t0:e] for _, (_, e, t0) in group])
+                scored = -logp.gather(1, targets[:, None])[:, 0].double()
+                at = 0
+                for v, (_, e, t0) in group:
+                    nll[v, t0 - 1:e - 1] = scored[at:at + e - t0]
+                    at += e - t0
                 bar.update(len(group))
         return nll.cpu().numpy()
 
 
 def _row_widths(encoded) -> list[int]:
-    """Tokens in each request's row: the prompt and every option's tokens but the last."""
-    return [len(p) + sum(len(o) - 1 for o in opts) for p, opts in encoded]
+    """Tokens in each request's row: the prompt and every option's tokens but the last (all of them
+    when a word end is scored)."""
+    return [len(p) + sum(len(o) - 1 + word_end for o in opts) for p, opts, word_end in encoded]
 
 
 def _right_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,6 +462,8 @@ class ReferenceScorer:
     """The straightforward scorer: every prompt+option alone through the plain model, full logits.
 
     It exists to check the fast evaluator (same answers, scores within 1e-4) and to time it against.
+    It scores the same tokens (prompt + option tokenised jointly, see `_Tokens`) and the same word-end
+    term, computed from the plain forward's full logits.
     """
 
     def __init__(self, model, tokenizer, *, progress: bool = True):
@@ -267,12 +471,13 @@ class ReferenceScorer:
         self.device = _input_device(model)
         self.tokens = _Tokens(tokenizer)
         self.work = WorkCounter()
+        self._starts: torch.Tensor | None = None
 
     @torch.inference_mode()
     def score_choices(self, requests: Sequence[ChoiceRequest], desc: str = "") -> list[OptionScores]:
         out = []
         for r in tqdm(requests, desc=desc or "reference", unit="item", disable=not self.progress, leave=False):
-            prompt, options = self.tokens.request(r)
+            prompt, options, word_end = self.tokens.request(r)
             totals = []
             for opt in options:
                 ids = torch.tensor([prompt + opt], device=self.device)
@@ -281,7 +486,12 @@ class ReferenceScorer:
                 self.work.padded_tokens += ids.shape[1]
                 self.work.head_positions += ids.shape[1]
                 positions = torch.arange(len(prompt) - 1, len(prompt) + len(opt) - 1, device=self.device)
-                totals.append(float(logp[positions, torch.tensor(opt, device=self.device)].double().sum()))
+                total = float(logp[positions, torch.tensor(opt, device=self.device)].double().sum())
+                if word_end:  # the position after the option's last token: does a new word (or the text's end) follow?
+                    if self._starts is None:
+                        self._starts = word_start_mask(self.tokenizer, logp.shape[1]).to(self.device)
+                    total += float(torch.logsumexp(logp[-1][self._starts], dim=0).double())
+                totals.append(total)
             out.append(OptionScores(np.array(totals), np.array([len(o) for o in options], dtype=np.int64)))
         return out
 

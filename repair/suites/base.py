@@ -25,11 +25,13 @@ class ChoiceRequest:
 
     `prompt` is the full text before the options (chat template already applied where wanted);
     each option is appended verbatim, so options usually start with a space. Only the option tokens
-    are scored.
+    are scored. With `word_end`, each option's score also includes log P(a new word or the end of
+    the text follows it): " Christian" then excludes " Christians".
     """
 
     prompt: str
     options: tuple[str, ...]
+    word_end: bool = False
 
 
 @dataclass(frozen=True)
