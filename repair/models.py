@@ -122,6 +122,9 @@ def gguf_to_hf_dir(path: Path) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    except ModuleNotFoundError as exc:  # transformers 4.x converts GGUF tokenizers through sentencepiece
+        raise ModelError(f"reading GGUF file {path} needs the package {exc.name} with this transformers "
+                         f"(pip install {exc.name}, or transformers >= 5)") from None
     except Exception as exc:  # transformers raises many types for unreadable files
         raise ModelError(f"could not read GGUF file {path}: {one_line(exc)}") from None
     config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
@@ -289,7 +292,7 @@ def model_numbers(spec: ModelSpec) -> dict:
     source, hf_dir = resolve_source(spec.model)
     files = weight_files(hf_dir) if hf_dir is not None else hub_weight_files(source)
     device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)  # as load_model resolves it
     if spec.device_map:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(spec.dtype, device)
     return {"fingerprint": fingerprint(files), "device": device.type, "dtype": str(dtype).replace("torch.", "")}

@@ -54,6 +54,20 @@ def test_bad_model_paths_name_the_problem(tmp_path, make_bad, expected):
         resolve_source(str(make_bad(tmp_path)))
 
 
+def test_gguf_without_sentencepiece_names_the_package(tmp_path, monkeypatch):
+    """transformers 4.56-4.57 convert a GGUF file's tokenizer through sentencepiece (5.x does not)."""
+    import transformers
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'sentencepiece'", name="sentencepiece")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", missing)
+    monkeypatch.setenv("REPAIR_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(ModelError, match=r"needs the package sentencepiece .* \(pip install sentencepiece, or transformers >= 5\)"):
+        resolve_source(str(tmp_path / "m.gguf"))
+
+
 def test_corrupt_model_directory(tiny_dir):
     path, _ = tiny_dir
     (path / "model.safetensors").write_bytes(b"garbage")
