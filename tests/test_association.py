@@ -111,6 +111,7 @@ def test_requests_offer_every_form_with_a_leading_space(tiny):
     reqs = {r.prompt: r.options for r in suite.requests() if " x" in r.options}
     assert reqs["The c1 is"] == (" x", " y1", " y2")
     assert [p.neutral for p in suite.prompts if p.attribute == "two"] == [False] * 2 + [True] * 10
+    assert all(r.word_end for r in suite.requests())  # forms are scored as whole words
 
 
 def test_group_distribution_averages_forms_and_is_stable():

@@ -50,9 +50,6 @@ PACKAGE_LABEL = "<package>/repair/data/association.json"
 MIN_GROUPS, MAX_GROUPS = 2, 8
 MIN_NEUTRAL = 10  # neutral concepts: the reference q is a mean over them, so not a handful
 _ARTICLE = re.compile(r"^(a|an|the)\s+")
-# TEMPORARY: ChoiceRequest.word_end is being added to the evaluator; until it lands, forms are scored
-# without the word-end factor.
-_WORD_END = {"word_end": True} if "word_end" in ChoiceRequest.__dataclass_fields__ else {}
 
 
 def _package_file():
@@ -265,7 +262,7 @@ class AssociationSuite:
 
     def requests(self) -> list[ChoiceRequest]:
         """One request per prompt; each form is scored as a whole word (`word_end`)."""
-        return [ChoiceRequest(p.prompt, p.options, **_WORD_END) for p in self.prompts]
+        return [ChoiceRequest(p.prompt, p.options, word_end=True) for p in self.prompts]
 
     def run(self, scorer) -> SuiteResult:
         return self.score(scorer.score_choices(self.requests(), desc="association"))
