@@ -84,6 +84,8 @@ def export_pruned(loaded: LoadedModel, mask: np.ndarray, target: Path, manifest:
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "repair_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
+        for f in tmp.iterdir():  # safetensors writes 0600; the checkpoint is as shareable as the user's files
+            f.chmod(0o666 & ~UMASK)
         failpoints.reached("export")
         _check_reload(loaded, mask, tmp)
         failpoints.reached("export")

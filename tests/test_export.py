@@ -69,6 +69,16 @@ def test_export_keeps_the_loaded_dtype_and_reloads_to_the_masked_logits(model_di
             assert torch.equal(reloaded(ids).logits.float(), masked_logits(loaded.model, ids))  # same CPU kernels
 
 
+def test_exported_files_have_the_users_umask_permissions(loaded, tmp_path):
+    import stat
+
+    from repair.io import UMASK
+
+    target = export.export_pruned(loaded, MASK, tmp_path / "checkpoint", manifest(), "card\n")
+    assert {stat.S_IMODE(f.stat().st_mode) for f in target.iterdir()} == {0o666 & ~UMASK}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~UMASK
+
+
 def test_export_in_another_dtype_when_asked(loaded, tmp_path):
     target = export.export_pruned(loaded, MASK, tmp_path / "checkpoint", manifest(), "card\n", dtype=torch.bfloat16)
     assert {t.dtype for t in saved(target).values()} == {torch.bfloat16}
