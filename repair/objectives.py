@@ -257,15 +257,13 @@ def paired_changes(objectives: Objectives, before: dict, after: dict, *, seed: i
     Each metric is resampled with draws seeded by its name, identical on both sides (that is the
     pairing) and independent between metrics of different item sets. A fairness objective that
     combines several metrics is recomputed from their replicates, replicate by replicate."""
-    import zlib
-
-    from repair.stats import Units, change_from_replicates, replicates
+    from repair.stats import Units, change_from_replicates, metric_seed, replicates
 
     names = [k for k in before.get("units", {}) if k in after.get("units", {})]
     reps = {}
     for k in names:
         ub, ua = Units.from_dict(before["units"][k]), Units.from_dict(after["units"][k])
-        s = seed + zlib.crc32(k.encode())
+        s = metric_seed(k, seed)
         reps[k] = (replicates(ub.statistic, ub.n, seed=s), replicates(ua.statistic, ua.n, seed=s))
     changes = {k: change_from_replicates(before["metrics"][k]["value"], after["metrics"][k]["value"], *reps[k]).as_dict()
                for k in names}
