@@ -134,3 +134,25 @@ def test_prune_heads_equals_a_checkpoint_with_zeroed_heads(model_dir, tmp_path):
     # and the pruning did something: the unpruned model scores differently
     assert metrics["plain"]["text/overall/perplexity"]["value"] != pytest.approx(
         metrics["zeroed"]["text/overall/perplexity"]["value"], rel=1e-6)
+
+
+def test_compare_pairs_the_two_models_on_the_same_items(model_dir, tmp_path):
+    """--compare: both sides equal separate evaluations, and each change's paired interval holds it."""
+    spec = ",".join(f"{l}:{h}" for l, h in HEADS)
+    runs = {}
+    for name, extra in (("plain", []), ("pruned", ["--prune-heads", spec]),
+                        ("both", ["--prune-heads", spec, "--compare", str(model_dir)])):
+        out = tmp_path / f"{name}.json"
+        result = run_cli("evaluate", "--model", model_dir, *QUICK, "--json", out, *extra, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[name] = json.loads(out.read_text())
+        if name == "both":
+            assert "change against --compare" in result.stdout and "half-width" in result.stdout
+    changes = runs["both"]["compare"]["changes"]
+    for key in ("association/overall/kl_uniform", "association/overall/kl_neutral", "text/overall/perplexity"):
+        suite, metric = key.split("/", 1)
+        c = changes[key]
+        assert c["before"] == pytest.approx(runs["plain"]["suites"][suite]["metrics"][metric]["value"], rel=1e-9)
+        assert c["after"] == pytest.approx(runs["pruned"]["suites"][suite]["metrics"][metric]["value"], rel=1e-9)
+        assert c["delta_ci"][0] <= c["delta"] <= c["delta_ci"][1]
+        assert c["relative"] == pytest.approx(c["after"] / c["before"] - 1)
