@@ -116,8 +116,10 @@ def gguf_to_hf_dir(path: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf(path)
-    target = cache_dir() / "gguf" / file_sha256(path)[:16]
+    digest = file_sha256(path, remember=False)  # remembered once the file converted
+    target = cache_dir() / "gguf" / digest[:16]
     if (target / "config.json").is_file():
+        remember_sha256(path, digest)
         return target
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -143,6 +145,7 @@ def gguf_to_hf_dir(path: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # a concurrent process may have won the race
             raise
+    remember_sha256(path, digest)
     return target
 
 
@@ -219,26 +222,45 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")  # in transformers
 HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # each also as a sharded "<name>.index.json"
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, remember: bool = True) -> str:
     """sha256 of a file, remembered under `cache_dir()` by resolved path, size and mtime: hashing a
     multi-GB checkpoint takes seconds, and every rerun, resume and worker asks again."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key, stamp = str(path), [stat.st_size, stat.st_mtime_ns]
-    index = cache_dir() / "sha256.json"
-    try:
-        known = json.loads(index.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), list) and known[key][:2] == stamp:
+    key, stamp = _stamp(path)
+    known = _known_sha256()
+    if isinstance(known.get(key), list) and known[key][:2] == stamp:
         return known[key][2]
     digest = sha256_file(path)
+    if remember:
+        remember_sha256(path, digest)
+    return digest
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Add a file's digest to the cache (a caller that first checks the file is valid remembers it after)."""
+    key, stamp = _stamp(path)
+    known = _known_sha256()
+    if known.get(key) == [*stamp, digest]:
+        return
     try:
+        index = cache_dir() / "sha256.json"
         index.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(index, {**(known if isinstance(known, dict) else {}), key: [*stamp, digest]})
+        write_json_atomic(index, {**known, key: [*stamp, digest]})
     except Exception:  # a read-only cache only costs the next run the hashing again
         pass
-    return digest
+
+
+def _stamp(path: Path) -> tuple[str, list[int]]:
+    path = Path(path).resolve()
+    stat = path.stat()
+    return str(path), [stat.st_size, stat.st_mtime_ns]
+
+
+def _known_sha256() -> dict:
+    try:
+        known = json.loads((cache_dir() / "sha256.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def weight_files(folder: Path) -> list[Path]:
