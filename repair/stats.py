@@ -124,6 +124,18 @@ def mean_metric(values, better, *, seed: int = 0) -> Metric:
     return units_metric(Units(((np.asarray(values, dtype=np.float64), None, 1.0, 0.0),)), better, seed=seed)
 
 
+def clustered_mean_metric(values, clusters, better, *, seed: int = 0) -> Metric:
+    """Mean of per-item values, resampled by cluster (items of one cluster are drawn together): the
+    frames of one association concept are correlated, so resampling them one by one would make the
+    interval too narrow. The point value is the plain mean; `n` counts items."""
+    values = np.asarray(values, dtype=np.float64)
+    keys, index = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
+    num = np.bincount(index, weights=values, minlength=len(keys))
+    den = np.bincount(index, minlength=len(keys)).astype(np.float64)
+    value, low, high = bootstrap(Units(((num, den, 1.0, 0.0),)).statistic, len(keys), seed=seed)
+    return Metric(value, low, high, better, len(values), Units(((num, den, 1.0, 0.0),)))
+
+
 def ratio_metric(numerator, denominator, better, *, scale: float = 1.0, offset: float = 0.0, seed: int = 0) -> Metric:
     """scale * sum(numerator) / sum(denominator) + offset, resampling units together."""
     num = np.asarray(numerator, dtype=np.float64)

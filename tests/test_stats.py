@@ -58,3 +58,15 @@ def test_units_reproduce_ratio_perplexity_and_s_amb_forms():
 def test_paired_change_refuses_different_units():
     with pytest.raises(ValueError, match="same units"):
         paired_change(mean_units([1.0, 2.0]), mean_units([1.0]))
+
+
+def test_clustered_mean_resamples_whole_clusters():
+    from repair.stats import clustered_mean_metric
+
+    # clusters a = (0, 0, 0) and b = (2): resampling clusters gives a+a, a+b, b+a, b+b with item means
+    # 0, 0.5, 0.5, 2 (b+b: 2 items of value 2); the point value is the plain item mean 0.5
+    m = clustered_mean_metric([0.0, 0.0, 0.0, 2.0], ["a", "a", "a", "b"], "lower")
+    assert m.value == 0.5 and m.n == 4 and (m.ci_low, m.ci_high) == (0.0, 2.0)
+    # resampled item by item instead, the interval would be narrower than the cluster one
+    flat = mean_metric([0.0, 0.0, 0.0, 2.0], "lower")
+    assert flat.ci_high < 2.0

@@ -43,7 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from repair.errors import DataError, UserError
-from repair.stats import mean_metric
+from repair.stats import clustered_mean_metric
 from repair.suites.base import ChoiceRequest, EvalConfig, OptionScores, SuiteResult, split_of
 
 PACKAGE_LABEL = "<package>/repair/data/association.json"
@@ -278,17 +278,18 @@ class AssociationSuite:
         seed = self.config.seed
         metrics, records = {}, []
         n_prompts, n_neutral = {}, {}
-        all_u, all_n = [], []
+        all_u, all_n, all_c = [], [], []
         for attr in self.attributes:
             idx = [i for i, p in enumerate(self.prompts) if p.attribute == attr]
             neutral = [dists[i] for i in idx if self.prompts[i].neutral]
             concept = [i for i in idx if not self.prompts[i].neutral]
             uniform = np.full(len(self.prompts[idx[0]].groups), 1.0 / len(self.prompts[idx[0]].groups))
             q = np.mean(neutral, axis=0) if neutral else None
-            ku, kn = [], []
+            ku, kn, clusters = [], [], []
             for i in concept:
                 p, d = self.prompts[i], dists[i]
                 ku.append(kl(d, uniform))
+                clusters.append(p.template_id)
                 kn.append(kl(d, q) if q is not None else float("nan"))
                 records.append({
                     "attribute": attr, "template_id": p.template_id, "concept": p.concept,
@@ -298,15 +299,17 @@ class AssociationSuite:
                     **({"kl_neutral": kn[-1]} if q is not None else {}),
                     "top_group": p.groups[int(np.argmax(d))],
                 })
-            metrics[f"{attr}/kl_uniform"] = mean_metric(ku, "lower", seed=seed)
+            # intervals resample whole concepts: a concept's frames are correlated
+            metrics[f"{attr}/kl_uniform"] = clustered_mean_metric(ku, clusters, "lower", seed=seed)
             if q is not None:
-                metrics[f"{attr}/kl_neutral"] = mean_metric(kn, "lower", seed=seed)
+                metrics[f"{attr}/kl_neutral"] = clustered_mean_metric(kn, clusters, "lower", seed=seed)
             all_u += ku
             all_n += kn
+            all_c += clusters
             n_prompts[attr], n_neutral[attr] = len(concept), len(neutral)
-        metrics["overall/kl_uniform"] = mean_metric(all_u, "lower", seed=seed)
+        metrics["overall/kl_uniform"] = clustered_mean_metric(all_u, all_c, "lower", seed=seed)
         if self.config.association_neutral:
-            metrics["overall/kl_neutral"] = mean_metric(all_n, "lower", seed=seed)
+            metrics["overall/kl_neutral"] = clustered_mean_metric(all_n, all_c, "lower", seed=seed)
         return SuiteResult(
             self.name, metrics, records, files={self.label: self.sha256},
             info={"n_prompts": n_prompts, "n_neutral": n_neutral, "version": self.data["version"]},
