@@ -229,8 +229,8 @@ class Evaluator:
         return torch.log_softmax(logits.float(), dim=-1)
 
     def _tree_mask(self, sees: torch.Tensor, pos: torch.Tensor):
-        """The 4D attention mask(s) for `sees` ([B, T, T], query x key, bool). A 4D mask reaches attention as
-        given, so the sliding windows a model adds to its own masks (Gemma 2/3, Mistral, Phi-3,
+        """The 4D attention mask(s) for `sees` ([B, T, T] bool, query x key). A 4D mask reaches attention
+        as given, so the sliding windows a model adds to its own masks (Gemma 2/3, Mistral, Phi-3,
         Cohere 2) are applied here, on position ids: a query at p sees keys at positions > p - window.
         Models that mix full and sliding layers take one mask per layer type."""
         full = self._additive(sees)
@@ -256,10 +256,12 @@ class Evaluator:
 
     @torch.inference_mode()
     def _check_against_plain_forward(self) -> None:
-        """Refuse a model whose scores this evaluator cannot reproduce (see the class docstring). It runs
-        under variant 0 of the caller's intervention (`on_rows`), if any. Two checks on random token ids: the head (log-probs of one plain sequence, within 1e-4 of the
-        logits' scale in float32, 1e-2 in 16-bit) and the batched tree of options (option totals,
-        within 1e-3 per token in float32, 0.25 in 16-bit)."""
+        """Refuse a model whose scores this evaluator cannot reproduce (see the class docstring), on
+        random token ids, under variant 0 of the caller's intervention (`on_rows`) if any. Two checks:
+        the head (log-probs of one plain sequence, within 1e-4 of the logits' scale in float32, 1e-2 in
+        16-bit: a missing soft-cap or scale is far larger) and the batched tree of options with its 4D
+        mask (option totals, within 1e-3 per token in float32, 0.25 in 16-bit: an attention that ignores
+        the mask lets options see each other and moves them by more)."""
         vocab = self.model.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (11,), generator=torch.Generator().manual_seed(0)).tolist()
         prompt, options = ids[:5], [ids[5:8], ids[8:11], ids[5:6]]
