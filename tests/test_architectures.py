@@ -98,7 +98,7 @@ def test_token_nll_equals_the_plain_forward(family):
         e = min(b + window, len(ids))
         first = 1 if b == 0 else max(b + window - stride, 1)
         with torch.no_grad():
-            logp = torch.log_softmax(model(input_ids=torch.tensor([ids[b:e]])).logits[0].double(), -1)
+            logp = torch.log_softmax(model(input_ids=torch.as_tensor(ids[b:e])[None]).logits[0].double(), -1)
         for t in range(first, e):
             expected[t - 1] = -float(logp[t - 1 - b, ids[t]])
         if e == len(ids):
