@@ -50,6 +50,8 @@ def evaluate(loaded: LoadedModel, suites: dict, config: EvalConfig, *, batch_tok
         "versions": versions(),
         "seconds": round(time.perf_counter() - start, 2),
         "files": {path: digest for r in results.values() for path, digest in r.files.items()},
+        # (prompt, option) pairs whose joint tokenisation merged across the boundary (see evaluator._Tokens)
+        "boundary_merges": scorer.boundary_merges,
         "suites": {name: r.as_dict() for name, r in results.items()},
     }
 
@@ -62,6 +64,9 @@ def format_table(report: dict) -> str:
         dropped = suite["info"].get("dropped")
         if isinstance(dropped, dict) and sum(dropped.values()):
             rows.append((name, "dropped (biased answer undetermined)", str(sum(dropped.values())), "", "", ""))
+    if report.get("boundary_merges"):
+        rows.append(("all", "options scored on their own tokens (merge across the prompt boundary)",
+                     str(report["boundary_merges"]), "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

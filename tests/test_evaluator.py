@@ -71,3 +71,14 @@ def test_evaluator_counts_only_needed_output_positions():
     ev.score_choices([ChoiceRequest("abc", (" x", " yz"))])
     # last prompt position + tokens 2.. of each option: 1 + (1 + 2) = 4 positions, not 3 + 2 + 3
     assert ev.work.head_positions == 4
+
+
+def test_the_table_counts_boundary_merges_only_when_there_are_some():
+    from repair.evaluate import format_table
+
+    metric = {"value": 1.0, "ci_low": 0.5, "ci_high": 1.5, "n": 3, "better": "lower"}
+    report = {"suites": {"text": {"metrics": {"overall/perplexity": metric}, "info": {}}}, "boundary_merges": 0}
+    assert "merge across the prompt boundary" not in format_table(report)
+    report["boundary_merges"] = 7
+    row = [l for l in format_table(report).splitlines() if "merge across the prompt boundary" in l]
+    assert len(row) == 1 and " 7" in row[0]
