@@ -391,7 +391,7 @@ CASES = [
          may_change=("sha256.json", "study.db")),
     Case("transformers-too-old", "transformers older than the code needs",
          "`evaluate` with a `transformers-4.40.0.dist-info` ahead of site-packages on `PYTHONPATH`",
-         lambda w: evaluate(w), "transformers 4.40.0 is installed but fairness-repair needs transformers >= 4.56",
+         lambda w: evaluate(w), "transformers 4.40.0 is installed but fairness-repair needs transformers >= 5.21",
          env_of=old_transformers),
     Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",
          "a run killed after fitting (`REPAIR_KILL_AT=annealing:1`), one byte appended to a `.joblib`, then the same `run` again",

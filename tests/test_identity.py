@@ -140,14 +140,14 @@ def test_hub_model_is_fingerprinted_from_its_files_like_a_local_copy(model_dir, 
         model_numbers(ModelSpec("org/absent", device="cpu"))
 
 
-@pytest.mark.parametrize("found, ok", [("4.55.2", False), ("4.46.0", False), ("3.5.1", False),
-                                       ("4.56.0", True), ("4.57.0.dev0", True), ("5.24.0", True)])
+@pytest.mark.parametrize("found, ok", [("5.20.2", False), ("4.57.6", False), ("3.5.1", False),
+                                       ("5.21.0", True), ("5.22.0.dev0", True), ("6.0.0", True)])
 def test_transformers_version_check(found, ok):
     if ok:
         check_transformers(found)
     else:
         with pytest.raises(UserError, match=rf"transformers {found} is installed but fairness-repair needs "
-                                            rf"transformers >= 4\.56 \(pip install -U 'transformers>=4\.56'\)"):
+                                            rf"transformers >= 5\.21 \(pip install -U 'transformers>=5\.21'\)"):
             check_transformers(found)
 
 
