@@ -118,6 +118,38 @@ def model_copy(w, name: str = "model") -> Path:
     return target
 
 
+UNREPRODUCIBLE = '''from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class RescalingConfig(LlamaConfig):
+    model_type = "rescaling_llama"
+
+
+class RescalingLlama(LlamaForCausalLM):
+    """Remote code that ignores the attention mask and rescales its logits after the head."""
+
+    config_class = RescalingConfig
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+'''
+
+
+def unreproducible_model(w) -> Path:
+    """The tiny checkpoint as remote code whose scores the fast evaluator cannot reproduce either way:
+    through its own forward (it ignores the 4D mask) or through backbone + head (the rescaling is lost)."""
+    m = model_copy(w)
+    (m / "modeling_rescaling.py").write_text(UNREPRODUCIBLE)
+    config = json.loads((m / "config.json").read_text())
+    config.update(model_type="rescaling_llama", architectures=["RescalingLlama"],
+                  auto_map={"AutoConfig": "modeling_rescaling.RescalingConfig",
+                            "AutoModelForCausalLM": "modeling_rescaling.RescalingLlama"})
+    (m / "config.json").write_text(json.dumps(config))
+    return m
+
+
 def evaluate(w, *args) -> list:
     """`repair evaluate` on the tiny model, quick settings, with a --json target that must not appear."""
     return ["evaluate", "--model", w.model, "--no-progress", *QUICK_EVAL, "--json", w.tmp / "eval.json", *args]
@@ -308,6 +340,10 @@ CASES = [
     Case("model-weights-truncated", "truncated weights", "`model.safetensors` cut to 5,000 bytes",
          lambda w: (lambda m: os.truncate(m / "model.safetensors", 5000) or evaluate(w, "--model", m))(model_copy(w)),
          "could not load model"),
+    Case("model-unreproducible", "a model whose scores the fast evaluator cannot reproduce",
+         "remote code (`--trust-remote-code`) that ignores the attention mask and rescales its logits",
+         lambda w: evaluate(w, "--model", unreproducible_model(w), "--trust-remote-code"),
+         "the fast evaluator cannot reproduce"),
     Case("gguf-not-gguf", "a .gguf file that is not GGUF", "`--model x.gguf`, a text file",
          lambda w: (w.tmp / "x.gguf").write_text("not a gguf") and evaluate(w, "--model", w.tmp / "x.gguf"),
          "is not a GGUF file"),
