@@ -349,28 +349,29 @@ def run_prune(config: RunConfig, loaded: LoadedModel, objectives: Objectives) ->
         search.records.study.set_user_attr("finished", True)  # workers may leave
     finally:
         scorer.close()
-    candidates = []
-    for k in to_select:
-        t = done[k]
-        sides = {"select": selected[k], "report": reported.get(k)}
-        candidates.append({
-            "key": k, "phase": t.user_attrs["phase"], "pruned_heads": M.pruned_heads(M.from_key(k, search.layout)),
-            "methods": [m for m, keys in finalists.items() if k in keys], "chosen": k == chosen,
-            "best_of": [m for m, b in best.items() if b == k and k != base],
-            "meets_constraint_on_select": objectives.meets(selected[k]["utility"], objectives.utility_bound(
-                selected[base]["utility"], config.max_utility_loss)),
-            "search": {a: t.user_attrs[a] for a in ("fairness", "utility", "metrics")},
-            **{split: None if side is None else {a: side[a] for a in ("fairness", "utility", "metrics")}
-               for split, side in sides.items()},
-            "changes": {split: None if side is None or k == base else paired_changes(objectives, (selected if split == "select" else reported)[base], side, seed=config.seed)
-                        for split, side in sides.items()},
-        })
+    bound = objectives.utility_bound(selected[base]["utility"], config.max_utility_loss)
+    measured = {"select": selected, "report": reported}
+    candidates = [{
+        "key": k, "phase": done[k].user_attrs["phase"], "pruned_heads": M.pruned_heads(M.from_key(k, search.layout)),
+        "methods": [m for m, keys in finalists.items() if k in keys], "chosen": k == chosen,
+        "best_of": [m for m, b in best.items() if b == k and k != base],
+        "meets_constraint_on_select": objectives.meets(selected[k]["utility"], bound),
+        "search": _numbers(done[k].user_attrs),
+        **{split: _numbers(rows[k]) if k in rows else None for split, rows in measured.items()},
+        # against the unrepaired model on the same split, with paired intervals
+        "changes": {split: paired_changes(objectives, rows[base], rows[k], seed=config.seed) if k in rows and k != base else None
+                    for split, rows in measured.items()},
+    } for k in to_select]
     write_text_atomic(config.out / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
     write_json_atomic(config.out / "methods.json", {
         method: {"evaluations": len(seq), "best": best_verified(seq, candidates, method)} for method, seq in sequences.items()
     })
     return {"candidates": candidates, "fits": search.fits, "layout": list(search.layout),
             "n_evaluations": len(done), "seconds": time.perf_counter() - started}
+
+
+def _numbers(row: dict) -> dict:
+    return {a: row[a] for a in ("fairness", "utility", "metrics")}
 
 
 def best_verified(sequence: list[str], candidates: list[dict], method: str) -> dict | None:
