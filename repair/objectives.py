@@ -243,10 +243,9 @@ ALWAYS_SHOWN = ("association/overall/kl_neutral", "association/overall/kl_unifor
 def shown_metrics(objectives: Objectives, metrics) -> list[str]:
     """The metrics a before/after change is reported for: every metric the objectives read (all
     categories of a term, since a term may combine them), and both association distances."""
-    suffixes = {(suite, metric.split("/")[-1]) for suite, metric in (FAIRNESS[n] for n, _ in objectives.fairness)}
-    suffixes.add(UTILITY[objectives.utility])
-    names = [k for k in metrics if any(k.startswith(f"{suite}/") and k.endswith("/" + last.split("/")[-1])
-                                        for suite, last in suffixes)]
+    read = [FAIRNESS[n] for n, _ in objectives.fairness] + [UTILITY[objectives.utility]]
+    wanted = {(suite, metric.split("/")[-1]) for suite, metric in read}  # e.g. ("bbq", "s_amb"): every category
+    names = [k for k in metrics if (k.split("/")[0], k.split("/")[-1]) in wanted]
     return list(dict.fromkeys(names + [k for k in ALWAYS_SHOWN if k in metrics]))
 
 

@@ -95,3 +95,33 @@ def test_mask_keys_and_sampling():
     assert [M.to_key(m) for m in masks] == [M.to_key(m) for m in M.stratified_masks(100, (30, 9), 0.2, seed=1)]
     knock = M.knockout_masks((2, 3))
     assert len(knock) == 6 and all((~m).sum() == 1 for m in knock)
+
+
+def test_paired_changes_of_the_objectives_follow_their_metrics():
+    """The objective's change is its metric's paired change; both association distances are kept."""
+    import numpy as np
+
+    from repair.objectives import Objectives, paired_changes, shown_metrics
+    from repair.stats import mean_metric, ratio_metric
+
+    rng = np.random.default_rng(0)
+    kl_before = rng.random(40)
+    sides = {}
+    for name, kl_n in (("before", kl_before), ("after", 0.8 * kl_before + 0.01 * rng.random(40))):
+        metrics = {"association/overall/kl_neutral": mean_metric(kl_n, "lower"),
+                   "association/overall/kl_uniform": mean_metric(kl_n + 1, "lower"),
+                   "association/gender/kl_uniform": mean_metric(kl_n[:5] + 1, "lower"),
+                   "text/overall/perplexity": ratio_metric(np.full(8, 20.0) * (1 if name == "before" else 1.03), np.full(8, 10.0), "lower")}
+        objectives = Objectives.parse("association-neutral", "text")
+        assert shown_metrics(objectives, metrics) == ["association/overall/kl_neutral", "text/overall/perplexity",
+                                                       "association/overall/kl_uniform"]
+        sides[name] = {"fairness": metrics["association/overall/kl_neutral"].value,
+                       "utility": metrics["text/overall/perplexity"].value,
+                       "metrics": {k: m.as_dict() for k, m in metrics.items()},
+                       "units": {k: metrics[k].units.as_dict() for k in shown_metrics(objectives, metrics)}}
+    changes = paired_changes(objectives, sides["before"], sides["after"])
+    assert changes["fairness"] == changes["metrics"]["association/overall/kl_neutral"]
+    assert changes["fairness"]["relative"] == pytest.approx(sides["after"]["fairness"] / sides["before"]["fairness"] - 1)
+    assert changes["fairness"]["significant"] and changes["fairness"]["relative_ci"][1] < 0
+    assert changes["utility"]["relative"] == pytest.approx(0.03)
+    assert set(changes["metrics"]) == {"association/overall/kl_neutral", "association/overall/kl_uniform", "text/overall/perplexity"}
