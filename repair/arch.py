@@ -56,6 +56,12 @@ PATHS: dict[str, tuple[str, ...]] = {
 SUPPORTED = "a Llama-, Gemma-, Qwen-, Phi-, Cohere-, Granite-, GPT-2-, GPT-NeoX-, OPT- or Falcon-like model"
 
 
+def text_config(model):
+    """The config of the model's text decoder (multimodal wrappers such as Gemma 3 nest it)."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def get_path(obj, dotted: str):
     """obj.a.b.c for "a.b.c", or None where any step is missing."""
     for name in dotted.split("."):

@@ -67,10 +67,7 @@ def format_table(report: dict) -> str:
     if report.get("boundary_merges"):
         rows.append(("all", "options scored on their own tokens (merge across the prompt boundary)",
                      str(report["boundary_merges"]), "", "", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _text_table(rows)
 
 
 def compare(before: dict[str, SuiteResult], after: dict[str, SuiteResult], seed: int = 0) -> dict[str, dict]:
@@ -96,6 +93,11 @@ def format_comparison(changes: dict[str, dict], before_label: str, after_label: 
         lo, hi = c["relative_ci"]
         rows.append((name, f"{c['before']:.4f}", f"{c['after']:.4f}", f"{c['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]",
                      f"+-{(hi - lo) / 2:.1%}", "excludes 0" if c["significant"] else ""))
+    return _text_table(rows)
+
+
+def _text_table(rows: list[tuple[str, ...]]) -> str:
+    """Left-aligned columns, the first row a header underlined with dashes."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -169,11 +169,6 @@ def _input_device(model) -> torch.device:
 WORD_END = -1  # target of the position after an option's last token when a word end is scored
 
 
-def _text_config(model):
-    config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 class Evaluator:
     """The fast scorer (see the module docstring). Works on CPU and CUDA alike: the device and dtype
     are the model's.
@@ -200,7 +195,7 @@ class Evaluator:
         self._mask_dtype = embed if embed.is_floating_point else torch.float32
         self.batch_tokens, self.max_rows, self.progress = batch_tokens, max_rows, progress
         self.tokens = _Tokens(tokenizer)
-        config = _text_config(model)
+        config = arch.text_config(model)
         self._layer_types = sorted(set(getattr(config, "layer_types", None) or ()))
         self._window = getattr(config, "sliding_window", None) if not self._layer_types or \
             "sliding_attention" in self._layer_types else None

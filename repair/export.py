@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from repair import failpoints
-from repair.errors import UserError
-from repair.heads import HeadMasker, attention_output, decoder_layers, head_layout
+from repair.heads import HeadMasker, attention_output, decoder_layers, head_layout, zero_heads
 from repair.io import UMASK
 from repair.stats import format_change
 from repair.models import LoadedModel
@@ -35,8 +34,6 @@ def pruned_state_dict(model: torch.nn.Module, mask: np.ndarray) -> tuple[dict, l
     """The state dict to save for `model` with the heads whose mask bit is 0 zeroed, and those heads as
     sorted [layer, head] pairs. Every tensor is the model's own, except the attention output weights
     of layers with a pruned head: those are zeroed copies on CPU. The model itself is not changed."""
-    from transformers.pytorch_utils import Conv1D
-
     n_layers, n_heads, hd = head_layout(model)
     mask = np.asarray(mask)
     if mask.shape != (n_layers, n_heads) or not np.isin(mask, (0, 1)).all():
@@ -47,16 +44,8 @@ def pruned_state_dict(model: torch.nn.Module, mask: np.ndarray) -> tuple[dict, l
     layers = decoder_layers(model)
     for layer in sorted({l for l, _ in pruned}):
         module = attention_output(layers[layer], model)
-        if not module.weight.dtype.is_floating_point:
-            raise UserError(f"{type(model).__name__}: cannot prune heads of a quantized model "
-                            "(load it in float16, bfloat16 or float32)")
         weight = module.weight.detach().to("cpu", copy=True)
-        for head in (h for l, h in pruned if l == layer):
-            cols = slice(head * hd, (head + 1) * hd)
-            if isinstance(module, Conv1D):  # GPT-2 stores [in, out]
-                weight[cols, :] = 0
-            else:
-                weight[:, cols] = 0
+        zero_heads(model, module, weight, [h for l, h in pruned if l == layer], hd)
         state[f"{names[id(module)]}.weight"] = weight
     return state, pruned
 

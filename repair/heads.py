@@ -24,9 +24,6 @@ from repair import arch
 from repair.errors import UserError
 
 PURPOSE = "head pruning"
-# The path tables live in repair.arch; kept here under their old names for importers.
-LAYER_PATHS = arch.PATHS["layers"]
-ATTENTION_OUTPUT_PATHS = arch.PATHS["attention_output"]
 
 
 def _unsupported(model, what: str) -> UserError:
@@ -58,10 +55,7 @@ def head_layout(model: nn.Module) -> tuple[int, int, int]:
     """(n_layers, n_query_heads, head_dim). head_dim is read off the projection's input width, so models
     whose head_dim is not hidden_size / n_heads (Gemma) come out right."""
     layers = decoder_layers(model)
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    n_heads = getattr(config, "num_attention_heads", None)
+    n_heads = getattr(arch.text_config(model), "num_attention_heads", None)
     if not isinstance(n_heads, int) or n_heads <= 0:
         raise _unsupported(model, "its config has no num_attention_heads")
     width = _in_features(attention_output(layers[0], model))
@@ -171,13 +165,19 @@ def prune_checkpoint(model: nn.Module, mask_2d) -> list[list[int]]:
     modules = [attention_output(layer, model) for layer in decoder_layers(model)]
     with torch.no_grad():
         for layer, head in pruned:
-            module = modules[layer]
-            if not module.weight.dtype.is_floating_point:
-                raise UserError(f"{type(model).__name__}: cannot prune heads of a quantized model "
-                                f"(load it in float16, bfloat16 or float32)")
-            cols = slice(head * hd, (head + 1) * hd)
-            if _is_conv1d(module):
-                module.weight[cols, :] = 0
-            else:
-                module.weight[:, cols] = 0
+            zero_heads(model, modules[layer], modules[layer].weight, [head], hd)
     return pruned
+
+
+def zero_heads(model: nn.Module, module: nn.Module, weight: torch.Tensor, heads, head_dim: int) -> None:
+    """Zero, in `weight` (the attention output projection `module`'s weight, or a copy of it), the input
+    slices of `heads`: what removes those query heads from the block."""
+    if not weight.dtype.is_floating_point:
+        raise UserError(f"{type(model).__name__}: cannot prune heads of a quantized model "
+                        f"(load it in float16, bfloat16 or float32)")
+    for head in heads:
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        if _is_conv1d(module):  # GPT-2's Conv1D stores [in, out]
+            weight[cols, :] = 0
+        else:
+            weight[:, cols] = 0

@@ -186,8 +186,8 @@ def resolve_source(name: str) -> tuple[str, Path | None]:
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load the model and tokenizer in inference mode on the resolved device and dtype."""
-    check_transformers()
+    """Load the model and tokenizer in inference mode on the resolved device and dtype (resolve_source
+    checks the transformers version first)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -132,8 +132,7 @@ def clustered_mean_metric(values, clusters, better, *, seed: int = 0) -> Metric:
     keys, index = np.unique(np.asarray(clusters, dtype=object).astype(str), return_inverse=True)
     num = np.bincount(index, weights=values, minlength=len(keys))
     den = np.bincount(index, minlength=len(keys)).astype(np.float64)
-    value, low, high = bootstrap(Units(((num, den, 1.0, 0.0),)).statistic, len(keys), seed=seed)
-    return Metric(value, low, high, better, len(values), Units(((num, den, 1.0, 0.0),)))
+    return units_metric(Units(((num, den, 1.0, 0.0),)), better, n=len(values), seed=seed)
 
 
 def ratio_metric(numerator, denominator, better, *, scale: float = 1.0, offset: float = 0.0, seed: int = 0) -> Metric:
