@@ -1,0 +1,315 @@
+"""FairMed's probers: from a layer's MLP output at a prompt's last token, the model's distribution
+over an attribute's social groups.
+
+Data: every association prompt of the search split (and the neutral ones), with the MLP output of
+every layer at its last token and the model's own group distribution after it (`collect`).
+
+Prober, per layer: the activations standardised and projected on the first `dims` principal
+components of all attributes' prompts pooled (one projection per layer: pooling gives the projection
+every prompt, not an attribute's ~100), then one softmax regression per attribute on soft labels (the
+model's distribution), its L2 strength chosen per layer and attribute by cross-validation grouped by
+concept (a concept's frames never sit on both sides of a fold). Every piece is affine, so a layer's
+probers collapse to logits = A x + c over the attributes' groups laid end to end: the neutralizer
+needs nothing else, and its gradient is exact and cheap.
+
+Scores, on the held-out folds: macro-F1 of the arg-max group against always predicting the majority
+group, and KL(model || prober) against KL(model || training mean). The pilot's probers (an MLP on
+36 prompts per attribute) memorised; see benchmarks/probers.py for what each lever does.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from repair import arch
+from repair.errors import UserError
+
+L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # per-sample penalty on the weights, chosen by grouped CV
+DIMS = 64
+FOLDS = 5
+GATE_QUANTILES = (0.0, 0.5, 0.75, 0.9)  # the gate levels a search may choose, as quantiles of the prober's KL
+PURPOSE = "FairMed (MLP outputs)"
+
+
+@dataclass(frozen=True, eq=False)
+class ProbeData:
+    """Search-split association prompts with their activations and the model's group distributions."""
+
+    activations: np.ndarray  # (n, layers, d) float32: MLP output at the last prompt token
+    attributes: tuple[str, ...]  # per prompt
+    concepts: tuple[str, ...]  # per prompt: its template id (a concept), the CV groups
+    neutral: np.ndarray  # (n,) bool
+    distributions: tuple[np.ndarray, ...]  # per prompt, over its attribute's groups
+    groups: dict  # attribute -> tuple of group keys, in the order the segments are laid out
+
+
+def probe_data(loaded, config, progress: bool = True) -> ProbeData:
+    """The association prompts of `config`'s split (every one: no limit) and the neutral prompts, with
+    their activations and the model's group distributions, measured on `loaded` as it is."""
+    from dataclasses import replace
+
+    from tqdm.auto import tqdm
+
+    from repair.evaluator import Evaluator
+    from repair.suites.association import AssociationSuite
+
+    suite = AssociationSuite(replace(config, limit=None, association_neutral=True))
+    prompts = suite.prompts
+    evaluator = Evaluator(loaded.model, loaded.tokenizer, progress=progress)
+    dists = suite.distributions(evaluator.score_choices(suite.requests(), desc="probe targets"))
+    with tqdm(total=len(prompts), desc="probe activations", unit="prompt", disable=not progress) as bar:
+        acts = collect(loaded.model, loaded.tokenizer, [p.prompt for p in prompts], progress=bar)
+    groups = {}
+    for p in prompts:
+        groups.setdefault(p.attribute, p.groups)
+    return ProbeData(acts, tuple(p.attribute for p in prompts), tuple(p.template_id for p in prompts),
+                     np.array([p.neutral for p in prompts]), tuple(dists), groups)
+
+
+def mlp_modules(model) -> list[torch.nn.Module]:
+    """Each block's MLP, in layer order; UserError naming the class when there is none."""
+    return [arch.mlp_output(layer, model, PURPOSE) for layer in arch.decoder_layers(model, PURPOSE)]
+
+
+@torch.inference_mode()
+def collect(model, tokenizer, prompts, batch: int = 64, progress=None) -> np.ndarray:
+    """MLP outputs at every layer at the last token of each prompt text, (n, layers, d) float32."""
+    from repair.evaluator import _input_device, _Tokens
+
+    tokens = _Tokens(tokenizer)
+    ids = [tokens(p, True) for p in prompts]
+    modules = mlp_modules(model)
+    taken: list[torch.Tensor] = [None] * len(modules)
+    last = None
+
+    def keep(i):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            taken[i] = out[torch.arange(out.shape[0]), last].float().cpu()
+        return hook
+
+    handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
+    device = _input_device(model)
+    out = []
+    try:
+        for start in range(0, len(ids), batch):
+            chunk = ids[start:start + batch]
+            width = max(map(len, chunk))
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            x = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
+            last = torch.tensor([len(s) - 1 for s in chunk], device=device)
+            model(input_ids=x, attention_mask=mask, use_cache=False)
+            out.append(torch.stack(taken, 1).numpy())
+            if progress is not None:
+                progress.update(len(chunk))
+    finally:
+        for h in handles:
+            h.remove()
+    return np.concatenate(out).astype(np.float32)
+
+
+def _standardise_and_project(X: np.ndarray, dims: int):
+    """Per layer: mean, scale and the top principal directions of all prompts pooled. X: (n, L, d)."""
+    mu = X.mean(0)  # (L, d)
+    sd = X.std(0) + 1e-6
+    Z = (X - mu) / sd
+    proj = []
+    for layer in range(X.shape[1]):
+        _, _, vt = np.linalg.svd(Z[:, layer] - Z[:, layer].mean(0), full_matrices=False)
+        proj.append(vt[: min(dims, vt.shape[0])])
+    k = min(p.shape[0] for p in proj)
+    return mu, sd, np.stack([p[:k] for p in proj])  # (L, d), (L, d), (L, k, d)
+
+
+def _softmax_regression(F: torch.Tensor, Y: torch.Tensor, l2: torch.Tensor, iters: int = 100):
+    """Fit, for every layer and L2 strength at once, logits = F W + b to soft labels Y by cross-entropy
+    + l2 * |W|^2 (full-batch L-BFGS; the problems are independent, so one optimiser serves them all).
+    F: (L, n, k), Y: (n, G), l2: (R,). Returns W (R, L, k, G), b (R, L, G)."""
+    R, (L, n, k), G = len(l2), F.shape, Y.shape[1]
+    W = torch.zeros(R, L, k, G, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(R, L, G, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        logits = torch.einsum("lnk,rlkg->rlng", F, W) + b[:, :, None, :]
+        ce = -(Y * torch.log_softmax(logits, -1)).sum(-1).mean(-1)  # (R, L)
+        total = (ce + l2[:, None] * (W ** 2).sum((2, 3))).sum()
+        total.backward()
+        return total
+
+    with torch.enable_grad():
+        opt.step(loss)
+    return W.detach(), b.detach()
+
+
+def _predict(F: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(torch.einsum("lnk,rlkg->rlng", F, W) + b[:, :, None, :], -1)
+
+
+def _kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """KL(p || q) per row (the last axis), 0 log 0 = 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, 1e-12))), 0.0).sum(-1)
+
+
+def _macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(true, pred, average="macro", labels=np.unique(true), zero_division=0))
+
+
+def fit(data: ProbeData, *, dims: int = DIMS, l2_grid=L2_GRID, folds: int = FOLDS, seed: int = 0) -> tuple["Probers", list[dict]]:
+    """Probers for every layer and attribute, and their cross-validated scores (one dict per layer and
+    attribute). Neutral prompts are training rows too (what a prober predicts for them is the target
+    "neutral"), but only concept prompts are scored."""
+    from sklearn.model_selection import GroupKFold
+
+    X = data.activations.astype(np.float64)
+    n, L, d = X.shape
+    mu, sd, P = _standardise_and_project(X, dims)
+    F_all = torch.from_numpy(np.einsum("nld,lkd->lnk", (X - mu) / sd, P))  # (L, n, k)
+    l2 = torch.tensor(l2_grid, dtype=torch.float64)
+    A_parts, c_parts, scores = [], [], []
+    for attr, groups in data.groups.items():
+        idx = np.array([i for i, a in enumerate(data.attributes) if a == attr])
+        concepts = np.array([data.concepts[i] for i in idx])
+        Y = np.stack([data.distributions[i] for i in idx])
+        scored = ~data.neutral[idx]
+        n_folds = min(folds, len(set(concepts[scored])))
+        if n_folds < 2:
+            raise UserError(f"association attribute {attr!r} has too few search-split concepts to cross-validate "
+                            f"a prober (found {len(set(concepts[scored]))}, need 2)")
+        held = np.zeros((len(l2), L, len(idx), len(groups)))
+        base = np.zeros((len(idx), len(groups)))
+        for train, test in GroupKFold(n_splits=n_folds).split(idx, groups=concepts):
+            Ftr, Fte = F_all[:, idx[train]], F_all[:, idx[test]]
+            W, b = _softmax_regression(Ftr, torch.from_numpy(Y[train]), l2)
+            held[:, :, test] = _predict(Fte, W, b).numpy()
+            base[test] = Y[train].mean(0)
+        s = scored
+        kl_cv = _kl_rows(Y[s], held[:, :, s]).mean(-1)  # (R, L)
+        best = kl_cv.argmin(0)  # per layer
+        W, b = _softmax_regression(F_all[:, idx], torch.from_numpy(Y), l2)
+        true = Y[s].argmax(1)
+        majority = np.full_like(true, np.bincount(true, minlength=len(groups)).argmax())
+        kl_base = float(_kl_rows(Y[s], base[s]).mean())
+        for layer in range(L):
+            r = best[layer]
+            pred = held[r, layer, s].argmax(1)
+            scores.append({"layer": layer, "attribute": attr, "macro_f1": _macro_f1(true, pred),
+                           "majority_f1": _macro_f1(true, majority), "kl": float(kl_cv[r, layer]),
+                           "kl_mean": kl_base, "l2": float(l2[r]), "n_prompts": int(s.sum()),
+                           "n_concepts": int(len(set(concepts[s])))})
+        Wb = W[best, torch.arange(L)]  # (L, k, G)
+        bb = b[best, torch.arange(L)]  # (L, G)
+        # collapse standardise -> project -> linear into logits = A x + c
+        Wx = np.einsum("lkd,lkg->lgd", P, Wb.numpy()) / sd[:, None, :]  # (L, G, d)
+        A_parts.append(Wx)
+        c_parts.append(bb.numpy() - np.einsum("lgd,ld->lg", Wx, mu))
+    targets_neutral, targets_uniform = [], []
+    for attr, groups in data.groups.items():
+        neutral = [data.distributions[i] for i, a in enumerate(data.attributes) if a == attr and data.neutral[i]]
+        targets_neutral.append(np.mean(neutral, 0) if neutral else np.full(len(groups), 1.0 / len(groups)))
+        targets_uniform.append(np.full(len(groups), 1.0 / len(groups)))
+    probers = Probers(
+        A=torch.from_numpy(np.concatenate(A_parts, 1)).float(), c=torch.from_numpy(np.concatenate(c_parts, 1)).float(),
+        sizes=tuple(len(g) for g in data.groups.values()), attributes=tuple(data.groups),
+        targets={"neutral": torch.from_numpy(np.concatenate(targets_neutral)).float(),
+                 "uniform": torch.from_numpy(np.concatenate(targets_uniform)).float()},
+        gate_kl=torch.zeros(2, L, len(GATE_QUANTILES)),
+    )
+    return probers.calibrated(torch.from_numpy(data.activations)), scores
+
+
+@dataclass(frozen=True, eq=False)
+class Probers:
+    """Every layer's probers as one affine map: logits (L, G) = A[l] x + c[l], the attributes' groups laid
+    end to end (`sizes`); the two targets in the same layout; and `gate_kl[t, l, j]`, the
+    GATE_QUANTILES[j] quantile of the summed KL to target t over the search prompts' last tokens at
+    layer l (a gate level is a quantile, so it means the same at every layer)."""
+
+    A: torch.Tensor  # (L, G, d) float32
+    c: torch.Tensor  # (L, G)
+    sizes: tuple[int, ...]
+    attributes: tuple[str, ...]
+    targets: dict  # "neutral" / "uniform" -> (G,)
+    gate_kl: torch.Tensor  # (2, L, len(GATE_QUANTILES)), targets in TARGETS order
+
+    @property
+    def n_layers(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.A.shape[2]
+
+    def kl_to_target(self, x: torch.Tensor, layer: int, log_target: torch.Tensor):
+        """(KL summed over attributes, its gradient in x) for activations x (..., d) at `layer`; the
+        target's log-probabilities broadcast against x's leading dims (..., G)."""
+        A, c = self.A[layer].to(x.device), self.c[layer].to(x.device)
+        z = x @ A.T + c
+        logp = torch.cat([torch.log_softmax(s, -1) for s in z.split(self.sizes, -1)], -1)
+        p = logp.exp()
+        term = p * (logp - log_target)
+        kls = [t.sum(-1, keepdim=True) for t in term.split(self.sizes, -1)]
+        kl_seg = torch.cat([k.expand(*k.shape[:-1], n) for k, n in zip(kls, self.sizes)], -1)
+        grad_z = p * (logp - log_target - kl_seg)  # d KL_a / d z within each attribute's segment
+        return sum(kls)[..., 0], grad_z @ A
+
+    def calibrated(self, activations: torch.Tensor) -> "Probers":
+        """These probers with `gate_kl` measured on `activations` (n, L, d)."""
+        gate = torch.zeros(len(TARGETS), self.n_layers, len(GATE_QUANTILES))
+        q = torch.tensor(GATE_QUANTILES)
+        for t, name in enumerate(TARGETS):
+            log_t = self.targets[name].log()
+            for layer in range(self.n_layers):
+                kl, _ = self.kl_to_target(activations[:, layer].float(), layer, log_t)
+                gate[t, layer] = torch.quantile(kl, q)
+        gate[:, :, q == 0] = -torch.inf  # level 0: no gate, every position is treated
+        return Probers(self.A, self.c, self.sizes, self.attributes, self.targets, gate)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"probers.A": self.A.contiguous(), "probers.c": self.c.contiguous(),
+                "probers.target_neutral": self.targets["neutral"], "probers.target_uniform": self.targets["uniform"],
+                "probers.gate_kl": self.gate_kl.contiguous()}
+
+    def metadata(self) -> dict:
+        return {"sizes": list(self.sizes), "attributes": list(self.attributes), "gate_quantiles": list(GATE_QUANTILES)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict, meta: dict) -> "Probers":
+        return cls(tensors["probers.A"].float(), tensors["probers.c"].float(), tuple(meta["sizes"]),
+                   tuple(meta["attributes"]), {"neutral": tensors["probers.target_neutral"].float(),
+                                               "uniform": tensors["probers.target_uniform"].float()},
+                   tensors["probers.gate_kl"].float())
+
+    def save(self, path: Path) -> str:
+        """Write to a safetensors file; returns its sha256."""
+        import json
+
+        from safetensors.torch import save_file
+
+        save_file(self.tensors(), str(path), metadata={"probers": json.dumps(self.metadata())})
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    @classmethod
+    def load(cls, path: Path) -> "Probers":
+        import json
+
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["probers"])
+        return cls.from_tensors(load_file(str(path)), meta)
+
+
+TARGETS = ("neutral", "uniform")
