@@ -20,18 +20,19 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import numpy as np  # noqa: E402
 
-from repair.masks import ranked_masks, to_key  # noqa: E402
+from repair.masks import ranked_masks  # noqa: E402
 from repair.models import ModelSpec, load_model  # noqa: E402
 from repair.objectives import Objectives  # noqa: E402
-from repair.prune import MaskScorer, eval_config  # noqa: E402
+from repair.methods.prune import Prune  # noqa: E402
+from repair.runloop import Scorer, eval_config  # noqa: E402
 from repair.rundir import RunConfig  # noqa: E402
 from repair.suites.association import AssociationSuite, kl  # noqa: E402
 from repair.suites.base import EvalConfig  # noqa: E402
 
 
-def prior_share(scorer: MaskScorer) -> None:
+def prior_share(scorer: Scorer) -> None:
     suite = AssociationSuite(EvalConfig(split="report", association_neutral=True))
-    scorer.masker.set_masks(np.ones((1, *scorer.layout), dtype=np.float32))
+    scorer.set_keys(["base"])
     dists = suite.distributions(scorer.evaluator.score_choices(suite.requests()))
     print(f"{'attribute':<20} {'kl_uniform':>10} {'prior KL(q||u)':>15}")
     total_u, total_p = [], []
@@ -56,16 +57,18 @@ def main() -> None:
     config = RunConfig(out=Path("."), model=ModelSpec(args.model), fairness=args.fairness)
     objectives = Objectives.parse(config.fairness, config.utility)
     loaded = load_model(config.model)
-    scorer = MaskScorer(loaded, objectives, {s: eval_config(config, s) for s in ("search", "report")})
+    prune = Prune(config, loaded.model)
+    scorer = Scorer(loaded, objectives, {s: eval_config(config, s) for s in ("search", "report")}, {"prune": prune})
+    layout = prune.space.layout
     print("1. group prior vs KL to uniform, unrepaired model, report split")
     prior_share(scorer)
     counts = [int(k) for k in args.counts.split(",")]
-    grads = {s: scorer.objectives[s].fairness_gradient(scorer.evaluator, scorer.masker, scorer.layout) for s in ("search", "report")}
-    masks = [("unrepaired", np.ones(scorer.layout, dtype=bool))]
+    grads = {s: scorer.objectives[s].fairness_gradient(scorer.evaluator, scorer.hooks["prune"], layout) for s in ("search", "report")}
+    masks = [("unrepaired", np.ones(layout, dtype=bool))]
     for split in ("search", "report"):
-        for m in ranked_masks(grads[split], counts, scorer.layout[0] * scorer.layout[1]):
+        for m in ranked_masks(grads[split], counts, layout[0] * layout[1]):
             masks.append((f"top {int((~m).sum())} by {split}-split gradient" + (" (oracle)" if split == "report" else ""), m))
-    rows = scorer.scorer("report")([to_key(m) for _, m in masks])
+    rows = scorer.scorer("report")([prune.space.key(m) for _, m in masks])
     base = rows[0]
     print("\n2. gradient-ranked masks, verified on the report split")
     print(f"{'mask':<40} {'kl_neutral':>10} {'change':>8} {'kl_uniform':>10} {'change':>8} {'perplexity':>10} {'change':>8}")

@@ -154,7 +154,8 @@ def cmd_run(args) -> int:
     config = RunConfig(
         out=args.out, model=model_spec(args), method=args.method, data_dir=Path(data_dir) if data_dir else None,
         fairness=args.fairness, utility=args.utility, budget_evals=args.budget_evals, rounds=args.rounds,
-        per_round=args.per_round, max_prune=args.max_prune, max_utility_loss=args.max_utility_loss,
+        per_round=args.per_round, max_prune=args.max_prune, max_layers=args.max_layers, target=args.target,
+        max_utility_loss=args.max_utility_loss,
         knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
         search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
         report_ppl_tokens=args.report_ppl_tokens, verify_top=args.verify_top, bbq_mode=args.bbq_mode,
@@ -173,6 +174,23 @@ def cmd_worker(args) -> int:
         storage=args.storage, study=args.study, model=args.model, data_dir=args.data_dir, device=args.device,
         device_map=args.device_map, batch_masks=args.batch_masks, poll=args.poll, max_idle=args.max_idle,
     ))
+
+
+def cmd_generate(args) -> int:
+    from repair.load import load, read_manifest
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    read_manifest(args.model)  # a folder that is no checkpoint fails here, before any loading
+    import torch
+
+    model, tokenizer = load(args.model, device=args.device)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    print(args.prompt + tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -208,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "checkpoint to OUT/checkpoint and a Pareto report to OUT/report/index.html. "
                                     "Rerunning the same command resumes from the stored evaluations.")
     add_model_flags(rn)
-    rn.add_argument("--method", default="prune", help="prune (attention-head pruning); fairmed, fairsteer, experts: planned")
+    rn.add_argument("--method", default="prune",
+                    help="prune (attention-head pruning), fairmed (probers and a neutralizer on MLP outputs, layers "
+                         "searched); fairsteer, experts: planned")
     rn.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
     rn.add_argument("--data-dir", type=Path, default=None,
                     help="folder with bbq/, mmlu/, wikitext2/ (default: $REPAIR_DATA_DIR); only needed for those suites")
@@ -221,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--rounds", type=int, default=2, help="active-learning rounds: refit surrogates, anneal, evaluate")
     rn.add_argument("--per-round", type=int, default=8, help="masks evaluated for real in each round")
     rn.add_argument("--max-prune", type=float, default=0.2, help="largest fraction of heads a mask may prune")
+    rn.add_argument("--max-layers", type=int, default=10, help="fairmed: the most layers a configuration may treat")
+    rn.add_argument("--target", default="neutral",
+                    help="fairmed: steer the probers' group distribution towards 'neutral' (the neutral-context "
+                         "distribution, default) or 'uniform' (the paper's)")
     rn.add_argument("--max-utility-loss", type=float, default=0.05,
                     help="allowed utility loss: perplexity at most x(1+L), accuracy at least x(1-L) of the unrepaired model")
     rn.add_argument("--knockouts", action="store_true", help="also evaluate every single-head knockout")
@@ -255,6 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--poll", type=float, default=1.0, help="seconds between looks for new work")
     wk.add_argument("--max-idle", type=float, default=600.0, help="leave after this many seconds without work")
     wk.set_defaults(func=cmd_worker)
+
+    gn = sub.add_parser("generate", help="print a generation from a checkpoint `repair run` exported, repaired",
+                        description="Load RUN_DIR/checkpoint with its repair attached (repair.load) and print a greedy "
+                                    "continuation of --prompt.")
+    gn.add_argument("--model", required=True, type=Path, help="a checkpoint folder exported by `repair run`")
+    gn.add_argument("--prompt", required=True, help="the text to continue")
+    gn.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
+    gn.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    gn.set_defaults(func=cmd_generate)
+
+    from repair.probe import add_probe_parser
+
+    add_probe_parser(sub)
 
     rp = sub.add_parser("report", help="rebuild RUN_DIR/report from the run's records")
     rp.add_argument("run_dir", type=Path)

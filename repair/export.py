@@ -20,7 +20,7 @@ import torch
 
 from repair import failpoints
 from repair.heads import HeadMasker, attention_output, decoder_layers, head_layout, zero_heads
-from repair.io import UMASK
+from repair.io import UMASK, sha256_file
 from repair.stats import format_change
 from repair.models import LoadedModel
 
@@ -54,11 +54,42 @@ def export_pruned(loaded: LoadedModel, mask: np.ndarray, target: Path, manifest:
                   dtype: torch.dtype | None = None) -> Path:
     """Write the pruned checkpoint to `target` in the loaded model's dtype, or in `dtype` (which makes
     a converted copy of every weight on CPU)."""
-    model = loaded.model
-    state, pruned = pruned_state_dict(model, mask)
+    state, pruned = pruned_state_dict(loaded.model, mask)
     assert pruned == manifest["pruned_heads"], "manifest and mask disagree"
     if dtype is not None:
         state = {k: v.to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+    def expected(ids):
+        with HeadMasker(loaded.model, torch.from_numpy(mask[None].astype(np.float32))):
+            return loaded.model(ids).logits
+
+    return _write_checkpoint(loaded, state, dtype, target, manifest, card, None, expected)
+
+
+def export_hooked(loaded: LoadedModel, method: str, tensors: dict, meta: dict, target: Path, manifest: dict,
+                  card: str) -> Path:
+    """Write a hooked checkpoint: the unchanged base weights (plain transformers loads them, without
+    the repair), the intervention's tensors and settings in `interventions.safetensors`, and the
+    manifest with every file's sha256; `repair.load` re-attaches the intervention. The check reloads it
+    through `repair.load` and compares with the hooked model in memory."""
+    from repair.load import INTERVENTIONS, attach
+
+    def expected(ids):
+        hook = attach(loaded.model, method, tensors, meta)
+        try:
+            return loaded.model(ids).logits
+        finally:
+            hook.remove()
+
+    extra = {INTERVENTIONS: (tensors, {"method": method, **{k: json.dumps(v) for k, v in meta.items()}})}
+    return _write_checkpoint(loaded, loaded.model.state_dict(), None, target, manifest, card, extra, expected)
+
+
+def _write_checkpoint(loaded: LoadedModel, state: dict, dtype, target: Path, manifest: dict, card: str,
+                      extra: dict | None, expected) -> Path:
+    """Write the checkpoint under a temporary name, reload it and compare its logits with `expected`
+    (the repaired model in memory), then rename it into place; a crash leaves no half checkpoint."""
+    model = loaded.model
     target.parent.mkdir(parents=True, exist_ok=True)
     _recover(target)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crash mid-export
@@ -71,12 +102,17 @@ def export_pruned(loaded: LoadedModel, mask: np.ndarray, target: Path, manifest:
         _fix_config(tmp / "config.json", dtype)
         failpoints.reached("export")
         loaded.tokenizer.save_pretrained(tmp)
+        for name, (tensors, meta) in (extra or {}).items():
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata=meta)
+        manifest = {**manifest, "files_sha256": {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}}
         (tmp / "repair_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
         for f in tmp.iterdir():  # safetensors writes 0600; the checkpoint is as shareable as the user's files
             f.chmod(0o666 & ~UMASK)
         failpoints.reached("export")
-        _check_reload(loaded, mask, tmp)
+        _check_reload(loaded, expected, tmp)
         failpoints.reached("export")
         old = _aside(target)
         if target.exists():
@@ -117,24 +153,36 @@ def _fix_config(path: Path, dtype: torch.dtype | None) -> None:
 
 
 @torch.inference_mode()
-def _check_reload(loaded: LoadedModel, mask: np.ndarray, folder: Path) -> None:
-    """The exported weights, loaded by plain transformers (on CPU, in the dtype they were saved in),
-    must give the masked model's logits, up to a tolerance relative to the logits' scale."""
-    from transformers import AutoModelForCausalLM
+def _check_reload(loaded: LoadedModel, expected, folder: Path) -> None:
+    """The exported checkpoint, loaded the way a user loads it (`repair.load`: plain transformers plus
+    any intervention, on CPU, in the dtype it was saved in), must give the repaired model's logits,
+    up to a tolerance relative to the logits' scale."""
+    from repair.load import load
 
     ids = torch.tensor([loaded.tokenizer(CHECK_TEXT).input_ids])
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype="auto").eval()
+    reloaded, _ = load(folder, device="cpu", verify=False)
     model = loaded.model
-    with HeadMasker(model, torch.from_numpy(mask[None].astype(np.float32))):
-        expected = model(ids.to(next(model.parameters()).device)).logits.float().cpu()
+    want = expected(ids.to(next(model.parameters()).device)).float().cpu()
     got = reloaded(ids).logits.float()
     dtype = next(reloaded.parameters()).dtype
-    worst = (expected - got).abs().max().item()
-    scale = expected.abs().max().item()
+    worst = (want - got).abs().max().item()
+    scale = want.abs().max().item()
     del reloaded
     if not worst <= TOLERANCE.get(dtype, 5e-2) * scale:
-        raise RuntimeError(f"exported checkpoint differs from the masked model (max |diff| {worst:.3g} at logits "
+        raise RuntimeError(f"exported checkpoint differs from the repaired model (max |diff| {worst:.3g} at logits "
                            f"up to {scale:.3g}, {dtype}); not exported")
+
+
+def _what_was_done(manifest: dict) -> list[str]:
+    if "pruned_heads" in manifest:
+        return [f"Made by fairness-repair (`{manifest['method']}`): {len(manifest['pruned_heads'])} attention heads",
+                "pruned (their slices of the attention output projection are zero). Loads with plain",
+                "`transformers.AutoModelForCausalLM.from_pretrained`, no custom code."]
+    return [f"Made by fairness-repair (`{manifest['method']}`): a FairMed neutralizer on the MLP outputs of layers",
+            f"{manifest['layers']} (lambda {manifest['lambda']:g}, {manifest['steps']} steps, gated at the {manifest['gate']:g}",
+            f"quantile, target `{manifest['target']}`). The weights are the base model's; the probers and settings are",
+            "in `interventions.safetensors`. Load it repaired with `model, tokenizer = repair.load(path)` (plain",
+            "transformers loads the unrepaired base model from this folder)."]
 
 
 def model_card(manifest: dict) -> str:
@@ -144,9 +192,7 @@ def model_card(manifest: dict) -> str:
     lines = [
         f"# Fairness-repaired {manifest['model']['spec']}",
         "",
-        f"Made by fairness-repair (`{manifest['method']}`): {len(manifest['pruned_heads'])} attention heads",
-        "pruned (their slices of the attention output projection are zero). Loads with plain",
-        "`transformers.AutoModelForCausalLM.from_pretrained`, no custom code.",
+        *_what_was_done(manifest),
         "",
         "Chosen on the held-out `select` split; the numbers below are from the `report` split, which no",
         "choice has seen. Changes carry paired bootstrap 95% intervals (`*`: the interval excludes 0).",

@@ -17,6 +17,7 @@ Architecture knowledge (where the blocks and their attention output projections 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -109,6 +110,10 @@ class HeadMasker:
             per_input = masks[:, layer, :].repeat_interleave(self.head_dim, dim=1)
             self._layer_masks.append(per_input.to(device=w.device, dtype=dtype))
         self._row_masks = None
+
+    def set_variants(self, masks) -> None:
+        """The interface every intervention shares (repair.interventions): a list of (layers, heads) masks."""
+        self.set_masks(torch.as_tensor(np.stack([np.asarray(m, dtype=np.float32) for m in masks])))
 
     def set_rows(self, variant_ids) -> None:
         """Which variant each batch row of the following forwards uses (shape (B,); may repeat)."""

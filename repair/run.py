@@ -6,10 +6,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from repair import failpoints, masks as M
+from repair import failpoints
 from repair.errors import UserError
 from repair.evaluate import versions
-from repair.export import export_pruned, model_card
+from repair.export import model_card
+from repair.methods import METHODS, PLANNED
 from repair.models import load_model
 from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, utility_interval
 from repair.records import open_study, redact
@@ -17,22 +18,27 @@ from repair.rundir import RunConfig, prepare
 from repair.stats import format_change
 from repair.suites import build_suite
 
-METHODS = ("prune",)
-PLANNED = ("fairmed", "fairsteer", "experts", "all")
 MIN_SAMPLES = 20  # fewer sampled masks than this leave the surrogates nothing to learn from
 
 
 def validate(config: RunConfig) -> Objectives:
     if config.method in PLANNED:
         raise UserError(f"--method {config.method} is not implemented yet; this version provides: {', '.join(METHODS)}")
+    if config.baselines and config.method != "prune":
+        raise UserError(f"--baselines random,knockout are baselines of --method prune; {config.method} has its own "
+                        "(fairmed always evaluates the top-k rule)")
     unknown = [b for b in config.baselines if b not in ("random", "knockout")]
     if unknown:
         raise UserError(f"unknown baseline {unknown[0]!r} (choose from random, knockout)")
     if config.method not in METHODS:
-        raise UserError(f"unknown --method {config.method!r} (choose from {', '.join(METHODS + PLANNED)})")
+        raise UserError(f"unknown --method {config.method!r} (choose from {', '.join((*METHODS, *PLANNED))})")
     objectives = Objectives.parse(config.fairness, config.utility)
     if not 0 < config.max_prune < 1:
         raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
+    if config.max_layers < 1:
+        raise UserError(f"--max-layers must be at least 1, got {config.max_layers}")
+    if config.target not in ("neutral", "uniform"):
+        raise UserError(f"--target must be neutral or uniform, got {config.target!r}")
     if not 0 < config.max_utility_loss < 1:
         raise UserError(f"--max-utility-loss must be a fraction between 0 and 1, got {config.max_utility_loss}")
     if config.rounds < 0 or config.per_round < 1 or config.verify_top < 1:
@@ -55,7 +61,7 @@ def validate(config: RunConfig) -> Objectives:
 
 def run(config: RunConfig) -> int:
     objectives = validate(config)
-    from repair.prune import eval_config
+    from repair.runloop import eval_config
 
     files = {}
     for split in ("search", "report"):  # validate every data file before any model or disk work
@@ -72,15 +78,18 @@ def run(config: RunConfig) -> int:
         print(f"waiting for workers: repair worker --storage {redact(config.storage_url)} --study {config.study_name}", file=sys.stderr)
     loaded = load_model(config.model)
 
-    from repair.prune import run_prune
+    from repair.methods import build
+    from repair.runloop import run_search
 
-    result = run_prune(config, loaded, objectives)
+    method = build(config, loaded.model)
+    result = run_search(config, loaded, objectives, method)
     chosen = next(c for c in result["candidates"] if c["chosen"])
     base = result["candidates"][0]
     manifest = {
         "method": config.method,
         "model": loaded.describe(),
-        "pruned_heads": chosen["pruned_heads"],
+        "key": chosen["key"],
+        **method.space.describe(chosen["key"]),
         "objectives": objectives.describe(),
         "max_utility_loss": config.max_utility_loss,
         "chosen_on": "select", "reported_on": "report",
@@ -91,11 +100,10 @@ def run(config: RunConfig) -> int:
         "command": sys.argv,
         "n_llm_evaluations": result["n_evaluations"],
     }
-    export_pruned(loaded, M.from_key(chosen["key"], tuple(result["layout"])), config.out / "checkpoint", manifest,
-                  model_card(manifest))
+    method.export(loaded, chosen["key"], config.out / "checkpoint", manifest, model_card(manifest))
     failpoints.reached("export")
     report = write_run_report(config.out)
-    _print_summary(config, objectives, base, chosen, report, result)
+    _print_summary(config, objectives, base, chosen, report, result, method)
     return 0
 
 
@@ -118,17 +126,17 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
     return rows
 
 
-def _print_summary(config, objectives, base, chosen, report, result) -> None:
+def _print_summary(config, objectives, base, chosen, report, result, method) -> None:
     print(f"\nLLM evaluations: {result['n_evaluations']} in {result['seconds'] / 60:.1f} min")
     if chosen is base:
-        print("no pruned configuration kept utility within the limit on the select split: the checkpoint is the unrepaired model")
+        print("no repaired configuration kept utility within the limit on the select split: the checkpoint is the unrepaired model")
     print("chosen on the select split; measured on the report split, which no choice has seen")
     rows = summary_rows(objectives, base, chosen, "report")
     width = max(len(r[0]) for r in rows)
     print(f"{'report split'.ljust(width)}  unrepaired    repaired  change [paired 95% CI] (* excludes 0)")
     for label, a, b, change in rows:
         print(f"{label.ljust(width)}  {a:10.4f}  {b:10.4f}  {change}")
-    print(f"pruned heads: {len(chosen['pruned_heads'])}")
+    print(method.summary(chosen))
     print(f"checkpoint: {config.out / 'checkpoint'}")
     print(f"report:     {report}")
 
@@ -166,7 +174,7 @@ def write_run_report(run_dir: Path) -> Path:
             "name": "unrepaired" if i == 0 else _name(c["phase"], c["key"]), "method": "base" if i == 0 else c["methods"][0],
             "kind": kind, "split": "report", "fairness": rep["fairness"], "utility": rep["utility"],
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
-            "config": {"pruned_heads": c["pruned_heads"]},
+            "config": c["config"],
             "changes": (c.get("changes") or {}).get("report"),
             "shown": {k.split("/")[-1]: rep["metrics"][k]["value"] for k in ALWAYS_SHOWN if k in rep["metrics"]},
             "select": {"fairness": c["select"]["fairness"], "utility": c["select"]["utility"]},

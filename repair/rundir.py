@@ -12,6 +12,9 @@ from repair.io import write_json_atomic
 from repair.models import ModelSpec, model_numbers
 
 
+RECORDS = 2  # how records are keyed: 2 = "METHOD:CONFIG" and "base" (1, unrecorded: a prune mask's hex alone)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a run's results. The CLI maps `repair run` flags onto it one to one."""
@@ -25,7 +28,9 @@ class RunConfig:
     budget_evals: int = 120
     rounds: int = 2
     per_round: int = 8
-    max_prune: float = 0.2
+    max_prune: float = 0.2  # prune: the largest fraction of heads a mask may prune
+    max_layers: int = 10  # fairmed: the most layers a configuration may treat
+    target: str = "neutral"  # fairmed: the distribution the neutralizer steers towards (or "uniform")
     max_utility_loss: float = 0.05
     knockouts: bool = False
     baselines: tuple[str, ...] = ()
@@ -60,6 +65,7 @@ class RunConfig:
             d.pop(k)
         d["model"] = {"model": self.model.model, "trust_remote_code": self.model.trust_remote_code}
         d["numbers"] = model_numbers(self.model)
+        d["records"] = RECORDS
         return json.loads(json.dumps(d, default=str))
 
 
@@ -93,6 +99,10 @@ def prepare(config: RunConfig, resolved: dict) -> bool:
         except (ValueError, KeyError):
             raise UserError(f"{saved} is not a run configuration (choose another --out)") from None
         current = config.identity()
+        if previous.get("records") != RECORDS:
+            raise UserError(f"{out} holds a run made by an older fairness-repair whose records are keyed by head mask "
+                            "alone, which this version cannot resume (choose another --out; that run's checkpoint "
+                            "and report stay as they are)")
         check_numbers(previous.get("numbers"), current["numbers"], str(out), "process",
                       "rerun with the same --model/--device/--dtype to resume, or choose another --out",
                       "choose another --out")

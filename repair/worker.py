@@ -18,7 +18,7 @@ from repair.errors import UserError
 from repair.models import ModelSpec, load_model, model_numbers
 from repair.objectives import Objectives
 from repair.records import NoSuchStudy, Records, open_study, redact
-from repair.rundir import RunConfig, check_numbers
+from repair.rundir import RECORDS, RunConfig, check_numbers
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,9 @@ def run_config_from_study(study, worker: WorkerConfig) -> RunConfig:
         raise UserError(f"study {worker.study!r} holds no repair run (start it with `repair run --storage ... --study {worker.study}`)")
     identity = dict(stored["identity"])
     numbers = identity.pop("numbers", None)
+    if identity.pop("records", None) != RECORDS:
+        raise UserError(f"study {worker.study!r} was made by another version of fairness-repair (its records are "
+                        "keyed differently): run the worker with the run's version")
     model = {**identity.pop("model"), "device": worker.device, "device_map": worker.device_map}
     if numbers:
         model["dtype"] = numbers["dtype"]  # the run's, as it resolved there
@@ -72,13 +75,16 @@ def _wait_for_run(worker: WorkerConfig):
 
 
 def run_worker(worker: WorkerConfig) -> int:
-    from repair.prune import SPLITS, MaskScorer, eval_config
+    from repair.methods import build
+    from repair.runloop import SPLITS, Scorer, eval_config
 
     config = run_config_from_study(_wait_for_run(worker), worker)
     search_study = open_study(worker.storage, worker.study, config.heartbeat, create=False)  # beat as the run expects
     objectives = Objectives.parse(config.fairness, config.utility)
     loaded = load_model(config.model)
-    scorer = MaskScorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS})
+    method = build(config, loaded.model)
+    method.load_artifacts(search_study.user_attrs)  # e.g. FairMed's probers: the run's, not fitted again here
+    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, {method.name: method})
     try:
         if sorted(scorer.files().values()) != search_study.user_attrs["run"]["data_sha256"]:
             raise UserError("this worker's data files differ from the run's (their sha256 do not match): "
@@ -90,7 +96,7 @@ def run_worker(worker: WorkerConfig) -> int:
         ]
         print(f"worker: joined study {worker.study!r} in {redact(worker.storage)}", file=sys.stderr)
         n, idle_since = 0, time.monotonic()
-        with tqdm(desc="worker: evaluated", unit="mask", dynamic_ncols=True) as bar:
+        with tqdm(desc="worker: evaluated", unit="config", dynamic_ncols=True) as bar:
             while True:
                 for records, score, stage in queues:
                     claimed = records.claim(worker.batch_masks)

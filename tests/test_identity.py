@@ -95,7 +95,7 @@ def test_run_directory_of_an_older_version_is_refused(model_dir, tmp_path):
 
 
 def published(c: RunConfig) -> SimpleNamespace:
-    """A study as `repair.prune.publish` leaves it, for `run_config_from_study`."""
+    """A study as `repair.runloop.publish` leaves it, for `run_config_from_study`."""
     return SimpleNamespace(user_attrs={"run": {"identity": c.identity(), "data_dir": None, "heartbeat": 10,
                                                "data_sha256": []}})
 

@@ -69,9 +69,9 @@ def test_records_are_unique_and_complete(finished_run):
     keys = [k for state, k in rows if state == "COMPLETE"]
     assert len(keys) == len(set(keys)) and len(keys) >= 20
     candidates = [json.loads(l) for l in (finished_run / "candidates.jsonl").read_text().splitlines()]
-    assert candidates[0]["pruned_heads"] == [] and sum(c["chosen"] for c in candidates) == 1
+    assert candidates[0]["config"]["pruned_heads"] == [] and sum(c["chosen"] for c in candidates) == 1
     for c in candidates:
-        assert set(c) >= {"search", "select", "report", "pruned_heads", "key", "changes"}
+        assert set(c) >= {"search", "select", "report", "config", "key", "changes"}
     chosen = next(c for c in candidates if c["chosen"])
     assert chosen["report"] is not None and candidates[0]["report"] is not None  # measured on report after the choice
 

@@ -4,7 +4,7 @@ import dataclasses
 import json
 
 from conftest import SMALL, study_trials
-from repair import prune
+from repair import runloop
 from repair.cli import main
 
 
@@ -15,13 +15,13 @@ def _chosen(out):
 
 def test_swapping_the_report_items_after_the_choice_keeps_the_choice(model_dir, tmp_path, monkeypatch):
     assert main(["run", "--model", str(model_dir), "--out", str(tmp_path / "a"), *SMALL]) == 0
-    original = prune.eval_config
+    original = runloop.eval_config
 
     def other_report_items(config, split):  # the report split, but other prompts and other text
         cfg = original(config, split)
         return dataclasses.replace(cfg, split="search", limit=2, ppl_tokens=96) if split == "report" else cfg
 
-    monkeypatch.setattr(prune, "eval_config", other_report_items)
+    monkeypatch.setattr(runloop, "eval_config", other_report_items)
     assert main(["run", "--model", str(model_dir), "--out", str(tmp_path / "b"), *SMALL]) == 0
     (a, cands_a), (b, cands_b) = _chosen(tmp_path / "a"), _chosen(tmp_path / "b")
     assert a["key"] == b["key"] and a["select"] == b["select"]
@@ -33,7 +33,7 @@ def test_the_choice_reads_select_records_before_any_report_evaluation(model_dir,
     out = tmp_path / "run"
     storage = f"sqlite:///{out / 'study.db'}"
     calls = []
-    original = prune.choose
+    original = runloop.choose
 
     def spy(objectives, selected, base_key, allowed, max_loss):
         name = f"repair-{out.name}"
@@ -46,7 +46,7 @@ def test_the_choice_reads_select_records_before_any_report_evaluation(model_dir,
                       {k: (select[k]["fairness"], select[k]["utility"]) for k in selected}))
         return original(objectives, selected, base_key, allowed, max_loss)
 
-    monkeypatch.setattr(prune, "choose", spy)
+    monkeypatch.setattr(runloop, "choose", spy)
     assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL]) == 0
     assert calls, "the choice was never made"
     for n_report, read, stored in calls:

@@ -1,0 +1,14 @@
+"""One file per repair method: what it fits before searching, which configurations it seeds, its
+intervention, its export. The phases they share are in repair.runloop."""
+from __future__ import annotations
+
+from repair.methods.fairmed import FairMed
+from repair.methods.prune import Prune
+
+METHODS = {"prune": Prune, "fairmed": FairMed}
+PLANNED = ("fairsteer", "experts", "all")
+
+
+def build(config, model):
+    """The method `config.method` names, for `model`."""
+    return METHODS[config.method](config, model)

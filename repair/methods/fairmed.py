@@ -1,0 +1,177 @@
+"""FairMed: probers read social-group associations off MLP outputs; a neutralizer moves the
+activations of selected layers towards the target distribution at inference. The layers (any
+subset, not only the paper's top-k), lambda, steps and the gate are searched.
+
+The paper's rule, the k layers whose probers score best for k = 1..TOPK, is always evaluated (at a few
+settings) and kept as its own sequence, `top-k`, verified and reported like the search, so the report
+shows whether searched subsets beat it.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import numpy as np
+
+from repair.arch import decoder_layers
+from repair.errors import UserError
+from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting
+from repair.probers import PURPOSE, Probers
+from repair.space import BASE, LayerSubsetSpace
+
+TOPK = 6
+# The top-k rule's settings: the paper's (lambda 0.1, 3 steps, every position) and gated ones.
+TOPK_SETTINGS = ((0.1, 3, 0.0), (0.2, 3, 0.75), (0.4, 3, 0.75))
+ANNEAL_SETTINGS = 6  # settings annealed per round: those of the fairest evaluated configurations
+ARTIFACT = "fairmed/probers"
+
+
+class FairMed:
+    name = "fairmed"
+    seed_phases = ("topk", "sample")
+    seed_description = "sampling layer subsets"
+    anneal_size = (48, 600)  # chains, steps per setting and weight: 30 bits need far fewer than 270
+
+    def __init__(self, config, model):
+        self.config = config
+        n_layers = len(decoder_layers(model, PURPOSE))
+        self.space = LayerSubsetSpace(n_layers, min(config.max_layers, n_layers), config.target)
+        self.probers: Probers | None = None
+        self.scores: list[dict] = []
+
+    # ---- what the method fits before searching --------------------------------------------------
+    def prepare(self, loaded, config) -> None:
+        """Probers on the search split, cached in RUN_DIR/fairmed/ (a rerun reuses them)."""
+        from repair.probe import probe
+        from repair.runloop import eval_config
+
+        self.probers, self.scores = probe(loaded, eval_config(config, "search"), config.out / "fairmed", seed=config.seed)
+
+    def artifacts(self) -> dict:
+        """The probers, for workers (they evaluate with the coordinator's, not ones of their own)."""
+        data = _probers_bytes(self.probers)
+        return {ARTIFACT: {"sha256": hashlib.sha256(data).hexdigest(), "safetensors": base64.b64encode(data).decode()}}
+
+    def load_artifacts(self, attrs: dict) -> None:
+        stored = attrs.get(f"artifact:{ARTIFACT}")
+        if not stored:
+            raise UserError("the run has not published its FairMed probers yet (start the worker after the run's "
+                            "probing step, or let it wait with a larger --max-idle)")
+        data = base64.b64decode(stored["safetensors"])
+        if hashlib.sha256(data).hexdigest() != stored["sha256"]:
+            raise UserError("the run's FairMed probers in the study do not match their sha256 (restart the run)")
+        from safetensors.torch import load
+
+        self.probers = Probers.from_tensors(load(data), _meta_from(data))
+
+    def intervention(self, model) -> Neutralizer:
+        try:
+            return Neutralizer(model, self.probers, [self.space.config(BASE)])
+        except ValueError as exc:
+            raise UserError(f"the FairMed probers do not fit this model: {exc}") from None
+
+    # ---- what it evaluates ----------------------------------------------------------------------
+    def ranking(self) -> list[int]:
+        """Layers, best first, by their probers' held-out score: macro-F1 above the majority baseline,
+        averaged over attributes (the paper ranks by prober accuracy); ties by the KL they explain."""
+        by_layer: dict[int, list] = {}
+        for s in self.scores:
+            by_layer.setdefault(s["layer"], []).append((s["macro_f1"] - s["majority_f1"], s["kl_mean"] - s["kl"]))
+        score = {l: tuple(np.mean(v, axis=0)) for l, v in by_layer.items()}
+        return sorted(score, key=lambda l: (-score[l][0], -score[l][1], l))
+
+    def topk_keys(self) -> list[str]:
+        order, space = self.ranking(), self.space
+        out = []
+        for setting in TOPK_SETTINGS:
+            for k in range(1, min(TOPK, space.max_changed) + 1):
+                bits = np.ones(space.n_bits, bool)
+                bits[order[:k]] = False
+                out.append(space.key(bits, setting))
+        return out
+
+    def seed(self, search) -> list[tuple[str, str]]:
+        """The unrepaired model, the top-k rule, then random layer subsets (sizes spread over 1..max)
+        with random settings, in all the budget left for rounds."""
+        cfg, space = self.config, self.space
+        topk = self.topk_keys()
+        n_sample = cfg.budget_evals - cfg.rounds * cfg.per_round - len(topk)
+        rng = np.random.default_rng(cfg.seed)
+        settings = space.settings
+        items, seen = [(BASE, "base")] + [(k, "topk") for k in topk], {BASE, *topk}
+        while len(items) < 1 + len(topk) + n_sample:
+            size = int(rng.integers(1, space.max_changed + 1))
+            bits = np.ones(space.n_bits, bool)
+            bits[rng.choice(space.n_bits, size, replace=False)] = False
+            key = space.key(bits, settings[int(rng.integers(len(settings)))])
+            if key not in seen:
+                seen.add(key)
+                items.append((key, "sample"))
+        return items
+
+    def surrogate_params(self, search) -> tuple[dict, dict]:
+        return {}, {}
+
+    def anneal_settings(self, search, keys: list[str], fairness: np.ndarray) -> list:
+        """The settings of the fairest evaluated configurations within the utility limit (all of them
+        when fewer qualify), at most ANNEAL_SETTINGS."""
+        _, _, _, u = search.training_data()
+        limit = search.utility_limit_loss()
+        done = search.records.completed()
+        ok = [k for k in keys if k != BASE and done[k].values[1] <= limit] or [k for k in keys if k != BASE]
+        out = []
+        for k in sorted(ok, key=lambda k: (done[k].values[0], k)):
+            s = self.space.setting(k)
+            if s not in out:
+                out.append(s)
+            if len(out) == ANNEAL_SETTINGS:
+                break
+        return out
+
+    def baselines(self, search) -> dict[str, list[str]]:
+        """The top-k rule as its own sequence (already evaluated: it is part of the seed)."""
+        return {"top-k": search.evaluate([(BASE, "base")] + [(k, "topk") for k in self.topk_keys()], "top-k rule")}
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, loaded, key: str, target, manifest: dict, card: str):
+        from repair.export import export_hooked
+
+        setting = self.space.config(key)
+        tensors, meta = self.probers.tensors(), {"probers": self.probers.metadata(), "setting": _setting_dict(setting)}
+        return export_hooked(loaded, "fairmed", tensors, meta, target, manifest, card)
+
+    def summary(self, candidate: dict) -> str:
+        c = candidate["config"]
+        if not c["layers"]:
+            return "treated layers: none"
+        return (f"treated layers: {c['layers']} (lambda {c['lambda']:g}, {c['steps']} steps, "
+                f"gate at the {c['gate']:g} quantile, target {c['target']})")
+
+
+def _setting_dict(s: NeutralizerSetting) -> dict:
+    return {"layers": list(s.layers), "lam": s.lam, "steps": s.steps, "gate": s.gate, "target": s.target}
+
+
+def attach(model, tensors: dict, meta: dict) -> Neutralizer:
+    """Re-attach an exported neutralizer (repair.load); ValueError when it does not fit the model."""
+    probers = Probers.from_tensors(tensors, meta["probers"])
+    return Neutralizer(model, probers, [NeutralizerSetting(**{**meta["setting"], "layers": tuple(meta["setting"]["layers"])})])
+
+
+def _probers_bytes(probers: Probers) -> bytes:
+    import json
+
+    from safetensors.torch import save
+
+    return save(probers.tensors(), metadata={"probers": json.dumps(probers.metadata())})
+
+
+def _meta_from(data: bytes) -> dict:
+    """The metadata header of a safetensors byte string."""
+    import json
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    return json.loads(header["__metadata__"]["probers"])
+

@@ -1,0 +1,124 @@
+"""Attention Pruning: head masks, seeded by the fairness gradient and stratified sampling, exported as
+a checkpoint with the pruned heads' weight slices zeroed (plain transformers loads it)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from repair import masks as M
+from repair.heads import HeadMasker, head_layout
+from repair.io import write_json_atomic
+from repair.space import BASE, HeadMaskSpace
+
+# Masks pruning the k heads whose removal the fairness gradient says helps most, evaluated first.
+GRADIENT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+class Prune:
+    name = "prune"
+    seed_phases = ("gradient", "sample", "knockout")
+    seed_description = "sampling masks"
+    anneal_size = (256, 1500)  # chains, steps
+
+    def __init__(self, config, model):
+        self.config = config
+        self.space = HeadMaskSpace(head_layout(model)[:2], config.max_prune)
+
+    # ---- what the method fits before searching --------------------------------------------------
+    def prepare(self, loaded, config) -> None:
+        """Nothing before the scorer exists: the gradient needs its evaluator (see `head_gradient`)."""
+
+    def artifacts(self) -> dict:
+        return {}
+
+    def load_artifacts(self, attrs: dict) -> None:
+        """Workers need nothing of the coordinator's: a mask is the whole configuration."""
+
+    def intervention(self, model) -> HeadMasker:
+        return HeadMasker(model, np.ones((1, *self.space.layout), dtype=np.float32))
+
+    def head_gradient(self, search) -> np.ndarray | None:
+        """d fairness / d head mask on the search split (see ConfigEvaluator.fairness_gradient),
+        computed once and kept in the run directory; None for objectives without a gradient."""
+        path = search.folder / "head-gradient.json"
+        if not path.is_file():
+            scorer = search.scorer
+            with tqdm(total=1, desc="fairness gradient over head masks", unit="pass") as bar:
+                grad = scorer.objectives["search"].fairness_gradient(scorer.evaluator, scorer.hooks[self.name], self.space.layout)
+                bar.update(1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, {"gradient": None if grad is None else grad.tolist()})
+        grad = json.loads(path.read_text())["gradient"]
+        return None if grad is None else np.array(grad)
+
+    # ---- what it evaluates ----------------------------------------------------------------------
+    def seed(self, search) -> list[tuple[str, str]]:
+        """The unrepaired model, the masks the fairness gradient ranks best (pruning a head changes
+        fairness by about -gradient), then stratified random masks, in all the budget left for rounds."""
+        cfg, space = self.config, self.space
+        grad = self.head_gradient(search)
+        ranked = M.ranked_masks(grad, GRADIENT_COUNTS, space.max_changed) if grad is not None else []
+        n_sample = cfg.budget_evals - cfg.rounds * cfg.per_round - len(ranked)
+        items = [(BASE, "base")] + [(space.key(m), "gradient") for m in ranked]
+        items += [(space.key(m), "sample") for m in M.stratified_masks(n_sample, space.layout, cfg.max_prune, cfg.seed)]
+        if cfg.knockouts:
+            items += [(space.key(m), "knockout") for m in M.knockout_masks(space.layout)]
+        return items
+
+    def surrogate_params(self, search) -> tuple[dict, dict]:
+        """The fairness surrogate learns a scale of and corrections to the gradient's linear prediction."""
+        grad = self.head_gradient(search)
+        group = {"group_size": self.space.layout[1]}
+        return {**group, "base_params": None if grad is None else {"prior": grad.ravel()}}, group
+
+    def anneal_settings(self, search, keys, fairness) -> list:
+        return [None]
+
+    def baselines(self, search) -> dict[str, list[str]]:
+        out = {}
+        if "random" in self.config.baselines:
+            out["random"] = self.random_baseline(search)
+        if "knockout" in self.config.baselines:
+            out["knockout"] = self.knockout_baseline(search)
+        return out
+
+    def random_baseline(self, search) -> list[str]:
+        """Random search: `budget_evals` masks sampled like the search's own, with another seed."""
+        cfg, space = self.config, self.space
+        masks = M.stratified_masks(cfg.budget_evals, space.layout, cfg.max_prune, cfg.seed + 7919)
+        return search.evaluate([(BASE, "base")] + [(space.key(m), "random") for m in masks], "baseline: random masks")
+
+    def knockout_baseline(self, search, n_levels: int = 8) -> list[str]:
+        """FASP-style ranking (REFERENCES.md section 2): knock out heads one at a time, set aside the
+        20% whose removal costs the most utility, prune the rest in order of fairness gained, at
+        `n_levels` pruning levels. Knockouts take the budget left after the levels, heads in a seeded
+        random order when the budget cannot cover all of them."""
+        cfg, space = self.config, self.space
+        n_bits, layout = space.n_bits, space.layout
+        n_levels = max(1, min(n_levels, space.max_changed))
+        order = np.random.default_rng(cfg.seed + 104729).permutation(n_bits)[: cfg.budget_evals - n_levels]
+        knock = {int(i): space.key(np.arange(n_bits) != i) for i in order}
+        keys = search.evaluate([(BASE, "base")] + [(k, "knockout") for k in knock.values()], "baseline: head knockouts")
+        done = search.records.completed()
+        base = done[BASE].values
+        gain = {i: done[k].values[0] - base[0] for i, k in knock.items()}  # negative: fairer without head i
+        cost = {i: done[k].values[1] - base[1] for i, k in knock.items()}
+        protected = set(sorted(cost, key=cost.get, reverse=True)[: int(np.ceil(0.2 * len(cost)))])
+        ranked = [i for i in sorted(gain, key=gain.get) if i not in protected]
+        levels = []
+        for j in range(1, n_levels + 1):
+            bits = np.ones(n_bits, dtype=bool)
+            bits[ranked[: max(1, round(space.max_changed * j / n_levels))]] = False
+            levels.append((space.key(bits), "knockout-ranked"))
+        return keys + search.evaluate(levels, "baseline: ranked pruning levels")
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, loaded, key: str, target, manifest: dict, card: str):
+        from repair.export import export_pruned
+
+        return export_pruned(loaded, self.space.config(key), target, manifest, card)
+
+    def summary(self, candidate: dict) -> str:
+        return f"pruned heads: {len(candidate['config']['pruned_heads'])}"

@@ -1,0 +1,367 @@
+"""The phases every method shares: seed, evaluate, fit, anneal, evaluate, verify on the select split,
+choose, report on the report split.
+
+1. the method's seed configurations (and the unrepaired model) are evaluated on the LLM (search split);
+2. surrogate ensembles configuration features -> fairness and -> utility loss are fitted on the records;
+3. annealing over the surrogates, for a sweep of trade-off weights (and each of the method's settings
+   beyond its bits), inside a trust region around evaluated configurations; the most promising new
+   ones are evaluated for real; refit; repeat for `rounds`;
+4. the best configurations and the unrepaired model are verified on the held-out `select` split; the
+   fairest one that keeps utility within the allowed loss there is chosen; only then are the
+   unrepaired model, the chosen configuration, each method's best and the select split's front
+   measured on the `report` split, which nothing ever chooses by.
+Every LLM evaluation is a trial in an Optuna study keyed by method and configuration
+(`repair.space`), so a killed run resumes where it stopped and `repair worker` processes on other
+machines evaluate configurations of any method from the same study.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from repair import failpoints
+from repair.errors import UserError
+from repair.evaluator import Evaluator
+from repair.io import write_json_atomic
+from repair.models import LoadedModel
+from repair.objectives import ConfigEvaluator, Objectives, paired_changes
+from repair.records import Records, open_study
+from repair.rundir import RunConfig
+from repair.space import BASE, method_of
+from repair.suites.base import EvalConfig
+from search import TrustRegion, pareto_front, sweep
+from surrogate import ChecksumError, fit_surrogate, joint_predictor, load, save
+
+SPLITS = ("search", "select", "report")
+TRUST_RADIUS = 12  # bits from the nearest evaluated configuration that annealing may go
+SWEEP_WEIGHTS = (3.0, 10.0, 30.0, 100.0)
+
+
+def eval_config(config: RunConfig, split: str) -> EvalConfig:
+    """The suites of one split; `select` and `report` both take the held-out limits (`report_limit`,
+    `report_ppl_tokens`)."""
+    search = split == "search"
+    return EvalConfig(
+        data_dir=config.data_dir, split=split,
+        limit=config.search_limit if search else config.report_limit,
+        bbq_mode=config.bbq_mode,
+        # the neutral reference prompts only serve kl_neutral: skip them while searching unless it is the objective
+        association_neutral=not search or "association-neutral" in config.fairness,
+        ppl_tokens=config.search_ppl_tokens if search else config.report_ppl_tokens,
+        seed=config.seed,
+    )
+
+
+class Scorer:
+    """Evaluates batches of configuration keys of any of `methods`, many per batched forward, on any
+    split: each method's intervention gets, for every key of the batch, its configuration (the
+    identity for keys of other methods and for `base`)."""
+
+    def __init__(self, loaded: LoadedModel, objectives: Objectives, splits: dict[str, EvalConfig], methods: dict):
+        self.methods = methods
+        self.hooks = {}
+        try:
+            for name, method in methods.items():
+                self.hooks[name] = method.intervention(loaded.model)
+            self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=False)
+            self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer) for split, cfg in splits.items()}
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_rows(self, rows) -> None:
+        for hook in self.hooks.values():
+            hook.set_rows(rows)
+
+    def files(self) -> dict[str, str]:
+        """Data file -> sha256 of every suite read, to check that workers read the same data."""
+        return {f: h for ev in self.objectives.values() for s in ev.suites.values() for f, h in (getattr(s, "files", {}) or {}).items()}
+
+    def set_keys(self, keys: list[str]) -> None:
+        for name, hook in self.hooks.items():
+            space = self.methods[name].space
+            hook.set_variants([space.config(k if method_of(k) == name else BASE) for k in keys])
+
+    def scorer(self, split: str):
+        """Evaluates a batch of keys on `split`; held-out evaluations keep the per-unit numbers that
+        paired intervals of their changes need."""
+        def score(keys: list[str]) -> list[dict]:
+            unknown = sorted({method_of(k) for k in keys} - {None} - set(self.methods))
+            if unknown:
+                raise UserError(f"the study holds configurations of method {unknown[0]!r}, which this process was "
+                                "not started for (start the worker for the run's own --method)")
+            self.set_keys(keys)
+            return self.objectives[split].evaluate(self.evaluator, len(keys), keep_units=split != "search")
+        return score
+
+    def close(self) -> None:
+        for hook in self.hooks.values():
+            hook.remove()
+
+
+def progress_bar(total: int, desc: str):
+    return tqdm(total=total, desc=desc, unit="config", dynamic_ncols=True)
+
+
+class Search:
+    """One method's search over a loaded model; every phase resumes from the stored records."""
+
+    def __init__(self, config: RunConfig, objectives: Objectives, scorer: Scorer, method, records: Records):
+        self.config, self.objectives, self.scorer, self.method = config, objectives, scorer, method
+        self.space = method.space
+        self.records = records
+        self.folder = config.out / "surrogates" if method.name == "prune" else config.out / method.name / "surrogates"
+        self.fits: list[dict] = []
+
+    def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
+        """Evaluate (key, phase) pairs not yet stored; return the keys in order (the method's sequence)."""
+        with progress_bar(len(items), desc) as bar:
+            self.records.evaluate(items, self.scorer.scorer("search"), batch_size=self.config.batch_masks, progress=bar,
+                                  work=not self.config.workers_only, stage="sampling")
+        return [k for k, _ in items]
+
+    # ---- surrogates and annealing, in rounds -----------------------------------------------
+    def training_data(self, before_round: int | None = None):
+        """This method's stored configurations (and the unrepaired model) with their objectives,
+        sorted by key (not by when each was evaluated, so a resumed or distributed run sees the same
+        rows). With `before_round`, only what the search itself had evaluated before that round (no
+        baseline's evaluations)."""
+        done = self.records.completed()
+        phases = {"base", *self.method.seed_phases} | {f"round-{j}" for j in range(1, before_round or 0)}
+        keys = sorted(k for k, t in done.items() if method_of(k) in (None, self.method.name)
+                      and (before_round is None or t.user_attrs["phase"] in phases))
+        X = np.stack([self.space.features(k) for k in keys]).astype(np.float64)
+        f = np.array([done[k].values[0] for k in keys])
+        u = np.array([done[k].values[1] for k in keys])
+        return keys, X, f, u
+
+    def base_trial(self):
+        return self.records.completed()[BASE]
+
+    def utility_limit_loss(self) -> float:
+        """The largest utility loss (search split) that still meets the constraint."""
+        base_utility = self.base_trial().user_attrs["utility"]
+        bound = self.objectives.utility_bound(base_utility, self.config.max_utility_loss)
+        return self.objectives.utility_loss(bound)
+
+    def round(self, r: int) -> list[str]:
+        """Fit, anneal, evaluate the candidates. Each step's result is on disk before the next
+        starts (fitted surrogates with their checksums, then the plan), so a rerun after a crash
+        continues from the last finished step with the same numbers."""
+        plan_path = self.folder / f"round-{r}.json"
+        if plan_path.is_file():
+            plan = json.loads(plan_path.read_text())
+        else:
+            plan = self._anneal(r, plan_path, *self._fit(r))
+        self.fits.append(plan["fits"])
+        return self.evaluate([(k, f"round-{r}") for k in plan["candidates"]], f"round {r}/{self.config.rounds}: evaluating candidates")
+
+    def _fit(self, r: int):
+        """The round's surrogates: fitted now, or read back (checksum-verified) from an earlier attempt."""
+        folder = self.folder
+        fit_path = folder / f"fit-{r}.json"
+        keys, X, f, u = self.training_data(before_round=r)
+        seed = self.config.seed * 1000 + r
+        if fit_path.is_file():
+            fit = json.loads(fit_path.read_text())
+            if fit["keys"] == keys:
+                try:
+                    models = [load(folder / fit["files"][o], fit["sha256"][o], inside=self.config.out) for o in ("fairness", "utility")]
+                except (ChecksumError, OSError) as exc:
+                    raise UserError(f"{exc} (delete {fit_path} to refit the surrogates)") from None
+                return keys, X, f, u, seed, *models, fit
+        f_params, u_params = self.method.surrogate_params(self)
+        with tqdm(total=2, desc=f"round {r}/{self.config.rounds}: fitting surrogates", unit="model") as bar:
+            f_model, f_scores = fit_surrogate(X, f, seed=seed, select_by="spearman", **f_params)
+            bar.update(1)
+            failpoints.reached("fitting")
+            u_model, u_scores = fit_surrogate(X, u, seed=seed + 1, select_by="r2", **u_params)
+            bar.update(1)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = {o: f"round-{r}-{o}.joblib" for o in ("fairness", "utility")}
+        digests = {"fairness": save(f_model, folder / files["fairness"])}
+        failpoints.reached("fitting")
+        digests["utility"] = save(u_model, folder / files["utility"])
+        failpoints.reached("fitting")
+        fit = {"keys": keys, "files": files, "sha256": digests,
+               "scores": {"fairness": f_scores.as_dict(), "utility": u_scores.as_dict()}}
+        write_json_atomic(fit_path, fit)
+        return keys, X, f, u, seed, f_model, u_model, fit
+
+    def _anneal(self, r: int, plan_path: Path, keys, X, f, u, seed, f_model, u_model, fit) -> dict:
+        cfg, space = self.config, self.space
+        failpoints.reached("annealing")
+        predict = joint_predictor(f_model, u_model)
+        n = space.n_bits
+        bits, settings = X[:, :n].astype(bool), [space.setting(k) if k != BASE else None for k in keys]
+        anneal_settings = self.method.anneal_settings(self, keys, f)
+        chains, steps = self.method.anneal_size
+        found_keys, scores = [], []
+        with tqdm(total=len(SWEEP_WEIGHTS) * len(anneal_settings), desc=f"round {r}/{cfg.rounds}: annealing", unit="sweep") as bar:
+            for j, setting in enumerate(anneal_settings):
+                extra = space.setting_features(setting)
+                same = [i for i, s in enumerate(settings) if s == setting or s is None]
+                order = sorted(same, key=lambda i: f[i])  # start from the fairest evaluated configurations
+                found = sweep(
+                    _with_features(predict, extra), n, weights=SWEEP_WEIGHTS, seed=seed + 7 * j, include_final=False,
+                    n_chains=chains, n_steps=steps, flips=min(3, n), constraint=self.utility_limit_loss(), kappa=0.5,
+                    max_pruned=space.max_changed, trust=TrustRegion(bits, TRUST_RADIUS),
+                    start=bits[np.array(order)[np.arange(chains) % len(order)]],
+                    callback=lambda: (bar.update(1), failpoints.reached("annealing")),
+                )
+                # rank in float32 with the key as tie-break: configurations whose predictions differ only by float
+                # noise (e.g. in bits the surrogate ignores) must come out in the same order on every rerun and machine
+                scores += list(np.where(found.feasible, found.fairness + 0.5 * found.fairness_std, np.inf).astype(np.float32))
+                found_keys += [space.key(m, setting) for m in found.masks]
+        evaluated = set(keys)
+        chosen = []
+        for i in sorted(range(len(found_keys)), key=lambda i: (scores[i], found_keys[i])):
+            if found_keys[i] not in evaluated and found_keys[i] not in chosen and np.isfinite(scores[i]):
+                chosen.append(found_keys[i])
+            if len(chosen) == cfg.per_round:
+                break
+        holdout_pred = {
+            "fairness": {"scores": fit["scores"]["fairness"], **_holdout_points(f_model, X, f, seed)},
+            "utility": {"scores": fit["scores"]["utility"], **_holdout_points(u_model, X, u, seed + 1)},
+        }
+        plan = {"round": r, "candidates": chosen, "fits": holdout_pred, "surrogate_sha256": fit["sha256"],
+                "n_records": len(keys), "selected_params": {o: {k: v for k, v in m.selected_params_.items() if k != "prior"}
+                                    for o, m in (("fairness", f_model), ("utility", u_model))}}
+        write_json_atomic(plan_path, plan)
+        return plan
+
+    # ---- verification on the held-out split ---------------------------------------------------
+    def finalists(self, sequence: list[str] | None = None) -> list[str]:
+        """Configurations worth verifying: the search split's front within the utility limit, fairest
+        first (among the keys of `sequence` when given: one method's evaluations)."""
+        keys, X, f, u = self.training_data()
+        if sequence is not None:
+            wanted = set(sequence)
+            pick = np.array([k in wanted for k in keys])
+            keys, f, u = [k for k, p in zip(keys, pick) if p], f[pick], u[pick]
+        ok = u <= self.utility_limit_loss()
+        idx = np.nonzero(ok)[0]
+        front = idx[pareto_front(np.c_[f[idx], u[idx]], ("min", "min"))] if len(idx) else idx
+        ranked = list(front[np.argsort(f[front])]) + [i for i in idx[np.argsort(f[idx])] if i not in set(front)]
+        out = [keys[i] for i in ranked if keys[i] != BASE]
+        return out[: self.config.verify_top]
+
+
+def _with_features(predict, extra: np.ndarray):
+    """`predict` on bits followed by a fixed setting's features (nothing to add for a bits-only space)."""
+    if not len(extra):
+        return predict
+    return lambda bits: predict(np.hstack([bits, np.broadcast_to(extra.astype(np.float32), (len(bits), len(extra)))]))
+
+
+def _holdout_points(model, X, y, seed):
+    """Predicted vs measured on the surrogate's held-out fifth, for the report's fit plots."""
+    from surrogate.fit import split_holdout
+
+    _, ho = split_holdout(len(y), 0.2, seed)
+    return {"predicted": model.predict(X[ho]).tolist(), "measured": y[ho].tolist()}
+
+
+def verify(config: RunConfig, scorer: Scorer, keys: list[str], split: str) -> dict[str, dict]:
+    """Evaluate `keys` on a held-out split (`select` or `report`), resumably, in that split's study."""
+    records = Records(open_study(config.storage_url, f"{config.study_name}-{split}", config.heartbeat))
+    records.fail_stale(local_dead=True)
+    desc = "verifying finalists on the select split" if split == "select" else "measuring on the report split"
+    with progress_bar(len(keys), desc) as bar:
+        done = records.evaluate([(k, split) for k in keys], scorer.scorer(split), batch_size=config.batch_masks,
+                                progress=bar, work=not config.workers_only, stage="verification")
+    return {k: {a: done[k].user_attrs.get(a) for a in ("fairness", "utility", "metrics", "units")} for k in keys}
+
+
+def choose(objectives: Objectives, selected: dict[str, dict], base_key: str, allowed: list[str], max_loss: float) -> str:
+    """The fairest of `allowed` whose utility on the select split stays within `max_loss` of the
+    unrepaired model's there; the unrepaired model when none does. Reads select-split records only."""
+    bound = objectives.utility_bound(selected[base_key]["utility"], max_loss)
+    meeting = [k for k in allowed if k in selected and k != base_key and objectives.meets(selected[k]["utility"], bound)]
+    return min(meeting, key=lambda k: (selected[k]["fairness"], k)) if meeting else base_key
+
+
+def select_front(objectives: Objectives, selected: dict[str, dict]) -> list[str]:
+    """The verified configurations that no other beats on both objectives on the select split."""
+    keys = list(selected)
+    points = np.array([[selected[k]["fairness"], objectives.utility_loss(selected[k]["utility"])] for k in keys])
+    return [keys[i] for i in pareto_front(points, ("min", "min"))]
+
+
+def publish(study, config: RunConfig, files: dict[str, str], artifacts: dict) -> None:
+    """Store what a `repair worker` needs to evaluate for this run: the configuration, the data's
+    hashes and the methods' fitted artifacts (e.g. FairMed's probers)."""
+    study.set_user_attr("run", {"identity": config.identity(), "data_dir": str(config.data_dir) if config.data_dir else None,
+                                "heartbeat": config.heartbeat, "data_sha256": sorted(files.values())})
+    for name, value in artifacts.items():
+        study.set_user_attr(f"artifact:{name}", value)
+    study.set_user_attr("finished", False)
+
+
+def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, method) -> dict:
+    """Search, verify, choose and report for one method; returns the candidates as run.py exports them."""
+    started = time.perf_counter()
+    records = Records(open_study(config.storage_url, config.study_name, config.heartbeat))
+    records.fail_stale(local_dead=True)
+    method.prepare(loaded, config)
+    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, {method.name: method})
+    try:
+        search = Search(config, objectives, scorer, method, records)
+        publish(records.study, config, scorer.files(), method.artifacts())
+        sequences = {method.name: search.evaluate(method.seed(search), method.seed_description)}
+        for r in range(1, config.rounds + 1):
+            sequences[method.name] += search.round(r)
+        sequences.update(method.baselines(search))
+        finalists = {name: search.finalists(seq) for name, seq in sequences.items()}
+        done = records.completed()
+        to_select = list(dict.fromkeys([BASE] + [k for keys in finalists.values() for k in keys]))
+        selected = verify(config, scorer, to_select, "select")
+        chosen = choose(objectives, selected, BASE, finalists[method.name], config.max_utility_loss)
+        best = {m: choose(objectives, selected, BASE, keys, config.max_utility_loss) for m, keys in finalists.items()}
+        # only now, after every choice, the report split: what the user is shown
+        to_report = list(dict.fromkeys([BASE, chosen, *best.values(), *select_front(objectives, selected)]))
+        reported = verify(config, scorer, to_report, "report")
+        records.study.set_user_attr("finished", True)  # workers may leave
+    finally:
+        scorer.close()
+    bound = objectives.utility_bound(selected[BASE]["utility"], config.max_utility_loss)
+    measured = {"select": selected, "report": reported}
+    candidates = [{
+        "key": k, "phase": done[k].user_attrs["phase"], "method": method_of(k) or "base", "config": method.space.describe(k),
+        "methods": [m for m, keys in finalists.items() if k in keys], "chosen": k == chosen,
+        "best_of": [m for m, b in best.items() if b == k and k != BASE],
+        "meets_constraint_on_select": objectives.meets(selected[k]["utility"], bound),
+        "search": _numbers(done[k].user_attrs),
+        **{split: _numbers(rows[k]) if k in rows else None for split, rows in measured.items()},
+        # against the unrepaired model on the same split, with paired intervals
+        "changes": {split: paired_changes(objectives, rows[BASE], rows[k], seed=config.seed) if k in rows and k != BASE else None
+                    for split, rows in measured.items()},
+    } for k in to_select]
+    from repair.io import write_text_atomic
+
+    write_text_atomic(config.out / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
+    write_json_atomic(config.out / "methods.json", {
+        name: {"evaluations": len(seq), "best": best_verified(seq, candidates, name)} for name, seq in sequences.items()
+    })
+    return {"candidates": candidates, "fits": search.fits, "n_evaluations": len(done),
+            "seconds": time.perf_counter() - started}
+
+
+def _numbers(row: dict) -> dict:
+    return {a: row[a] for a in ("fairness", "utility", "metrics")}
+
+
+def best_verified(sequence: list[str], candidates: list[dict], method: str) -> dict | None:
+    """A method's best configuration as chosen on the select split (its report-split numbers beside
+    it), and after how many of the method's own LLM evaluations it was first evaluated."""
+    best = next((c for c in candidates if method in c["best_of"]), None)
+    if best is None:
+        return None
+    return {"key": best["key"], "select_fairness": best["select"]["fairness"], "select_utility": best["select"]["utility"],
+            "report_fairness": best["report"]["fairness"], "report_utility": best["report"]["utility"],
+            "first_reached_at_evaluation": sequence.index(best["key"]) + 1,
+            **({"n_pruned": len(best["config"]["pruned_heads"])} if "pruned_heads" in best["config"] else {})}
