@@ -107,6 +107,7 @@ def cmd_evaluate(args) -> int:
     from repair.evaluate import evaluate, format_table
     from repair.models import load_model
 
+    setting = fairmed_setting(args)
     loaded = load_model(model_spec(args))
     progress = not args.no_progress
     before = {}
@@ -115,6 +116,7 @@ def cmd_evaluate(args) -> int:
         baseline = loaded if same else load_model(ModelSpec(args.compare, args.device, args.dtype, args.device_map,
                                                             args.trust_remote_code))
         compared = evaluate(baseline, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=before)
+    hook = _attach_checkpoint(loaded, args.model, setting)
     masker = keep = None
     if heads is not None:
         from repair.heads import HeadMasker, head_layout
@@ -126,8 +128,9 @@ def cmd_evaluate(args) -> int:
     try:
         report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=after)
     finally:
-        if masker is not None:
-            masker.remove()
+        for h in (masker, hook):
+            if h is not None:
+                h.remove()
     if keep is not None:
         report["pruned_heads"] = pruned_heads(keep)
         print(f"pruned {len(report['pruned_heads'])} of {keep.size} attention heads "
@@ -176,15 +179,49 @@ def cmd_worker(args) -> int:
     ))
 
 
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("FairMed checkpoint", "replace parts of a FairMed checkpoint's neutralizer setting")
+    g.add_argument("--layers", default=None, help="comma-separated layers to treat, e.g. 20,25")
+    g.add_argument("--lam", type=float, default=None, help="lambda: the largest change, a fraction of the activation's norm")
+    g.add_argument("--steps", type=int, default=None, help="gradient steps per position")
+    g.add_argument("--gate", type=float, default=None, help="treat only positions above this quantile of the probers' KL")
+
+
+def fairmed_setting(args) -> dict:
+    from repair.load import parse_setting
+
+    return parse_setting(args.layers, args.lam, args.steps, args.gate)
+
+
+def _attach_checkpoint(loaded, model: str, setting: dict):
+    """The intervention of a hooked checkpoint (`repair run --method fairmed`), attached, so that a
+    checkpoint is evaluated as it is used; None for other models."""
+    folder = Path(model)
+    from repair.load import MANIFEST, attach_saved
+
+    if not (folder / MANIFEST).is_file():
+        if setting:
+            raise UserError(f"--layers/--lam/--steps/--gate change a FairMed checkpoint's setting; {model} is not a "
+                            "checkpoint exported by fairness-repair (export one with repair run --method fairmed)")
+        return None
+    hook = attach_saved(loaded.model, folder, setting)
+    if hook is not None:
+        s = hook.settings[0]
+        print(f"with the checkpoint's FairMed neutralizer: layers {list(s.layers)}, lambda {s.lam:g}, {s.steps} steps, "
+              f"gate {s.gate:g}, target {s.target}\n")
+    return hook
+
+
 def cmd_generate(args) -> int:
     from repair.load import load, read_manifest
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    setting = fairmed_setting(args)
     read_manifest(args.model)  # a folder that is no checkpoint fails here, before any loading
     import torch
 
-    model, tokenizer = load(args.model, device=args.device)
+    model, tokenizer = load(args.model, device=args.device, setting=setting)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
@@ -217,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--compare", default=None, metavar="MODEL",
                     help="also score MODEL (e.g. the unrepaired model; the same spec as --model reuses it, without "
                          "--prune-heads) on the same items and print every metric's change with a paired 95%% interval")
+    add_setting_flags(ev)
     ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch of the evaluator")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev.set_defaults(func=cmd_evaluate)
@@ -287,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--prompt", required=True, help="the text to continue")
     gn.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate (default 40)")
     gn.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_setting_flags(gn)
     gn.set_defaults(func=cmd_generate)
 
     from repair.probe import add_probe_parser

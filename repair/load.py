@@ -55,28 +55,84 @@ def check_files(path: Path, manifest: dict) -> None:
                             "(re-export the checkpoint)")
 
 
-def load(path, *, device: str = "cpu", dtype: str = "auto", verify: bool = True):
-    """(model, tokenizer) with the checkpoint's repair in place, in eval mode on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def parse_setting(layers: str | None = None, lam: float | None = None, steps: int | None = None,
+                  gate: float | None = None) -> dict:
+    """Flags that replace parts of a FairMed checkpoint's setting (`--layers 3,7 --lam 0.2 ...`),
+    checked for form before any model is loaded; {} when none is given."""
+    from repair.probers import GATE_QUANTILES
 
+    out = {}
+    if layers is not None:
+        try:
+            out["layers"] = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--layers {layers!r}: give comma-separated layer indices such as 3,7,12") from None
+        if not out["layers"]:
+            raise UserError("--layers is empty (give comma-separated layer indices such as 3,7,12)")
+    if lam is not None:
+        if not lam >= 0:
+            raise UserError(f"--lam must be 0 or more (a fraction of the activation's norm), got {lam}")
+        out["lam"] = lam
+    if steps is not None:
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
+        out["steps"] = steps
+    if gate is not None:
+        if gate not in GATE_QUANTILES:
+            raise UserError(f"--gate must be one of {', '.join(f'{g:g}' for g in GATE_QUANTILES)} (a quantile of the "
+                            f"probers' KL), got {gate:g}")
+        out["gate"] = gate
+    return out
+
+
+def attach_saved(model, path, setting: dict | None = None, *, verify: bool = True):
+    """Attach the intervention a checkpoint folder holds to `model` (its base weights, loaded by the
+    caller); `setting` replaces parts of a FairMed setting. None for a checkpoint without one (a pruned
+    checkpoint: its repair is in the weights)."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         check_files(path, manifest)
+    if not (path / INTERVENTIONS).is_file():
+        if setting:
+            raise UserError(f"--layers/--lam/--steps/--gate change a FairMed checkpoint's setting, but {path} holds "
+                            f"a {manifest.get('method', 'pruned')} checkpoint (export one with repair run --method fairmed)")
+        return None
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path / INTERVENTIONS), "pt") as f:
+        meta = dict(f.metadata() or {})
+    method = meta.pop("method", manifest.get("method"))
+    if setting:
+        from repair import arch
+        from repair.interventions.neutralizer import NeutralizerSetting
+
+        merged = {**json.loads(meta["setting"]), **setting}
+        try:
+            NeutralizerSetting(tuple(merged["layers"]), merged["lam"], merged["steps"], merged["gate"],
+                               merged["target"]).check(len(arch.decoder_layers(model)))
+        except ValueError as exc:
+            raise UserError(f"--layers/--lam/--steps/--gate: {exc}") from None
+        meta["setting"] = json.dumps(merged)
+    try:
+        return attach(model, method, load_file(str(path / INTERVENTIONS)), meta)
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{path / INTERVENTIONS} does not fit the model in {path}: {exc} "
+                        "(the interventions were exported for another base model; re-export the checkpoint)") from None
+
+
+def load(path, *, device: str = "cpu", dtype: str = "auto", verify: bool = True, setting: dict | None = None):
+    """(model, tokenizer) with the checkpoint's repair in place, in eval mode on `device`; the
+    interventions attached are listed in `model.repair_interventions` (`.remove()` one to undo it)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    manifest = read_manifest(path)  # a folder that is no checkpoint fails before any loading
+    if verify:
+        check_files(path, manifest)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model.repair_interventions = []
-    if (path / INTERVENTIONS).is_file():
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path / INTERVENTIONS), "pt") as f:
-            meta = dict(f.metadata() or {})
-        method = meta.pop("method", manifest.get("method"))
-        try:
-            hook = attach(model, method, load_file(str(path / INTERVENTIONS)), meta)
-        except (ValueError, KeyError) as exc:
-            raise UserError(f"{path / INTERVENTIONS} does not fit the model in {path}: {exc} "
-                            "(the interventions were exported for another base model; re-export the checkpoint)") from None
-        model.repair_interventions.append(hook)
+    hook = attach_saved(model, path, setting, verify=False)
+    model.repair_interventions = [hook] if hook is not None else []
     return model, tokenizer

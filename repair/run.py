@@ -70,18 +70,18 @@ def run(config: RunConfig) -> int:
             files.update(getattr(suite, "files", {}) or {})
     if config.storage:
         open_study(config.storage, config.study_name)  # unreachable storage fails before anything is written
+    loaded = load_model(config.model)  # a model the method cannot repair is refused before anything is written
+    from repair.methods import build
+
+    method = build(config, loaded.model)
     resuming = prepare(config, {"storage": redact(config.storage_url), "study": config.study_name,
                                 "versions": versions(), "objectives": objectives.describe()})
     if resuming:
         print(f"resuming the run in {config.out}", file=sys.stderr)
     if config.workers_only:
         print(f"waiting for workers: repair worker --storage {redact(config.storage_url)} --study {config.study_name}", file=sys.stderr)
-    loaded = load_model(config.model)
-
-    from repair.methods import build
     from repair.runloop import run_search
 
-    method = build(config, loaded.model)
     result = run_search(config, loaded, objectives, method)
     chosen = next(c for c in result["candidates"] if c["chosen"])
     base = result["candidates"][0]
@@ -180,7 +180,8 @@ def write_run_report(run_dir: Path) -> Path:
             "select": {"fairness": c["select"]["fairness"], "utility": c["select"]["utility"]},
         })
     fits = []
-    for plan in sorted((run_dir / "surrogates").glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+    folder = run_dir / "surrogates" if identity["method"] == "prune" else run_dir / identity["method"] / "surrogates"
+    for plan in sorted(folder.glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
         data = json.loads(plan.read_text())
         for objective, fit in data["fits"].items():
             fits.append({"objective": objective, "predicted": fit["predicted"], "measured": fit["measured"],
@@ -189,6 +190,9 @@ def write_run_report(run_dir: Path) -> Path:
             "splits": "chosen on the select split; every number shown is from the report split, which no choice has seen",
             "command": " ".join(saved.get("command", [])), "versions": json.dumps(saved.get("versions", {})),
             "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    scores = run_dir / "fairmed" / "probe-scores.json"  # FairMed's probers: the layer x attribute heat map
+    probes = json.loads(scores.read_text())["scores"] if scores.is_file() else None
     desc = objectives.describe()
     return write_report(run_dir / "report", points, objectives={k: {"name": v["name"], "better": v["better"]} for k, v in desc.items()},
-                        fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta)
+                        fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta,
+                        probes=probes)

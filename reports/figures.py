@@ -10,6 +10,7 @@ from numbers import Real
 from typing import Mapping, Sequence
 
 from reports.svg import INK, MUTED, Axis, disc_path, domain, esc, fmt, frame, num, square_path, star_path, svg
+from reports.records import describe_config
 
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies).
 METHOD_COLOURS = {"prune": "#0072B2", "search": "#0072B2", "random": "#E69F00", "knockout": "#009E73", "base": "#6e7781"}
@@ -48,9 +49,9 @@ def _tooltip(p: Mapping, on_front: bool) -> str:
         f"fairness {_ci_text(p['fairness'], p['fairness_ci'])}",
         f"utility {_ci_text(p['utility'], p['utility_ci'])}",
     ]
-    heads = p["config"].get("pruned_heads")
-    if isinstance(heads, (list, tuple)):
-        lines.append(f"{len(heads)} pruned heads")
+    described = describe_config(p)
+    if described:
+        lines.append(described)
     return "\n".join(lines)
 
 

@@ -212,3 +212,16 @@ def check_fits(fits: Sequence[Mapping]) -> list[dict]:
         out.append({**f, "predicted": [float(v) for v in predicted], "measured": [float(v) for v in measured],
                     "scores": dict(scores)})
     return out
+
+
+def describe_config(point: Mapping) -> str:
+    """A configuration in a few words, for cards and tooltips: pruned heads, or a FairMed setting."""
+    c = point.get("config") or {}
+    if isinstance(c.get("pruned_heads"), (list, tuple)):
+        return f"{len(c['pruned_heads'])} pruned heads"
+    if "layers" in c:
+        if not c["layers"]:
+            return "no layer treated"
+        return (f"layers {', '.join(map(str, c['layers']))}; lambda {c['lambda']:g}, {c['steps']} steps, "
+                f"gate {c['gate']:g}, target {c['target']}")
+    return ""

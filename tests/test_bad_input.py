@@ -150,6 +150,94 @@ def unreproducible_model(w) -> Path:
     return m
 
 
+NO_MLP = '''from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class OpaqueConfig(LlamaConfig):
+    model_type = "opaque_llama"
+
+
+class OpaqueLlama(LlamaForCausalLM):
+    """Remote code whose blocks reach their MLP through a plain function: no MLP module to hook."""
+
+    config_class = OpaqueConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            opaque = {"mlp": property(lambda self: self._modules["mlp"].forward)}
+            layer.__class__ = type("OpaqueLayer", (type(layer),), opaque)
+'''
+
+
+def no_mlp_model(w) -> Path:
+    """The tiny checkpoint as remote code whose MLP blocks cannot be found (same weights)."""
+    m = model_copy(w)
+    (m / "modeling_opaque.py").write_text(NO_MLP)
+    config = json.loads((m / "config.json").read_text())
+    config.update(model_type="opaque_llama", architectures=["OpaqueLlama"],
+                  auto_map={"AutoConfig": "modeling_opaque.OpaqueConfig", "AutoModelForCausalLM": "modeling_opaque.OpaqueLlama"})
+    (m / "config.json").write_text(json.dumps(config))
+    return m
+
+
+def hooked_checkpoint(w) -> Path:
+    """A FairMed checkpoint of the tiny model (random probers treating layer 0), as `repair run` exports it."""
+    import torch
+
+    from repair.export import export_hooked
+    from repair.models import ModelSpec, load_model
+    from repair.probers import Probers
+
+    torch.manual_seed(0)
+    gate = torch.zeros(2, 3, 4)
+    gate[:, :, 0] = -torch.inf
+    probers = Probers(0.1 * torch.randn(3, 5, 64), torch.zeros(3, 5), (2, 3), ("a", "b"),
+                      {"neutral": torch.tensor([0.6, 0.4, 0.2, 0.3, 0.5]), "uniform": torch.tensor([.5, .5, 1 / 3, 1 / 3, 1 / 3])},
+                      gate)
+    setting = {"layers": [0], "lam": 0.2, "steps": 3, "gate": 0.0, "target": "neutral"}
+    target = w.tmp / "checkpoint"
+    export_hooked(load_model(ModelSpec(str(w.model), device="cpu")), "fairmed", probers.tensors(),
+                  {"probers": probers.metadata(), "setting": setting}, target, {"method": "fairmed", **setting}, "# card\n")
+    return target
+
+
+def hooked_with_wider_probers(w) -> Path:
+    """A FairMed checkpoint whose interventions (with their sha256 updated) read activations twice too wide."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from repair.io import sha256_file
+
+    ckpt = hooked_checkpoint(w)
+    f = ckpt / "interventions.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(f))
+    tensors["probers.A"] = torch.cat([tensors["probers.A"]] * 2, dim=2)
+    save_file(tensors, str(f), metadata=meta)
+    manifest = json.loads((ckpt / "repair_manifest.json").read_text())
+    manifest["files_sha256"]["interventions.safetensors"] = sha256_file(f)
+    (ckpt / "repair_manifest.json").write_text(json.dumps(manifest))
+    return ckpt
+
+
+def hooked_altered(w) -> Path:
+    """A FairMed checkpoint whose interventions file changed after export (one bit flipped)."""
+    ckpt = hooked_checkpoint(w)
+    f = ckpt / "interventions.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 1
+    f.write_bytes(bytes(data))
+    return ckpt
+
+
+def generate(model, *args) -> list:
+    return ["generate", "--model", model, "--prompt", "The nurse", "--max-new-tokens", "3", *args]
+
+
 def evaluate(w, *args) -> list:
     """`repair evaluate` on the tiny model, quick settings, with a --json target that must not appear."""
     return ["evaluate", "--model", w.model, "--no-progress", *QUICK_EVAL, "--json", w.tmp / "eval.json", *args]
@@ -429,6 +517,27 @@ CASES = [
          "`evaluate` with a `transformers-4.40.0.dist-info` ahead of site-packages on `PYTHONPATH`",
          lambda w: evaluate(w), "transformers 4.40.0 is installed but fairness-repair needs transformers >= 5.21",
          env_of=old_transformers),
+    # ---- FairMed and hooked checkpoints
+    Case("fairmed-layer-out-of-range", "a FairMed layer out of range", "`evaluate --model CHECKPOINT --layers 3` (layers 0..2)",
+         lambda w: ["evaluate", "--model", hooked_checkpoint(w), "--no-progress", *QUICK_EVAL, "--json", w.tmp / "eval.json",
+                    "--layers", "3"],
+         "layer 3 is out of range (the model has layers 0..2)"),
+    Case("fairmed-lambda-negative", "a negative FairMed lambda", "`generate --model CHECKPOINT --lam -0.1`",
+         lambda w: generate(hooked_checkpoint(w), "--lam", "-0.1"), "--lam must be 0 or more"),
+    Case("fairmed-steps-zero", "FairMed steps below one", "`generate --model CHECKPOINT --steps 0`",
+         lambda w: generate(hooked_checkpoint(w), "--steps", "0"), "--steps must be at least 1"),
+    Case("fairmed-no-mlp", "a model without recognisable MLP blocks", "`run --method fairmed` on remote code whose blocks call their MLP through a plain function",
+         lambda w: ["run", "--model", no_mlp_model(w), "--trust-remote-code", "--out", w.tmp / "out", *SMALL_RUN,
+                    "--method", "fairmed"],
+         "FairMed (MLP outputs) does not support this architecture (no MLP found in its blocks)"),
+    Case("checkpoint-interventions-mismatch", "a hooked checkpoint whose interventions do not fit its base model",
+         "`generate` on a FairMed checkpoint whose `interventions.safetensors` reads activations twice as wide (its sha256 updated to match)",
+         lambda w: generate(hooked_with_wider_probers(w)), "does not fit the model"),
+    Case("checkpoint-altered", "a hooked checkpoint whose interventions changed after export",
+         "`generate` on a FairMed checkpoint with one bit of `interventions.safetensors` flipped",
+         lambda w: generate(hooked_altered(w)), "does not match the sha256 in repair_manifest.json"),
+    Case("generate-not-a-checkpoint", "`generate` on a folder that is no checkpoint", "`generate --model MODEL` (a plain model folder)",
+         lambda w: generate(w.model), "not a checkpoint exported by fairness-repair"),
     Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",
          "a run killed after fitting (`REPAIR_KILL_AT=annealing:1`), one byte appended to a `.joblib`, then the same `run` again",
          killed_run_with_corrupt_surrogate, "refusing to unpickle it",

@@ -13,10 +13,9 @@ import hashlib
 
 import numpy as np
 
-from repair.arch import decoder_layers
 from repair.errors import UserError
 from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting
-from repair.probers import PURPOSE, Probers
+from repair.probers import Probers, mlp_modules
 from repair.space import BASE, LayerSubsetSpace
 
 TOPK = 6
@@ -34,7 +33,7 @@ class FairMed:
 
     def __init__(self, config, model):
         self.config = config
-        n_layers = len(decoder_layers(model, PURPOSE))
+        n_layers = len(mlp_modules(model))  # refuses a model without recognisable MLP blocks, naming its class
         self.space = LayerSubsetSpace(n_layers, min(config.max_layers, n_layers), config.target)
         self.probers: Probers | None = None
         self.scores: list[dict] = []
