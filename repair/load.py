@@ -126,11 +126,13 @@ def load(path, *, device: str = "cpu", dtype: str = "auto", verify: bool = True,
     """(model, tokenizer) with the checkpoint's repair in place, in eval mode on `device`; the
     interventions attached are listed in `model.repair_interventions` (`.remove()` one to undo it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = Path(path)
     manifest = read_manifest(path)  # a folder that is no checkpoint fails before any loading
     if verify:
         check_files(path, manifest)
+    hf_logging.disable_progress_bar()  # a one-line error after loading must stay one line
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     hook = attach_saved(model, path, setting, verify=False)

@@ -99,13 +99,13 @@ def prepare(config: RunConfig, resolved: dict) -> bool:
         except (ValueError, KeyError):
             raise UserError(f"{saved} is not a run configuration (choose another --out)") from None
         current = config.identity()
+        check_numbers(previous.get("numbers"), current["numbers"], str(out), "process",
+                      "rerun with the same --model/--device/--dtype to resume, or choose another --out",
+                      "choose another --out")
         if previous.get("records") != RECORDS:
             raise UserError(f"{out} holds a run made by an older fairness-repair whose records are keyed by head mask "
                             "alone, which this version cannot resume (choose another --out; that run's checkpoint "
                             "and report stay as they are)")
-        check_numbers(previous.get("numbers"), current["numbers"], str(out), "process",
-                      "rerun with the same --model/--device/--dtype to resume, or choose another --out",
-                      "choose another --out")
         if previous != current:
             diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise UserError(f"{out} holds a run with a different configuration ({', '.join(diff)} differ): "

@@ -158,26 +158,33 @@ class OpaqueConfig(LlamaConfig):
 
 
 class OpaqueLlama(LlamaForCausalLM):
-    """Remote code whose blocks reach their MLP through a plain function: no MLP module to hook."""
+    """Remote code whose blocks keep their MLP as `feed_forward_block` and reach it through a plain
+    function: no MLP module under any name the tool knows."""
 
     config_class = OpaqueConfig
 
     def __init__(self, config):
         super().__init__(config)
         for layer in self.model.layers:
-            opaque = {"mlp": property(lambda self: self._modules["mlp"].forward)}
+            layer.feed_forward_block = layer._modules.pop("mlp")
+            opaque = {"mlp": property(lambda self: self.feed_forward_block.forward)}
             layer.__class__ = type("OpaqueLayer", (type(layer),), opaque)
 '''
 
 
 def no_mlp_model(w) -> Path:
-    """The tiny checkpoint as remote code whose MLP blocks cannot be found (same weights)."""
+    """The tiny checkpoint as remote code whose MLP blocks cannot be found (same weights, renamed)."""
+    from safetensors.torch import load_file, save_file
+
     m = model_copy(w)
     (m / "modeling_opaque.py").write_text(NO_MLP)
     config = json.loads((m / "config.json").read_text())
     config.update(model_type="opaque_llama", architectures=["OpaqueLlama"],
                   auto_map={"AutoConfig": "modeling_opaque.OpaqueConfig", "AutoModelForCausalLM": "modeling_opaque.OpaqueLlama"})
     (m / "config.json").write_text(json.dumps(config))
+    weights = load_file(str(m / "model.safetensors"))
+    save_file({k.replace(".mlp.", ".feed_forward_block."): v for k, v in weights.items()}, str(m / "model.safetensors"),
+              metadata={"format": "pt"})
     return m
 
 
@@ -308,6 +315,15 @@ def resume_old_run(w) -> list:
     saved = started_run(w) / "config.json"
     old = json.loads(saved.read_text())
     del old["identity"]["numbers"]  # as fairness-repair wrote it before runs recorded their numbers
+    saved.write_text(json.dumps(old))
+    return run(w, "--device", "cpu")
+
+
+def resume_records_v1(w) -> list:
+    saved = started_run(w) / "config.json"
+    old = json.loads(saved.read_text())
+    del old["identity"]["records"]  # as fairness-repair wrote it while records were keyed by head mask alone
+    old["identity"].pop("max_layers"), old["identity"].pop("target")
     saved.write_text(json.dumps(old))
     return run(w, "--device", "cpu")
 
@@ -509,6 +525,9 @@ CASES = [
     Case("resume-old-run", "resuming a run written before runs recorded their model's numbers",
          "a killed `run` whose `config.json` lacks `identity.numbers`, the same `run` again",
          resume_old_run, "was made by an older fairness-repair that did not record the model's fingerprint, device and dtype"),
+    Case("resume-records-v1", "resuming a run whose records are keyed by head mask alone (before the method-neutral pipeline)",
+         "a killed `run` whose `config.json` lacks `identity.records`, the same `run` again",
+         resume_records_v1, "was made by an older fairness-repair whose records are keyed by head mask alone"),
     Case("worker-other-model", "a worker pointed at another model than the run's",
          "a `run` killed at its first evaluation (SQLite study), then `worker --model OTHER` (another random checkpoint)",
          worker_with_other_model, "(different model weights: point --model at a copy of the run's model, with --device cpu)",
