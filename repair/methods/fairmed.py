@@ -111,10 +111,9 @@ class FairMed:
     def surrogate_params(self, search) -> tuple[dict, dict]:
         return {}, {}
 
-    def anneal_settings(self, search, keys: list[str], fairness: np.ndarray) -> list:
+    def anneal_settings(self, search, keys: list[str], fairness) -> list:
         """The settings of the fairest evaluated configurations within the utility limit (all of them
         when fewer qualify), at most ANNEAL_SETTINGS."""
-        _, _, _, u = search.training_data()
         limit = search.utility_limit_loss()
         done = search.records.completed()
         ok = [k for k in keys if k != BASE and done[k].values[1] <= limit] or [k for k in keys if k != BASE]
