@@ -527,7 +527,7 @@ CASES = [
          resume_old_run, "was made by an older fairness-repair that did not record the model's fingerprint, device and dtype"),
     Case("resume-records-v1", "resuming a run whose records are keyed by head mask alone (before the method-neutral pipeline)",
          "a killed `run` whose `config.json` lacks `identity.records`, the same `run` again",
-         resume_records_v1, "was made by an older fairness-repair whose records are keyed by head mask alone"),
+         resume_records_v1, "holds a run made by an older fairness-repair whose records are keyed by head mask alone"),
     Case("worker-other-model", "a worker pointed at another model than the run's",
          "a `run` killed at its first evaluation (SQLite study), then `worker --model OTHER` (another random checkpoint)",
          worker_with_other_model, "(different model weights: point --model at a copy of the run's model, with --device cpu)",
