@@ -11,6 +11,18 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import fakes and tiny as
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny torch ops (small models, the probers' L-BFGS steps) run faster on one thread on a busy
+    two-core machine: a second thread only waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"benchmark data not found at {SHARED_DATA}")

@@ -27,13 +27,7 @@ ONE = EvalConfig(split="search", attributes=("religion",))  # one attribute keep
 QUICK = dict(dims=8, l2_grid=(0.1, 1.0), folds=2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The probers' many small L-BFGS steps run several times faster on one thread on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +39,6 @@ def loaded(model_dir):
 def probed(loaded, tmp_path_factory):
     """One probe of the tiny model into a folder: (folder, probers, scores)."""
     folder = tmp_path_factory.mktemp("probe") / "out"
-    torch.set_num_threads(1)
     probers, scores = probe(loaded, ONE, folder, progress=False, fit_settings=QUICK)
     return folder, probers, scores
 

@@ -11,14 +11,7 @@ from repair import probers as P
 from repair.probers import GATE_QUANTILES, TARGETS, ProbeData, Probers, collect, fit
 from tiny import ByteTokenizer, tiny_llama
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The fits are many tiny L-BFGS problems: with two threads on a busy two-core machine each op waits
-    on the other thread (measured: 40 s per fit instead of 6 s), so run this module single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 GROUPS = {"gender": ("f", "m"), "race": ("a", "b", "c")}
