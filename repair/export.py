@@ -1,12 +1,13 @@
-"""Export a pruned checkpoint that plain `transformers` loads with no project code.
+"""Export the repaired model as a checkpoint: pruned (plain `transformers` loads it with no project
+code) or hooked (base weights plus the intervention's tensors, re-attached by `repair.load`).
 
-The chosen heads' slices of the attention output projection are zeroed in the saved weights
+Pruning zeroes the chosen heads' slices of the attention output projection in the saved weights
 (transformers 5 has no physical head pruning that survives a reload, see `repair.heads`). The state
 dict saved is the model's own tensors except the projections that get zeroed, which are cloned to
-CPU, so a model on a GPU or sharded by `--device-map` is exported without a second copy of it. The
-directory is written under a temporary name, reloaded and compared with the masked model, and renamed
-into place, so a crash never leaves a half checkpoint under `checkpoint/`; what a crash between the
-renames leaves aside is put back or removed by the next export.
+CPU, so a model on a GPU or sharded by `--device-map` is exported without a second copy of it. Either
+kind is written under a temporary name, reloaded and compared with the repaired model in memory, and
+renamed into place, so a crash never leaves a half checkpoint under `checkpoint/`; what a crash
+between the renames leaves aside is put back or removed by the next export.
 """
 from __future__ import annotations
 

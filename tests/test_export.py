@@ -95,11 +95,11 @@ def test_gpt2_conv1d_rows_are_zeroed(tmp_path):
     assert (w[0:16] == 0).all() and (w[48:64] == 0).all() and (w[16:48] != 0).any()
 
 
-def test_reload_check_refuses_a_checkpoint_that_is_not_the_masked_model(loaded, tmp_path, monkeypatch):
+def test_reload_check_refuses_a_checkpoint_that_is_not_the_repaired_model(loaded, tmp_path, monkeypatch):
     """Negative control: the heads not zeroed (pruning 3 of 12 heads of a random model) fails the
     relative tolerance, and nothing is left under the target or as a temporary folder."""
     monkeypatch.setattr(export, "pruned_state_dict", lambda model, mask: (model.state_dict(), PRUNED))
-    with pytest.raises(RuntimeError, match="exported checkpoint differs from the masked model"):
+    with pytest.raises(RuntimeError, match="exported checkpoint differs from the repaired model"):
         export.export_pruned(loaded, MASK, tmp_path / "checkpoint", manifest(), "card\n")
     assert list(tmp_path.iterdir()) == []
 

@@ -137,16 +137,17 @@ def test_baselines_share_budget_and_are_reported(model_dir, tmp_path):
                           "join trial_values v on v.trial_id = t.trial_id join studies s on s.study_id = t.study_id "
                           "where t.state = 'COMPLETE' and s.study_name not like '%-report' "
                           "and s.study_name not like '%-select'").fetchall()
-    from repair import masks as M
+    from repair.space import HeadMaskSpace
+    space = HeadMaskSpace((3, 4), max_prune=6)
     values = {}
     for key, phase, objective, value in rows:
         values.setdefault(json.loads(key), {})[objective] = value
-    base = values[M.to_key(M.full_mask((3, 4)))]
-    knock = {i: values[M.to_key(np.arange(12).reshape(3, 4) != i)] for i in range(12)}
+    base = values[space.key(np.ones(12, dtype=bool))]
+    knock = {i: values[space.key(np.arange(12) != i)] for i in range(12)}
     cost = sorted(knock, key=lambda i: knock[i][1] - base[1], reverse=True)[:3]  # 20% of 12, rounded up
     ranked = [i for i in sorted(knock, key=lambda i: knock[i][0] - base[0]) if i not in cost]
     deepest = np.ones(12, dtype=bool)
     deepest[ranked[:6]] = False
-    assert M.to_key(deepest.reshape(3, 4)) in values
+    assert space.key(deepest) in values
     html = (out / "report" / "index.html").read_text()
     assert "random" in html and "knockout" in html
