@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from repair.errors import UserError
+from repair.load import SETTING_FLAGS
 from repair.models import EMBEDDED_ALIAS, ModelSpec
 from repair.suites import REGISTRY
 from repair.suites.base import EvalConfig
@@ -107,7 +108,7 @@ def cmd_evaluate(args) -> int:
     from repair.evaluate import evaluate, format_table
     from repair.models import load_model
 
-    setting = fairmed_setting(args)
+    setting = hooked_setting(args)
     loaded = load_model(model_spec(args))
     progress = not args.no_progress
     before = {}
@@ -158,6 +159,7 @@ def cmd_run(args) -> int:
         out=args.out, model=model_spec(args), method=args.method, data_dir=Path(data_dir) if data_dir else None,
         fairness=args.fairness, utility=args.utility, budget_evals=args.budget_evals, rounds=args.rounds,
         per_round=args.per_round, max_prune=args.max_prune, max_layers=args.max_layers, target=args.target,
+        steer_labels=args.steer_labels,
         max_utility_loss=args.max_utility_loss,
         knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
         search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
@@ -180,17 +182,20 @@ def cmd_worker(args) -> int:
 
 
 def add_setting_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("FairMed checkpoint", "replace parts of a FairMed checkpoint's neutralizer setting")
-    g.add_argument("--layers", default=None, help="comma-separated layers to treat, e.g. 20,25")
-    g.add_argument("--lam", type=float, default=None, help="lambda: the largest change, a fraction of the activation's norm")
-    g.add_argument("--steps", type=int, default=None, help="gradient steps per position")
-    g.add_argument("--gate", type=float, default=None, help="treat only positions above this quantile of the probers' KL")
+    g = p.add_argument_group("hooked checkpoint", "replace parts of a FairMed or FairSteer checkpoint's setting")
+    g.add_argument("--layers", default=None, help="comma-separated layers to treat, e.g. 20,25 (FairSteer: one layer)")
+    g.add_argument("--lam", type=float, default=None, help="FairMed lambda: the largest change, a fraction of the activation's norm")
+    g.add_argument("--steps", type=int, default=None, help="FairMed gradient steps per position")
+    g.add_argument("--gate", type=float, default=None, help="FairMed: treat only positions above this quantile of the probers' KL")
+    g.add_argument("--alpha", type=float, default=None, help="FairSteer strength, a fraction of the layer's mean activation norm")
+    g.add_argument("--threshold", default=None,
+                   help="FairSteer: steer where the probe's P(biased) exceeds this, in [0, 1], or 'always'")
 
 
-def fairmed_setting(args) -> dict:
+def hooked_setting(args) -> dict:
     from repair.load import parse_setting
 
-    return parse_setting(args.layers, args.lam, args.steps, args.gate)
+    return parse_setting(args.layers, args.lam, args.steps, args.gate, args.alpha, args.threshold)
 
 
 def _attach_checkpoint(loaded, model: str, setting: dict):
@@ -201,14 +206,12 @@ def _attach_checkpoint(loaded, model: str, setting: dict):
 
     if not (folder / MANIFEST).is_file():
         if setting:
-            raise UserError(f"--layers/--lam/--steps/--gate change a FairMed checkpoint's setting; {model} is not a "
-                            "checkpoint exported by fairness-repair (export one with repair run --method fairmed)")
+            raise UserError(f"{SETTING_FLAGS} change a hooked checkpoint's setting; {model} is not a checkpoint "
+                            "exported by fairness-repair (export one with repair run --method fairmed or fairsteer)")
         return None
     hook = attach_saved(loaded.model, folder, setting)
     if hook is not None:
-        s = hook.settings[0]
-        print(f"with the checkpoint's FairMed neutralizer: layers {list(s.layers)}, lambda {s.lam:g}, {s.steps} steps, "
-              f"gate {s.gate:g}, target {s.target}\n")
+        print(f"with the checkpoint's {hook.describe()}\n")
     return hook
 
 
@@ -217,7 +220,7 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    setting = fairmed_setting(args)
+    setting = hooked_setting(args)
     read_manifest(args.model)  # a folder that is no checkpoint fails here, before any loading
     import torch
 
@@ -266,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(rn)
     rn.add_argument("--method", default="prune",
                     help="prune (attention-head pruning), fairmed (probers and a neutralizer on MLP outputs, layers "
-                         "searched); fairsteer, experts: planned")
+                         "searched), fairsteer (a probe-gated steering vector in the residual stream, layer, "
+                         "strength and gate searched); experts: planned")
     rn.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
     rn.add_argument("--data-dir", type=Path, default=None,
                     help="folder with bbq/, mmlu/, wikitext2/ (default: $REPAIR_DATA_DIR); only needed for those suites")
@@ -283,10 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--target", default="neutral",
                     help="fairmed: steer the probers' group distribution towards 'neutral' (the neutral-context "
                          "distribution, default) or 'uniform' (the paper's)")
+    rn.add_argument("--steer-labels", default="association",
+                    help="fairsteer: what labels a prompt biased for its probes: 'association' (the model leans to the "
+                         "concept's stereotyped groups more than after neutral prompts, default) or 'bbq' (it picks the "
+                         "stereotyped wrong answer on BBQ, the published labelling; needs --data-dir)")
     rn.add_argument("--max-utility-loss", type=float, default=0.05,
                     help="allowed utility loss: perplexity at most x(1+L), accuracy at least x(1-L) of the unrepaired model")
     rn.add_argument("--knockouts", action="store_true", help="also evaluate every single-head knockout")
-    rn.add_argument("--baselines", type=_csv, default=(), help="random,knockout: baselines with the same LLM-evaluation budget, verified and reported alike (off by default)")
+    rn.add_argument("--baselines", type=_csv, default=(), help="random,knockout: baselines with the same LLM-evaluation budget, verified and reported alike (off by default; prune takes both, fairsteer random)")
     rn.add_argument("--search-limit", type=int, default=6, help="prompts per attribute (items per category) in the search split")
     rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
     rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the held-out select and report splits (default: all)")

@@ -179,11 +179,18 @@ def _what_was_done(manifest: dict) -> list[str]:
         return [f"Made by fairness-repair (`{manifest['method']}`): {len(manifest['pruned_heads'])} attention heads",
                 "pruned (their slices of the attention output projection are zero). Loads with plain",
                 "`transformers.AutoModelForCausalLM.from_pretrained`, no custom code."]
+    loading = ["in `interventions.safetensors`. Load it repaired with `model, tokenizer = repair.load(path)` (plain",
+               "transformers loads the unrepaired base model from this folder)."]
+    if manifest["method"] == "fairsteer":
+        gate = ("at every position" if manifest["threshold"] is None
+                else f"where its probe's P(biased) exceeds {manifest['threshold']:g}")
+        return [f"Made by fairness-repair (`fairsteer`): a steering vector added to the residual stream of layer",
+                f"{manifest['layer']} (alpha {manifest['alpha']:g} x the layer's mean activation norm) {gate}.",
+                "The weights are the base model's; the probes, vectors and settings are", *loading]
     return [f"Made by fairness-repair (`{manifest['method']}`): a FairMed neutralizer on the MLP outputs of layers",
             f"{manifest['layers']} (lambda {manifest['lambda']:g}, {manifest['steps']} steps, gated at the {manifest['gate']:g}",
             f"quantile, target `{manifest['target']}`). The weights are the base model's; the probers and settings are",
-            "in `interventions.safetensors`. Load it repaired with `model, tokenizer = repair.load(path)` (plain",
-            "transformers loads the unrepaired base model from this folder)."]
+            *loading]
 
 
 def model_card(manifest: dict) -> str:

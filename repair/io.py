@@ -14,6 +14,10 @@ os.umask(UMASK)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write via a temporary file in the same folder, renamed into place once complete. A failed write
     (disk full, file too large, read-only or forbidden folder) leaves nothing behind and raises an
     OutputError naming `path`, which the CLI prints as one line."""
@@ -22,8 +26,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; results are as shareable as any file the user writes
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

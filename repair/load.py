@@ -23,11 +23,12 @@ INTERVENTIONS = "interventions.safetensors"
 def attach(model, method: str, tensors: dict, meta: dict):
     """Attach the intervention `method` exported (its tensors and settings) to `model`; ValueError
     when it does not fit the model."""
-    if method == "fairmed":
-        from repair.methods.fairmed import attach as attach_fairmed
+    from importlib import import_module
 
-        return attach_fairmed(model, tensors, {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items()})
-    raise ValueError(f"unknown intervention method {method!r}")
+    if method not in ("fairmed", "fairsteer"):
+        raise ValueError(f"unknown intervention method {method!r}")
+    meta = {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items()}
+    return import_module(f"repair.methods.{method}").attach(model, tensors, meta)
 
 
 def read_manifest(path: Path) -> dict:
@@ -55,10 +56,16 @@ def check_files(path: Path, manifest: dict) -> None:
                             "(re-export the checkpoint)")
 
 
+SETTING_FLAGS = "--layers/--lam/--steps/--gate/--alpha/--threshold"
+# the flags each hooked method's setting takes, by the setting's field names
+METHOD_FLAGS = {"fairmed": ("layers", "lam", "steps", "gate"), "fairsteer": ("layers", "alpha", "threshold")}
+
+
 def parse_setting(layers: str | None = None, lam: float | None = None, steps: int | None = None,
-                  gate: float | None = None) -> dict:
-    """Flags that replace parts of a FairMed checkpoint's setting (`--layers 3,7 --lam 0.2 ...`),
-    checked for form before any model is loaded; {} when none is given."""
+                  gate: float | None = None, alpha: float | None = None, threshold: str | None = None) -> dict:
+    """Flags that replace parts of a hooked checkpoint's setting (`--layers 3,7 --lam 0.2 ...`),
+    checked for form before any model is loaded; {} when none is given. `threshold` 'always' turns
+    FairSteer's gate off."""
     from repair.probers import GATE_QUANTILES
 
     out = {}
@@ -82,21 +89,36 @@ def parse_setting(layers: str | None = None, lam: float | None = None, steps: in
             raise UserError(f"--gate must be one of {', '.join(f'{g:g}' for g in GATE_QUANTILES)} (a quantile of the "
                             f"probers' KL), got {gate:g}")
         out["gate"] = gate
+    if alpha is not None:
+        if not alpha >= 0:
+            raise UserError(f"--alpha must be 0 or more (a fraction of the layer's mean activation norm), got {alpha}")
+        out["alpha"] = alpha
+    if threshold is not None:
+        if threshold == "always":
+            out["threshold"] = None
+        else:
+            try:
+                value = float(threshold)
+            except ValueError:
+                value = None
+            if value is None or not 0 <= value <= 1:
+                raise UserError(f"--threshold must be a probability in [0, 1] or 'always', got {threshold!r}")
+            out["threshold"] = value
     return out
 
 
 def attach_saved(model, path, setting: dict | None = None, *, verify: bool = True):
     """Attach the intervention a checkpoint folder holds to `model` (its base weights, loaded by the
-    caller); `setting` replaces parts of a FairMed setting. None for a checkpoint without one (a pruned
-    checkpoint: its repair is in the weights)."""
+    caller); `setting` (parse_setting's) replaces parts of its setting. None for a checkpoint without
+    one (a pruned checkpoint: its repair is in the weights)."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         check_files(path, manifest)
     if not (path / INTERVENTIONS).is_file():
         if setting:
-            raise UserError(f"--layers/--lam/--steps/--gate change a FairMed checkpoint's setting, but {path} holds "
-                            f"a {manifest.get('method', 'pruned')} checkpoint (export one with repair run --method fairmed)")
+            raise UserError(f"{SETTING_FLAGS} change a hooked checkpoint's setting, but {path} holds a "
+                            f"{manifest.get('method', 'pruned')} checkpoint (export one with repair run --method fairmed or fairsteer)")
         return None
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -105,21 +127,42 @@ def attach_saved(model, path, setting: dict | None = None, *, verify: bool = Tru
         meta = dict(f.metadata() or {})
     method = meta.pop("method", manifest.get("method"))
     if setting:
-        from repair import arch
-        from repair.interventions.neutralizer import NeutralizerSetting
-
-        merged = {**json.loads(meta["setting"]), **setting}
-        try:
-            NeutralizerSetting(tuple(merged["layers"]), merged["lam"], merged["steps"], merged["gate"],
-                               merged["target"]).check(len(arch.decoder_layers(model)))
-        except ValueError as exc:
-            raise UserError(f"--layers/--lam/--steps/--gate: {exc}") from None
-        meta["setting"] = json.dumps(merged)
+        meta["setting"] = json.dumps(_merged_setting(model, method, json.loads(meta["setting"]), setting))
     try:
         return attach(model, method, load_file(str(path / INTERVENTIONS)), meta)
     except (ValueError, KeyError) as exc:
         raise UserError(f"{path / INTERVENTIONS} does not fit the model in {path}: {exc} "
                         "(the interventions were exported for another base model; re-export the checkpoint)") from None
+
+
+def _merged_setting(model, method: str, saved: dict, setting: dict) -> dict:
+    """A checkpoint's saved setting with the flags' values in place, checked against the model."""
+    from repair import arch
+
+    allowed = METHOD_FLAGS.get(method, ())
+    foreign = [f for f in setting if f not in allowed]
+    if foreign:
+        raise UserError(f"--{foreign[0]} does not apply to a {method} checkpoint (its setting takes "
+                        f"{', '.join('--' + f for f in allowed)})")
+    setting = dict(setting)
+    if method == "fairsteer" and "layers" in setting:
+        layers = setting.pop("layers")
+        if len(layers) != 1:
+            raise UserError(f"--layers {','.join(map(str, layers))}: FairSteer steers one layer; give one index")
+        setting["layer"] = layers[0]
+    merged = {**saved, **setting}
+    try:
+        if method == "fairmed":
+            from repair.interventions.neutralizer import NeutralizerSetting
+
+            NeutralizerSetting(**{**merged, "layers": tuple(merged["layers"])}).check(len(arch.decoder_layers(model)))
+        else:
+            from repair.interventions.steerer import SteerSetting
+
+            SteerSetting(**merged).check(len(arch.decoder_layers(model)))
+    except ValueError as exc:
+        raise UserError(f"{SETTING_FLAGS}: {exc}") from None
+    return merged
 
 
 def load(path, *, device: str = "cpu", dtype: str = "auto", verify: bool = True, setting: dict | None = None):

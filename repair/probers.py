@@ -45,11 +45,13 @@ class ProbeData:
     neutral: np.ndarray  # (n,) bool
     distributions: tuple[np.ndarray, ...]  # per prompt, over its attribute's groups
     groups: dict  # attribute -> tuple of group keys, in the order the segments are laid out
+    stereotyped: tuple[tuple[str, ...], ...] = ()  # per prompt, the groups its concept is stereotyped towards
 
 
-def probe_data(loaded, config, progress: bool = True) -> ProbeData:
+def probe_data(loaded, config, progress: bool = True, modules=None) -> ProbeData:
     """The association prompts of `config`'s split (every one: no limit) and the neutral prompts, with
-    their activations and the model's group distributions, measured on `loaded` as it is."""
+    their activations (at `modules`' outputs, default every MLP) and the model's group distributions,
+    measured on `loaded` as it is."""
     from dataclasses import replace
 
     from tqdm.auto import tqdm
@@ -62,12 +64,12 @@ def probe_data(loaded, config, progress: bool = True) -> ProbeData:
     evaluator = Evaluator(loaded.model, loaded.tokenizer, progress=progress)
     dists = suite.distributions(evaluator.score_choices(suite.requests(), desc="probe targets"))
     with tqdm(total=len(prompts), desc="probe activations", unit="prompt", disable=not progress) as bar:
-        acts = collect(loaded.model, loaded.tokenizer, [p.prompt for p in prompts], progress=bar)
+        acts = collect(loaded.model, loaded.tokenizer, [p.prompt for p in prompts], progress=bar, modules=modules)
     groups = {}
     for p in prompts:
         groups.setdefault(p.attribute, p.groups)
     return ProbeData(acts, tuple(p.attribute for p in prompts), tuple(p.template_id for p in prompts),
-                     np.array([p.neutral for p in prompts]), tuple(dists), groups)
+                     np.array([p.neutral for p in prompts]), tuple(dists), groups, tuple(p.stereotyped for p in prompts))
 
 
 def mlp_modules(model) -> list[torch.nn.Module]:
@@ -76,13 +78,14 @@ def mlp_modules(model) -> list[torch.nn.Module]:
 
 
 @torch.inference_mode()
-def collect(model, tokenizer, prompts, batch: int = 64, progress=None) -> np.ndarray:
-    """MLP outputs at every layer at the last token of each prompt text, (n, layers, d) float32."""
+def collect(model, tokenizer, prompts, batch: int = 64, progress=None, modules=None) -> np.ndarray:
+    """The outputs of `modules` (default: every layer's MLP) at the last token of each prompt text,
+    (n, layers, d) float32."""
     from repair.evaluator import _input_device, _Tokens
 
     tokens = _Tokens(tokenizer)
     ids = [tokens(p, True) for p in prompts]
-    modules = mlp_modules(model)
+    modules = mlp_modules(model) if modules is None else modules
     taken: list[torch.Tensor] = [None] * len(modules)
     last = None
 

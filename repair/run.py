@@ -24,9 +24,11 @@ MIN_SAMPLES = 20  # fewer sampled masks than this leave the surrogates nothing t
 def validate(config: RunConfig) -> Objectives:
     if config.method in PLANNED:
         raise UserError(f"--method {config.method} is not implemented yet; this version provides: {', '.join(METHODS)}")
-    if config.baselines and config.method != "prune":
-        raise UserError(f"--baselines random,knockout are baselines of --method prune; {config.method} has its own "
-                        "(fairmed always evaluates the top-k rule)")
+    if config.baselines and config.method == "fairmed":
+        raise UserError("--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
+                        "fairmed has its own (it always evaluates the top-k rule)")
+    if "knockout" in config.baselines and config.method != "prune":
+        raise UserError(f"--baselines knockout knocks out attention heads: a baseline of --method prune, not {config.method}")
     unknown = [b for b in config.baselines if b not in ("random", "knockout")]
     if unknown:
         raise UserError(f"unknown baseline {unknown[0]!r} (choose from random, knockout)")
@@ -37,6 +39,11 @@ def validate(config: RunConfig) -> Objectives:
         raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
     if config.max_layers < 1:
         raise UserError(f"--max-layers must be at least 1, got {config.max_layers}")
+    if config.steer_labels not in ("association", "bbq"):
+        raise UserError(f"--steer-labels must be association or bbq, got {config.steer_labels!r}")
+    if config.steer_labels == "bbq" and config.data_dir is None:
+        raise UserError("--steer-labels bbq labels BBQ items, which need the benchmark data: pass --data-dir (the folder "
+                        "that holds bbq/) or set $REPAIR_DATA_DIR")
     if config.target not in ("neutral", "uniform"):
         raise UserError(f"--target must be neutral or uniform, got {config.target!r}")
     if not 0 < config.max_utility_loss < 1:
@@ -64,8 +71,9 @@ def run(config: RunConfig) -> int:
     from repair.runloop import eval_config
 
     files = {}
+    labelling = ("bbq",) if config.method == "fairsteer" and config.steer_labels == "bbq" else ()
     for split in ("search", "report"):  # validate every data file before any model or disk work
-        for name in objectives.suites:
+        for name in (*objectives.suites, *labelling):
             suite = build_suite(name, eval_config(config, split), None)
             files.update(getattr(suite, "files", {}) or {})
     if config.storage:
@@ -190,8 +198,13 @@ def write_run_report(run_dir: Path) -> Path:
             "splits": "chosen on the select split; every number shown is from the report split, which no choice has seen",
             "command": " ".join(saved.get("command", [])), "versions": json.dumps(saved.get("versions", {})),
             "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    probes = None
     scores = run_dir / "fairmed" / "probe-scores.json"  # FairMed's probers: the layer x attribute heat map
-    probes = json.loads(scores.read_text())["scores"] if scores.is_file() else None
+    steer_scores = run_dir / "fairsteer" / "steering.json"  # FairSteer's probes: one row of it
+    if scores.is_file():
+        probes = json.loads(scores.read_text())["scores"]
+    elif steer_scores.is_file():
+        probes = [{**s, "kind": "fairsteer", "attribute": "biased vs unbiased"} for s in json.loads(steer_scores.read_text())["scores"]]
     desc = objectives.describe()
     return write_report(run_dir / "report", points, objectives={k: {"name": v["name"], "better": v["better"]} for k, v in desc.items()},
                         fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta,

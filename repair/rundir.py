@@ -31,6 +31,7 @@ class RunConfig:
     max_prune: float = 0.2  # prune: the largest fraction of heads a mask may prune
     max_layers: int = 10  # fairmed: the most layers a configuration may treat
     target: str = "neutral"  # fairmed: the distribution the neutralizer steers towards (or "uniform")
+    steer_labels: str = "association"  # fairsteer: what labels prompts biased for its probes (or "bbq")
     max_utility_loss: float = 0.05
     knockouts: bool = False
     baselines: tuple[str, ...] = ()

@@ -39,6 +39,7 @@ from surrogate import ChecksumError, fit_surrogate, joint_predictor, load, save
 SPLITS = ("search", "select", "report")
 TRUST_RADIUS = 12  # bits from the nearest evaluated configuration that annealing may go
 SWEEP_WEIGHTS = (3.0, 10.0, 30.0, 100.0)
+KAPPA = 0.5  # pessimism: predicted mean + KAPPA x the ensemble's spread, for fairness and utility
 
 
 def eval_config(config: RunConfig, split: str) -> EvalConfig:
@@ -198,25 +199,14 @@ class Search:
         predict = joint_predictor(f_model, u_model)
         n = space.n_bits
         bits, settings = X[:, :n].astype(bool), [space.setting(k) if k != BASE else None for k in keys]
-        anneal_settings = self.method.anneal_settings(self, keys, f)
-        chains, steps = self.method.anneal_size
-        found_keys, scores = [], []
-        with tqdm(total=len(SWEEP_WEIGHTS) * len(anneal_settings), desc=f"round {r}/{cfg.rounds}: annealing", unit="sweep") as bar:
-            for j, setting in enumerate(anneal_settings):
-                extra = space.setting_features(setting)
-                same = [i for i, s in enumerate(settings) if s == setting or s is None]
-                order = sorted(same, key=lambda i: f[i])  # start from the fairest evaluated configurations
-                found = sweep(
-                    _with_features(predict, extra), n, weights=SWEEP_WEIGHTS, seed=seed + 7 * j, include_final=False,
-                    n_chains=chains, n_steps=steps, flips=min(3, n), constraint=self.utility_limit_loss(), kappa=0.5,
-                    max_pruned=space.max_changed, trust=TrustRegion(bits, TRUST_RADIUS),
-                    start=bits[np.array(order)[np.arange(chains) % len(order)]],
-                    callback=lambda: (bar.update(1), failpoints.reached("annealing")),
-                )
-                # rank in float32 with the key as tie-break: configurations whose predictions differ only by float
-                # noise (e.g. in bits the surrogate ignores) must come out in the same order on every rerun and machine
-                scores += list(np.where(found.feasible, found.fairness + 0.5 * found.fairness_std, np.inf).astype(np.float32))
-                found_keys += [space.key(m, setting) for m in found.masks]
+        if hasattr(space, "enumerate"):  # small enough to score every configuration: exact, no annealing
+            found_keys = space.enumerate()
+            fm, fs, um, us = predict(np.stack([space.features(k) for k in found_keys]))
+            feasible = um + KAPPA * us <= self.utility_limit_loss()
+            scores = list(np.where(feasible, fm + KAPPA * fs, np.inf).astype(np.float32))
+            failpoints.reached("annealing")
+        else:
+            found_keys, scores = self._sweeps(r, predict, bits, settings, keys, f, seed)
         evaluated = set(keys)
         chosen = []
         for i in sorted(range(len(found_keys)), key=lambda i: (scores[i], found_keys[i])):
@@ -233,6 +223,31 @@ class Search:
                                     for o, m in (("fairness", f_model), ("utility", u_model))}}
         write_json_atomic(plan_path, plan)
         return plan
+
+    def _sweeps(self, r: int, predict, bits, settings, keys, f, seed) -> tuple[list[str], list]:
+        """Annealing sweeps over the trade-off weights, for each setting the method anneals: the keys
+        found and their scores (predicted fairness + KAPPA x spread; inf where infeasible)."""
+        cfg, space, n = self.config, self.space, self.space.n_bits
+        anneal_settings = self.method.anneal_settings(self, keys, f)
+        chains, steps = self.method.anneal_size
+        found_keys, scores = [], []
+        with tqdm(total=len(SWEEP_WEIGHTS) * len(anneal_settings), desc=f"round {r}/{cfg.rounds}: annealing", unit="sweep") as bar:
+            for j, setting in enumerate(anneal_settings):
+                extra = space.setting_features(setting)
+                same = [i for i, s in enumerate(settings) if s == setting or s is None]
+                order = sorted(same, key=lambda i: f[i])  # start from the fairest evaluated configurations
+                found = sweep(
+                    _with_features(predict, extra), n, weights=SWEEP_WEIGHTS, seed=seed + 7 * j, include_final=False,
+                    n_chains=chains, n_steps=steps, flips=min(3, n), constraint=self.utility_limit_loss(), kappa=KAPPA,
+                    max_pruned=space.max_changed, trust=TrustRegion(bits, TRUST_RADIUS),
+                    start=bits[np.array(order)[np.arange(chains) % len(order)]],
+                    callback=lambda: (bar.update(1), failpoints.reached("annealing")),
+                )
+                # rank in float32 with the key as tie-break: configurations whose predictions differ only by float
+                # noise (e.g. in bits the surrogate ignores) must come out in the same order on every rerun and machine
+                scores += list(np.where(found.feasible, found.fairness + KAPPA * found.fairness_std, np.inf).astype(np.float32))
+                found_keys += [space.key(m, setting) for m in found.masks]
+        return found_keys, scores
 
     # ---- verification on the held-out split ---------------------------------------------------
     def finalists(self, sequence: list[str] | None = None) -> list[str]:

@@ -129,3 +129,77 @@ class LayerSubsetSpace:
     def describe(self, key: str) -> dict:
         s = self.config(key)
         return {"layers": list(s.layers), "lambda": s.lam, "steps": s.steps, "gate": s.gate, "target": s.target}
+
+
+ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)  # steering strength, a fraction of the layer's mean activation norm
+THRESHOLDS = (None, 0.3, 0.5, 0.7, 0.9)  # the gate's probability threshold; None: always on
+
+
+@dataclass(frozen=True)
+class SteerLayerSpace:
+    """FairSteer: one bit per layer (1 = not steered, at most one steered) and a setting (alpha,
+    threshold) from a small grid. Small enough (layers x settings) for the surrogates to score every
+    configuration: `enumerate` replaces annealing."""
+
+    n_layers: int
+    method: str = "fairsteer"
+    max_changed = 1
+
+    @property
+    def n_bits(self) -> int:
+        return self.n_layers
+
+    @property
+    def settings(self) -> tuple[tuple[float, float | None], ...]:
+        return tuple((a, t) for a in ALPHAS for t in THRESHOLDS)
+
+    def key(self, bits: np.ndarray, setting) -> str:
+        layers = np.nonzero(~np.asarray(bits, dtype=bool))[0]
+        if not len(layers):
+            return BASE
+        if len(layers) > 1:
+            raise ValueError(f"FairSteer steers one layer, got {len(layers)}")
+        alpha, threshold = setting
+        gate = "always" if threshold is None else f"threshold={threshold:g}"
+        return f"{self.method}:{int(layers[0])}/alpha={alpha:g}/{gate}"
+
+    def config(self, key: str):
+        from repair.interventions.steerer import SteerSetting
+
+        if key == BASE:
+            return SteerSetting()
+        layer, alpha, gate = key.partition(":")[2].split("/")
+        threshold = None if gate == "always" else float(gate.partition("=")[2])
+        return SteerSetting(int(layer), float(alpha.partition("=")[2]), threshold)
+
+    def bits(self, key: str) -> np.ndarray:
+        bits = np.ones(self.n_layers, bool)
+        if key != BASE:
+            bits[self.config(key).layer] = False
+        return bits
+
+    def setting(self, key: str) -> tuple[float, float | None]:
+        s = self.config(key)
+        return (s.alpha, s.threshold)
+
+    def setting_features(self, setting) -> np.ndarray:
+        """alpha, the threshold (0 when always on) and an always-on flag."""
+        alpha, threshold = setting
+        return np.array([alpha, 0.0 if threshold is None else threshold, float(threshold is None)])
+
+    def features(self, key: str) -> np.ndarray:
+        setting = self.setting(key) if key != BASE else (0.0, 1.0)
+        return np.concatenate([self.bits(key).astype(np.float64), self.setting_features(setting)])
+
+    def enumerate(self) -> list[str]:
+        """Every configuration but the unrepaired model."""
+        out = []
+        for layer in range(self.n_layers):
+            bits = np.ones(self.n_layers, bool)
+            bits[layer] = False
+            out += [self.key(bits, s) for s in self.settings]
+        return out
+
+    def describe(self, key: str) -> dict:
+        s = self.config(key)
+        return {"layer": s.layer, "alpha": s.alpha, "threshold": s.threshold, "gated": s.threshold is not None}

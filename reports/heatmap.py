@@ -59,6 +59,10 @@ def _scale(values) -> float:
 def _tooltip(s: Mapping) -> str:
     lines = [f"layer {s['layer']}, {s['attribute']}: macro-F1 - majority-F1 = {gain(s):+.3f}",
              f"macro-F1 {fmt(float(s['macro_f1']), 3)}, majority baseline {fmt(float(s['majority_f1']), 3)}"]
+    if "accuracy" in s and "majority" in s:
+        lines.append(f"accuracy {fmt(float(s['accuracy']), 3)}, majority label {fmt(float(s['majority']), 3)}")
+    if "vector_norm_ratio" in s:
+        lines.append(f"|mean(unbiased) - mean(biased)| / mean |x| = {fmt(float(s['vector_norm_ratio']), 3)}")
     if "kl" in s and "kl_mean" in s:
         lines.append(f"KL {fmt(float(s['kl']), 3)} (training mean {fmt(float(s['kl_mean']), 3)})")
     if "n_concepts" in s:
@@ -78,6 +82,7 @@ def probe_heatmap(probes: Sequence[Mapping], *, element_id: str = "fig-probes") 
     ch = 26.0
     right, bottom = left + cw * len(layers), top + ch * len(attributes)
     scale = _scale([gain(s) for s in probes])
+    where = "residual stream" if probes[0].get("kind") == "fairsteer" else "MLP output"
 
     body = [f'<text x="{num(left - label_w - 24)}" y="{num((top + bottom) / 2)}" text-anchor="middle" '
             f'font-size="{FONT + 1}" fill="{INK}" transform="rotate(-90 {num(left - label_w - 24)} '
@@ -91,7 +96,7 @@ def probe_heatmap(probes: Sequence[Mapping], *, element_id: str = "fig-probes") 
             body.append(f'<text x="{num(left + cw * i + cw / 2)}" y="{num(bottom + 16)}" text-anchor="middle" '
                         f'font-size="{FONT - 1}" fill="{MUTED}">{layer}</text>')
     body.append(f'<text x="{num((left + right) / 2)}" y="{num(bottom + 38)}" text-anchor="middle" '
-                f'font-size="{FONT + 1}" fill="{INK}">layer (MLP output at the last prompt token)</text>')
+                f'font-size="{FONT + 1}" fill="{INK}">layer ({where} at the last prompt token)</text>')
     body.append('<g class="cells" stroke="#ffffff" stroke-width="1">')
     for j, a in enumerate(attributes):
         for i, layer in enumerate(layers):

@@ -99,7 +99,8 @@ def build_report(
     probes: Sequence[Mapping] | None = None,
 ) -> dict[str, str]:
     """The report's files as {"index.html": ..., "pareto.csv": ..., "pareto.json": ...}. `probes`: the
-    FairMed probers' held-out scores, one record per layer and attribute (`repair probe` writes them)."""
+    FairMed probers' held-out scores, one record per layer and attribute (`repair probe` writes them),
+    or FairSteer's probe scores (one per layer, `kind` "fairsteer")."""
     objectives = check_objectives(objectives)
     pts = check_points(points)
     fit_records = check_fits(fits)
@@ -368,6 +369,14 @@ def _fits(fits, objectives) -> str:
 def _probes(probes) -> str:
     if not probes:
         return ""
+    if probes[0].get("kind") == "fairsteer":
+        caption = ("Each cell is one layer's FairSteer probe: its macro-F1 at telling the prompts where the model "
+                   "leans to the concept's stereotyped groups (biased) from the rest, minus that of always naming the "
+                   "more common label, on held-out prompts by cross-validation grouped by concept. Blue cells beat "
+                   "the baseline: the layer's residual stream tells biased activations apart, and its gate can fire "
+                   "where it should. Hover a cell for its numbers (accuracy, and the vector's norm).")
+        return ('<section id="probes"><h2>Where biased activations can be detected (FairSteer probes)</h2>'
+                f'<figure id="fig-probes">{probe_heatmap(probes)}<figcaption>{esc(caption)}</figcaption></figure></section>')
     caption = ("Each cell is one layer's prober for one attribute: its macro-F1 at naming the group the model "
                "favours after a prompt, minus that of always naming the most common group, measured on held-out "
                "prompts by cross-validation grouped by concept (a concept's frames are never on both sides). Blue "

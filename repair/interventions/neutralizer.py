@@ -152,6 +152,11 @@ class Neutralizer:
         result[sel.to(dev)] = (x + delta).to(out.dtype)
         return result
 
+    def describe(self) -> str:
+        s = self.settings[0]
+        return (f"FairMed neutralizer: layers {list(s.layers)}, lambda {s.lam:g}, {s.steps} steps, gate {s.gate:g}, "
+                f"target {s.target}")
+
     def remove(self) -> None:
         """Remove every hook; the model is then exactly as before. Safe to call twice."""
         for h in self._handles:

@@ -3,10 +3,11 @@ intervention, its export. The phases they share are in repair.runloop."""
 from __future__ import annotations
 
 from repair.methods.fairmed import FairMed
+from repair.methods.fairsteer import FairSteer
 from repair.methods.prune import Prune
 
-METHODS = {"prune": Prune, "fairmed": FairMed}
-PLANNED = ("fairsteer", "experts", "all")
+METHODS = {"prune": Prune, "fairmed": FairMed, "fairsteer": FairSteer}
+PLANNED = ("experts", "all")
 
 
 def build(config, model):

@@ -1,0 +1,127 @@
+"""FairSteer: a probe per layer detects biased activations in the residual stream; a debiasing
+vector is added at one layer only where the probe fires. The layer, the strength and the gate's
+threshold (or always on) are searched.
+
+The published rule, a sweep over layers at one setting (the paper picks its layer this way), is the
+seed's first part and is kept as its own sequence, `layer-sweep`; the always-on configurations the
+search evaluated form the sequence `always-on`. Both are verified and reported like the search, so
+the report shows whether the search beats the sweep and whether the gate beats steering everywhere.
+The space is layers x ALPHAS x THRESHOLDS (900 configurations on a 30-layer model): the surrogates
+score every one of them each round instead of annealing.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import sys
+
+import numpy as np
+
+from repair.errors import UserError
+from repair.interventions.steerer import SteerSetting, Steerer
+from repair.space import BASE, SteerLayerSpace
+from repair.steering import Steering, residual_modules
+
+SWEEP_SETTING = (0.3, 0.5)  # the layer sweep's (alpha, threshold): the pilot's gated steering
+ARTIFACT = "fairsteer/steering"
+
+
+class FairSteer:
+    name = "fairsteer"
+    seed_phases = ("layer-sweep", "sample")
+    seed_description = "sampling steering configurations"
+
+    def __init__(self, config, model):
+        self.config = config
+        self.space = SteerLayerSpace(len(residual_modules(model)))  # refuses a model without decoder layers
+        self.steering: Steering | None = None
+        self.scores: list[dict] = []
+
+    # ---- what the method fits before searching --------------------------------------------------
+    def prepare(self, loaded, config) -> None:
+        """Probes and vectors on the search split, kept in RUN_DIR/fairsteer/ (a rerun reuses them)."""
+        from repair import steering
+        from repair.runloop import eval_config
+
+        self.steering, self.scores = steering.prepare(loaded, eval_config(config, "search"), config.out / "fairsteer",
+                                                      config.steer_labels)
+        best = sorted(self.scores, key=lambda s: -s["macro_f1"])[:3]
+        print("FairSteer probes (held-out macro-F1, majority label %.3f): " % best[0]["majority_f1"]
+              + ", ".join(f"layer {s['layer']} {s['macro_f1']:.3f}" for s in best), file=sys.stderr)
+
+    def artifacts(self) -> dict:
+        data = self.steering.to_bytes()
+        return {ARTIFACT: {"sha256": hashlib.sha256(data).hexdigest(), "safetensors": base64.b64encode(data).decode()}}
+
+    def load_artifacts(self, attrs: dict) -> None:
+        stored = attrs.get(f"artifact:{ARTIFACT}")
+        if not stored:
+            raise UserError("the run has not published its FairSteer vectors yet (start the worker after the run's "
+                            "probing step, or let it wait with a larger --max-idle)")
+        data = base64.b64decode(stored["safetensors"])
+        if hashlib.sha256(data).hexdigest() != stored["sha256"]:
+            raise UserError("the run's FairSteer vectors in the study do not match their sha256 (restart the run)")
+        self.steering = Steering.from_bytes(data)
+
+    def intervention(self, model) -> Steerer:
+        try:
+            return Steerer(model, self.steering, [SteerSetting()])
+        except ValueError as exc:
+            raise UserError(f"the FairSteer vectors do not fit this model: {exc}") from None
+
+    # ---- what it evaluates ----------------------------------------------------------------------
+    def sweep_keys(self) -> list[str]:
+        """The published way to pick the layer: every layer at one setting."""
+        out = []
+        for layer in range(self.space.n_layers):
+            bits = np.ones(self.space.n_bits, bool)
+            bits[layer] = False
+            out.append(self.space.key(bits, SWEEP_SETTING))
+        return out
+
+    def seed(self, search) -> list[tuple[str, str]]:
+        """The unrepaired model, the layer sweep, then configurations drawn uniformly from the rest of
+        the grid, in all the budget left for rounds."""
+        cfg = self.config
+        sweep = self.sweep_keys()
+        n_sample = max(0, cfg.budget_evals - cfg.rounds * cfg.per_round - len(sweep))
+        rest = [k for k in self.space.enumerate() if k not in set(sweep)]
+        drawn = np.random.default_rng(cfg.seed).choice(len(rest), min(n_sample, len(rest)), replace=False)
+        return [(BASE, "base")] + [(k, "layer-sweep") for k in sweep] + [(rest[i], "sample") for i in drawn]
+
+    def surrogate_params(self, search) -> tuple[dict, dict]:
+        return {}, {}
+
+    def baselines(self, search) -> dict[str, list[str]]:
+        """The layer sweep and the always-on configurations the search evaluated (no new evaluations),
+        and, with --baselines random, random search at the same budget."""
+        done = search.records.completed()
+        out = {"layer-sweep": [BASE, *self.sweep_keys()],
+               "always-on": [BASE] + sorted(k for k in done if k != BASE and k.startswith(f"{self.name}:")
+                                           and self.space.config(k).threshold is None)}
+        if "random" in self.config.baselines:
+            everything = self.space.enumerate()
+            drawn = np.random.default_rng(self.config.seed + 7919).choice(len(everything), self.config.budget_evals, replace=False)
+            out["random"] = search.evaluate([(BASE, "base")] + [(everything[i], "random") for i in drawn],
+                                            "baseline: random configurations")
+        return out
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, loaded, key: str, target, manifest: dict, card: str):
+        from repair.export import export_hooked
+
+        s = self.space.config(key)
+        meta = {"setting": {"layer": s.layer, "alpha": s.alpha, "threshold": s.threshold}}
+        return export_hooked(loaded, self.name, self.steering.tensors(), meta, target, manifest, card)
+
+    def summary(self, candidate: dict) -> str:
+        c = candidate["config"]
+        if c["layer"] is None:
+            return "steered layer: none"
+        gate = f"where the probe's P(biased) > {c['threshold']:g}" if c["gated"] else "at every position (always on)"
+        return f"steered layer: {c['layer']} (alpha {c['alpha']:g} x the layer's mean activation norm, {gate})"
+
+
+def attach(model, tensors: dict, meta: dict) -> Steerer:
+    """Re-attach exported steering (repair.load); ValueError when it does not fit the model."""
+    return Steerer(model, Steering.from_tensors(tensors), [SteerSetting(**meta["setting"])])
