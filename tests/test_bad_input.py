@@ -231,6 +231,34 @@ def hooked_with_wider_probers(w) -> Path:
     return ckpt
 
 
+def steered_checkpoint(w, width_factor: int = 1) -> Path:
+    """A FairSteer checkpoint of the tiny model (random probe and vector at layer 1), as `repair run` exports
+    it; with `width_factor` 2 its vectors (sha256 updated) are twice the model's hidden size."""
+    import torch
+    from safetensors.torch import save_file
+
+    from repair.export import export_hooked
+    from repair.io import sha256_file
+    from repair.models import ModelSpec, load_model
+    from repair.steering import Steering
+
+    torch.manual_seed(0)
+    steering = Steering(torch.randn(3, 64), torch.zeros(3), torch.randn(3, 64), torch.ones(3))
+    setting = {"layer": 1, "alpha": 0.3, "threshold": 0.5}
+    target = w.tmp / "checkpoint"
+    export_hooked(load_model(ModelSpec(str(w.model), device="cpu")), "fairsteer", steering.tensors(), {"setting": setting},
+                  target, {"method": "fairsteer", **setting}, "# card\n")
+    if width_factor != 1:
+        wide = Steering(torch.cat([steering.w] * width_factor, dim=1), steering.b,
+                        torch.cat([steering.direction] * width_factor, dim=1), steering.scale)
+        f = target / "interventions.safetensors"
+        save_file(wide.tensors(), str(f), metadata={"method": "fairsteer", "setting": json.dumps(setting)})
+        manifest = json.loads((target / "repair_manifest.json").read_text())
+        manifest["files_sha256"]["interventions.safetensors"] = sha256_file(f)
+        (target / "repair_manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
 def hooked_altered(w) -> Path:
     """A FairMed checkpoint whose interventions file changed after export (one bit flipped)."""
     ckpt = hooked_checkpoint(w)
@@ -555,6 +583,21 @@ CASES = [
     Case("checkpoint-altered", "a hooked checkpoint whose interventions changed after export",
          "`generate` on a FairMed checkpoint with one bit of `interventions.safetensors` flipped",
          lambda w: generate(hooked_altered(w)), "does not match the sha256 in repair_manifest.json"),
+    # ---- FairSteer
+    Case("fairsteer-layer-out-of-range", "a FairSteer layer out of range", "`evaluate --model CHECKPOINT --layers 3` (layers 0..2)",
+         lambda w: ["evaluate", "--model", steered_checkpoint(w), "--no-progress", *QUICK_EVAL, "--json", w.tmp / "eval.json",
+                    "--layers", "3"],
+         "layer 3 is out of range (the model has layers 0..2)"),
+    Case("fairsteer-alpha-negative", "a negative FairSteer alpha", "`generate --model CHECKPOINT --alpha -0.5`",
+         lambda w: generate(steered_checkpoint(w), "--alpha", "-0.5"), "--alpha must be 0 or more"),
+    Case("fairsteer-threshold-out-of-range", "a FairSteer threshold outside [0, 1]", "`generate --model CHECKPOINT --threshold 1.5`",
+         lambda w: generate(steered_checkpoint(w), "--threshold", "1.5"), "--threshold must be a probability in [0, 1]"),
+    Case("fairsteer-bbq-labels-without-data", "BBQ labelling without BBQ data", "`run --method fairsteer --steer-labels bbq` without `--data-dir`",
+         lambda w: ["run", "--model", w.model, "--out", w.tmp / "out", *SMALL_RUN, "--method", "fairsteer", "--steer-labels", "bbq"],
+         "--steer-labels bbq labels BBQ items, which need the benchmark data", env={"REPAIR_DATA_DIR": ""}),
+    Case("fairsteer-vector-width-mismatch", "a FairSteer checkpoint whose vectors do not fit its base model",
+         "`generate` on a FairSteer checkpoint whose vectors are twice the model's hidden size (their sha256 updated to match)",
+         lambda w: generate(steered_checkpoint(w, width_factor=2)), "the steering vectors have width 128 but the model's hidden size is 64"),
     Case("generate-not-a-checkpoint", "`generate` on a folder that is no checkpoint", "`generate --model MODEL` (a plain model folder)",
          lambda w: generate(w.model), "not a checkpoint exported by fairness-repair"),
     Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",
