@@ -160,3 +160,29 @@ def test_vectors_of_another_width_are_refused(hooked_checkpoint, tmp_path):
     (bad / "repair_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="does not fit the model"):
         repair.load(bad)
+
+
+def test_a_worker_scores_fairsteer_configurations_as_the_run_did(fairsteer_run):
+    """What a `repair worker` builds from the study alone (the run's vectors included) gives the stored numbers."""
+    from repair.methods import build
+    from repair.models import load_model
+    from repair.objectives import Objectives
+    from repair.runloop import SPLITS, Scorer, eval_config
+    from repair.worker import WorkerConfig, run_config_from_study
+
+    storage, name = f"sqlite:///{fairsteer_run / 'study.db'}", f"repair-{fairsteer_run.name}"
+    study = optuna.load_study(study_name=name, storage=storage)
+    config = run_config_from_study(study, WorkerConfig(storage, name, device="cpu"))
+    loaded = load_model(config.model)
+    method = build(config, loaded.model)
+    method.load_artifacts(study.user_attrs)
+    scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility),
+                    {s: eval_config(config, s) for s in SPLITS}, {"fairsteer": method})
+    try:
+        done = [t for t in _trials(fairsteer_run) if t.user_attrs["key"].startswith("fairsteer:")][:3]
+        rows = scorer.scorer("search")([t.user_attrs["key"] for t in done])
+    finally:
+        scorer.close()
+    for t, row in zip(done, rows):
+        assert row["fairness"] == pytest.approx(t.values[0], rel=1e-6)
+        assert row["utility_loss"] == pytest.approx(t.values[1], rel=1e-6)
