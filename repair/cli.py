@@ -299,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
     rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the held-out select and report splits (default: all)")
     rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the select and report splits")
-    rn.add_argument("--verify-top", type=int, default=6, help="finalists per method verified on the held-out select split")
+    rn.add_argument("--verify-top", type=int, default=6, help="finalists per method verified on the held-out select split (its built-in comparisons, e.g. "
+                         "fairmed's top-k rule: half as many)")
     rn.add_argument("--bbq-mode", choices=["cloze", "choice"], default="cloze", help="BBQ scoring mode for bbq objectives")
     rn.add_argument("--batch-masks", type=int, default=8, help="masks evaluated together in one batched forward")
     rn.add_argument("--storage", default=None, help="Optuna RDB URL for the records (default: sqlite file in --out)")

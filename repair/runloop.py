@@ -250,9 +250,10 @@ class Search:
         return found_keys, scores
 
     # ---- verification on the held-out split ---------------------------------------------------
-    def finalists(self, sequence: list[str] | None = None) -> list[str]:
-        """Configurations worth verifying: the search split's front within the utility limit, fairest
-        first (among the keys of `sequence` when given: one method's evaluations)."""
+    def finalists(self, sequence: list[str] | None = None, top: int | None = None) -> list[str]:
+        """Configurations worth verifying, at most `top` (default --verify-top): the search split's
+        front within the utility limit, fairest first (among the keys of `sequence` when given: one
+        method's evaluations)."""
         keys, X, f, u = self.training_data()
         if sequence is not None:
             wanted = set(sequence)
@@ -263,7 +264,7 @@ class Search:
         front = idx[pareto_front(np.c_[f[idx], u[idx]], ("min", "min"))] if len(idx) else idx
         ranked = list(front[np.argsort(f[front])]) + [i for i in idx[np.argsort(f[idx])] if i not in set(front)]
         out = [keys[i] for i in ranked if keys[i] != BASE]
-        return out[: self.config.verify_top]
+        return out[: top or self.config.verify_top]
 
 
 def _with_features(predict, extra: np.ndarray):
@@ -331,7 +332,11 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
         for r in range(1, config.rounds + 1):
             sequences[method.name] += search.round(r)
         sequences.update(method.baselines(search))
-        finalists = {name: search.finalists(seq) for name, seq in sequences.items()}
+        # the method's built-in comparisons (top-k, layer-sweep, always-on) need only their best few verified:
+        # half as many finalists (a held-out evaluation costs about ten search-split ones); --baselines all
+        finalists = {name: search.finalists(seq, None if name == method.name or name in config.baselines
+                                            else max(1, config.verify_top // 2))
+                     for name, seq in sequences.items()}
         done = records.completed()
         to_select = list(dict.fromkeys([BASE] + [k for keys in finalists.values() for k in keys]))
         selected = verify(config, scorer, to_select, "select")
