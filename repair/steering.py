@@ -37,6 +37,7 @@ from repair.probers import DIMS, FOLDS, L2_GRID, ProbeData, _features, _macro_f1
 MARGIN = 0.05  # excess mass on the stereotyped groups over the neutral distribution that labels "biased"
 BBQ_PER_CATEGORY = 100  # BBQ items per category labelled (search split): ~1,100 prompts, like the association suite's
 LABELS = ("association", "bbq")
+VECTOR_EXTREMES = None  # None: the vector between the labels (published); a fraction: between the excess extremes
 PURPOSE = "FairSteer (residual stream)"
 
 
@@ -106,9 +107,11 @@ class Steering:
 
 
 def fit(activations: np.ndarray, label: np.ndarray, concepts, *, dims: int | None = DIMS, l2_grid=L2_GRID,
-        folds: int = FOLDS) -> tuple[Steering, list[dict]]:
+        folds: int = FOLDS, excess: np.ndarray | None = None, extremes: float | None = None) -> tuple[Steering, list[dict]]:
     """The probes and vectors of every layer from activations (n, L, d), labels (1 biased, 0 unbiased,
-    -1 unused) and each prompt's concept (the CV groups); per layer its held-out probe scores."""
+    -1 unused) and each prompt's concept (the CV groups); per layer its held-out probe scores. With
+    `excess` and `extremes` (a fraction), the vector is taken between the labelled prompts of the
+    lowest and the highest `extremes` fraction of excess instead of between the two labels."""
     from sklearn.model_selection import GroupKFold
 
     use = label >= 0
@@ -134,7 +137,12 @@ def fit(activations: np.ndarray, label: np.ndarray, concepts, *, dims: int | Non
     bd = (b[best, torch.arange(L), 1] - b[best, torch.arange(L), 0]).numpy()
     w = np.einsum("lk,lkd->ld", Wd, P) / sd  # collapse standardise -> project -> linear
     b_raw = bd - (w * mu).sum(-1)
-    diff = X[y == 0].mean(0) - X[y == 1].mean(0)  # (L, d): mean(unbiased) - mean(biased)
+    if excess is not None and extremes:
+        e = excess[use]
+        low, high = e <= np.quantile(e, extremes), e >= np.quantile(e, 1 - extremes)
+        diff = X[low].mean(0) - X[high].mean(0)  # (L, d): the least skewed prompts minus the most skewed
+    else:
+        diff = X[y == 0].mean(0) - X[y == 1].mean(0)  # (L, d): mean(unbiased) - mean(biased)
     norms = np.linalg.norm(X, axis=-1).mean(0)  # (L,)
     majority = max(y.mean(), 1 - y.mean())
     majority_f1 = _macro_f1(y, np.full_like(y, int(y.mean() > 0.5)))
@@ -158,11 +166,12 @@ def _biased_prob(F: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
 
 def association_examples(loaded, eval_config, margin: float = MARGIN, progress: bool = True):
-    """(activations, labels, concepts) from the association suite's search-split prompts."""
+    """(activations, labels, concepts, excess) from the association suite's search-split prompts."""
     from repair.probers import probe_data
 
     data = probe_data(loaded, eval_config, progress=progress, modules=residual_modules(loaded.model))
-    return data.activations, labels(data, margin)[0], data.concepts
+    label, excess = labels(data, margin)
+    return data.activations, label, data.concepts, excess
 
 
 def bbq_examples(loaded, eval_config, progress: bool = True):
@@ -210,9 +219,10 @@ def prepare(loaded, eval_config, folder: Path, labelling: str = "association", m
         return Steering.from_bytes(data), record["scores"]
     if labelling == "bbq":
         acts, label, concepts = bbq_examples(loaded, eval_config, progress)
+        excess = None
     else:
-        acts, label, concepts = association_examples(loaded, eval_config, margin, progress)
-    steering, scores = fit(acts, label, concepts)
+        acts, label, concepts, excess = association_examples(loaded, eval_config, margin, progress)
+    steering, scores = fit(acts, label, concepts, excess=excess, extremes=VECTOR_EXTREMES)
     folder.mkdir(parents=True, exist_ok=True)
     raw = steering.to_bytes()
     write_bytes_atomic(path, raw)
