@@ -209,3 +209,14 @@ def test_vectors_of_another_width_are_refused(model):
     narrow = Steering(s.w[:, :32], s.b, s.direction[:, :32], s.scale)
     with pytest.raises(ValueError, match="width 32"):
         Steerer(model, narrow)
+
+
+def test_extremes_vector_is_between_the_least_and_most_skewed_prompts():
+    data, y = _synthetic()
+    excess = np.linspace(-1, 1, len(y))  # hand-made: the first quarter lowest, the last quarter highest
+    steering, _ = fit(data.activations, y, data.concepts, dims=None, excess=excess, extremes=0.25)
+    n = len(y)
+    low, high = excess <= np.quantile(excess, 0.25), excess >= np.quantile(excess, 0.75)
+    assert low.sum() == high.sum() == n // 4
+    diff = data.activations[low, 0].mean(0) - data.activations[high, 0].mean(0)
+    np.testing.assert_allclose(steering.direction[0].numpy(), diff / np.linalg.norm(diff), rtol=1e-5, atol=1e-6)
