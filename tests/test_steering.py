@@ -220,3 +220,46 @@ def test_extremes_vector_is_between_the_least_and_most_skewed_prompts():
     assert low.sum() == high.sum() == n // 4
     diff = data.activations[low, 0].mean(0) - data.activations[high, 0].mean(0)
     np.testing.assert_allclose(steering.direction[0].numpy(), diff / np.linalg.norm(diff), rtol=1e-5, atol=1e-6)
+
+
+def _bbq_item(label, biased, unknown=2):
+    from repair.suites.bbq import BBQItem
+
+    return BBQItem(1, "Age", "1", "ambig", "neg", "ctx", "q?", ("a", "b", "c"), label, unknown, biased, biased, "search")
+
+
+@pytest.mark.parametrize("scores, item, expected", [
+    ([0.0, -1.0, -2.0], _bbq_item(label=0, biased=1), 0),   # picks the correct answer: unbiased
+    ([-1.0, 0.0, -2.0], _bbq_item(label=2, biased=1), 1),   # picks the stereotyped wrong answer: biased
+    ([0.0, -1.0, -2.0], _bbq_item(label=2, biased=1), -1),  # another wrong answer: unlabelled
+    ([-1.0, 0.0, -2.0], _bbq_item(label=1, biased=1), 0),   # the stereotyped answer is correct here: unbiased
+    ([-1.0, 0.0, -2.0], _bbq_item(label=2, biased=None), -1),  # no known stereotyped answer: unlabelled
+])
+def test_bbq_labels_by_hand(scores, item, expected):
+    from repair.steering import bbq_label
+
+    assert bbq_label(item, np.array(scores)) == expected
+
+
+def test_bbq_examples_label_search_split_items_by_template(model, shared_data, monkeypatch):
+    """On BBQ data: only search-split items, at most BBQ_PER_CATEGORY per category, concepts are templates,
+    and each label follows the model's own pick (recomputed here from its scores)."""
+    from types import SimpleNamespace
+
+    from repair import steering
+    from repair.evaluator import Evaluator
+    from repair.suites.base import EvalConfig
+    from repair.suites.bbq import cloze_request, load_items
+    from tiny import ByteTokenizer
+
+    monkeypatch.setattr(steering, "BBQ_PER_CATEGORY", 3)
+    loaded = SimpleNamespace(model=model, tokenizer=ByteTokenizer(add_bos=True))
+    config = EvalConfig(data_dir=shared_data, split="search")
+    acts, label, concepts = steering.bbq_examples(loaded, config, progress=False)
+    items, _ = load_items(EvalConfig(data_dir=shared_data, split="search", limit=3))
+    assert acts.shape == (len(items), LAYERS, WIDTH) and len(items) <= 3 * 11
+    assert all(it.split == "search" for it in items) and list(concepts) == [it.template for it in items]
+    scores = Evaluator(model, loaded.tokenizer, progress=False).score_choices([cloze_request(it) for it in items])
+    for it, s, got in zip(items, scores, label):
+        pick = int(np.argmax(s.mean_logprob))
+        assert got == (0 if pick == it.label else 1 if pick == it.biased_index else -1)
