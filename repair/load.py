@@ -25,7 +25,7 @@ def attach(model, method: str, tensors: dict, meta: dict):
     when it does not fit the model."""
     from importlib import import_module
 
-    if method not in ("fairmed", "fairsteer"):
+    if method not in METHOD_FLAGS:
         raise ValueError(f"unknown intervention method {method!r}")
     meta = {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items()}
     return import_module(f"repair.methods.{method}").attach(model, tensors, meta)

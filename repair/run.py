@@ -16,6 +16,7 @@ from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, utili
 from repair.records import open_study, redact
 from repair.rundir import RunConfig, prepare
 from repair.stats import format_change
+from repair.steering import LABELS
 from repair.suites import build_suite
 
 MIN_SAMPLES = 20  # fewer sampled masks than this leave the surrogates nothing to learn from
@@ -39,8 +40,8 @@ def validate(config: RunConfig) -> Objectives:
         raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
     if config.max_layers < 1:
         raise UserError(f"--max-layers must be at least 1, got {config.max_layers}")
-    if config.steer_labels not in ("association", "bbq"):
-        raise UserError(f"--steer-labels must be association or bbq, got {config.steer_labels!r}")
+    if config.steer_labels not in LABELS:
+        raise UserError(f"--steer-labels must be {' or '.join(LABELS)}, got {config.steer_labels!r}")
     if config.steer_labels == "bbq" and config.data_dir is None:
         raise UserError("--steer-labels bbq labels BBQ items, which need the benchmark data: pass --data-dir (the folder "
                         "that holds bbq/) or set $REPAIR_DATA_DIR")
