@@ -186,3 +186,14 @@ def test_a_worker_scores_fairsteer_configurations_as_the_run_did(fairsteer_run):
     for t, row in zip(done, rows):
         assert row["fairness"] == pytest.approx(t.values[0], rel=1e-6)
         assert row["utility_loss"] == pytest.approx(t.values[1], rel=1e-6)
+
+
+def test_random_baseline_has_the_same_budget_and_stays_out_of_always_on(model_dir, tmp_path):
+    out = tmp_path / "random"
+    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL, *FAIRSTEER, "--baselines", "random"]) == 0
+    methods = json.loads((out / "methods.json").read_text())
+    assert set(methods) == {"fairsteer", "layer-sweep", "always-on", "random"}
+    assert methods["random"]["evaluations"] == 1 + 26  # the unrepaired model + the budget
+    searched_always = [t.user_attrs["key"] for t in _trials(out)
+                       if t.user_attrs["key"].endswith("/always") and t.user_attrs["phase"] != "random"]
+    assert methods["always-on"]["evaluations"] == 1 + len(searched_always)

@@ -93,15 +93,16 @@ class FairSteer:
         return {}, {}
 
     def baselines(self, search) -> dict[str, list[str]]:
-        """The layer sweep and the always-on configurations the search evaluated (no new evaluations),
-        and, with --baselines random, random search at the same budget."""
+        """The layer sweep and the always-on configurations the search itself evaluated (no new
+        evaluations), and, with --baselines random, random search at the same budget."""
         done = search.records.completed()
         out = {"layer-sweep": [BASE, *self.sweep_keys()],
-               "always-on": [BASE] + sorted(k for k in done if k != BASE and k.startswith(f"{self.name}:")
+               "always-on": [BASE] + sorted(k for k, t in done.items() if k != BASE and t.user_attrs["phase"] != "random"
                                            and self.space.config(k).threshold is None)}
         if "random" in self.config.baselines:
             everything = self.space.enumerate()
-            drawn = np.random.default_rng(self.config.seed + 7919).choice(len(everything), self.config.budget_evals, replace=False)
+            drawn = np.random.default_rng(self.config.seed + 7919).choice(
+                len(everything), min(self.config.budget_evals, len(everything)), replace=False)
             out["random"] = search.evaluate([(BASE, "base")] + [(everything[i], "random") for i in drawn],
                                             "baseline: random configurations")
         return out
