@@ -78,3 +78,30 @@ def stored(storage: str, name: str) -> dict:
     keys = [t.user_attrs["key"] for t in done]
     assert len(keys) == len(set(keys)), "a configuration was stored twice"
     return {t.user_attrs["key"]: t for t in done}
+
+
+def rescore_as_a_worker(run: Path, method_name: str, n: int = 3):
+    """What a `repair worker` builds from a finished run's study alone (the run's published artifacts
+    included) scores the first `n` completed configurations of `method_name` on the search split:
+    (their trials, the fresh rows)."""
+    import optuna
+
+    from repair.methods import build
+    from repair.models import load_model
+    from repair.objectives import Objectives
+    from repair.runloop import SPLITS, Scorer, eval_config
+    from repair.worker import WorkerConfig, run_config_from_study
+
+    storage, name = f"sqlite:///{run / 'study.db'}", f"repair-{run.name}"
+    study = optuna.load_study(study_name=name, storage=storage)
+    config = run_config_from_study(study, WorkerConfig(storage, name, device="cpu"))
+    loaded = load_model(config.model)
+    method = build(config, loaded.model)
+    method.load_artifacts(study.user_attrs)
+    scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility),
+                    {s: eval_config(config, s) for s in SPLITS}, {method_name: method})
+    try:
+        done = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["key"].startswith(f"{method_name}:")][:n]
+        return done, scorer.scorer("search")([t.user_attrs["key"] for t in done])
+    finally:
+        scorer.close()

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SMALL, run_cli
+from conftest import SMALL, rescore_as_a_worker, run_cli
 from repair.cli import main
 from repair.errors import UserError
 from repair.interventions.steerer import SteerSetting, Steerer
@@ -164,25 +164,8 @@ def test_vectors_of_another_width_are_refused(hooked_checkpoint, tmp_path):
 
 def test_a_worker_scores_fairsteer_configurations_as_the_run_did(fairsteer_run):
     """What a `repair worker` builds from the study alone (the run's vectors included) gives the stored numbers."""
-    from repair.methods import build
-    from repair.models import load_model
-    from repair.objectives import Objectives
-    from repair.runloop import SPLITS, Scorer, eval_config
-    from repair.worker import WorkerConfig, run_config_from_study
-
-    storage, name = f"sqlite:///{fairsteer_run / 'study.db'}", f"repair-{fairsteer_run.name}"
-    study = optuna.load_study(study_name=name, storage=storage)
-    config = run_config_from_study(study, WorkerConfig(storage, name, device="cpu"))
-    loaded = load_model(config.model)
-    method = build(config, loaded.model)
-    method.load_artifacts(study.user_attrs)
-    scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility),
-                    {s: eval_config(config, s) for s in SPLITS}, {"fairsteer": method})
-    try:
-        done = [t for t in _trials(fairsteer_run) if t.user_attrs["key"].startswith("fairsteer:")][:3]
-        rows = scorer.scorer("search")([t.user_attrs["key"] for t in done])
-    finally:
-        scorer.close()
+    done, rows = rescore_as_a_worker(fairsteer_run, "fairsteer")
+    assert len(done) == 3
     for t, row in zip(done, rows):
         assert row["fairness"] == pytest.approx(t.values[0], rel=1e-6)
         assert row["utility_loss"] == pytest.approx(t.values[1], rel=1e-6)

@@ -6,5 +6,7 @@ inside `generate()` with the KV cache, leaves the weights untouched and `remove(
 
 - head masks (Attention Pruning): `repair.heads.HeadMasker`, beside the head layout and the export
   that zeroes the same slices;
-- `neutralizer.Neutralizer` (FairMed): gradient steps on MLP outputs against the probers.
+- `neutralizer.Neutralizer` (FairMed): gradient steps on MLP outputs against the probers;
+- `steerer.Steerer` (FairSteer): a probe-gated vector added to one layer's residual stream.
+The last two share `rows.PerRowHooks` (row assignment, removal).
 """

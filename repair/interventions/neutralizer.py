@@ -23,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from repair.interventions.rows import PerRowHooks, hidden_size
 from repair.probers import GATE_QUANTILES, TARGETS, Probers, mlp_modules
 
 
@@ -52,7 +53,7 @@ class NeutralizerSetting:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
 
 
-class Neutralizer:
+class Neutralizer(PerRowHooks):
     """Neutralize MLP outputs during forwards, one setting per batch row; removable.
 
         with Neutralizer(model, probers, [NeutralizerSetting((20, 25), 0.2, 3, 0.5)]) as hook:
@@ -67,17 +68,12 @@ class Neutralizer:
         self.modules = mlp_modules(model)
         if len(self.modules) != probers.n_layers:
             raise ValueError(f"the probers have {probers.n_layers} layers but the model has {len(self.modules)}")
-        width = getattr(self.modules[0], "out_features", None) or _hidden_size(model)
+        width = getattr(self.modules[0], "out_features", None) or hidden_size(model)
         if width != probers.width:
             raise ValueError(f"the probers read activations of width {probers.width} but the model's MLP outputs "
                              f"have width {width}")
-        self._rows: torch.Tensor | None = None
         self.set_variants(settings)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-
-    @property
-    def n_variants(self) -> int:
-        return len(self.settings)
 
     def set_variants(self, settings: Sequence[NeutralizerSetting]) -> None:
         """New settings, without re-registering hooks; forgets the row assignment."""
@@ -100,22 +96,6 @@ class Neutralizer:
         self._rows = None
 
     set_settings = set_variants
-
-    def set_rows(self, variant_ids) -> None:
-        """Which setting each batch row of the following forwards uses (shape (B,); may repeat)."""
-        rows = torch.as_tensor(variant_ids, dtype=torch.long).reshape(-1)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.n_variants):
-            raise ValueError(f"variant ids must lie in [0, {self.n_variants}), got {rows.tolist()}")
-        self._rows = rows
-
-    def _row_ids(self, batch: int) -> torch.Tensor:
-        if self._rows is None:
-            if self.n_variants != 1:
-                raise RuntimeError(f"Neutralizer holds {self.n_variants} settings: call set_rows before the forward")
-            return torch.zeros(batch, dtype=torch.long)
-        if len(self._rows) != batch:
-            raise RuntimeError(f"Neutralizer.set_rows was given {len(self._rows)} rows but the forward has batch size {batch}")
-        return self._rows
 
     def _hook(self, layer: int):
         def hook(module, args, output):
@@ -156,21 +136,3 @@ class Neutralizer:
         s = self.settings[0]
         return (f"FairMed neutralizer: layers {list(s.layers)}, lambda {s.lam:g}, {s.steps} steps, gate {s.gate:g}, "
                 f"target {s.target}")
-
-    def remove(self) -> None:
-        """Remove every hook; the model is then exactly as before. Safe to call twice."""
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "Neutralizer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def _hidden_size(model) -> int | None:
-    from repair import arch
-
-    return getattr(arch.text_config(model), "hidden_size", None)

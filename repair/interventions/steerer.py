@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from repair.interventions.rows import PerRowHooks, hidden_size
 from repair.steering import Steering, residual_modules
 
 
@@ -41,7 +42,7 @@ class SteerSetting:
             raise ValueError(f"threshold must lie in [0, 1], got {self.threshold}")
 
 
-class Steerer:
+class Steerer(PerRowHooks):
     """Gated steering during forwards, one setting per batch row; removable.
 
         with Steerer(model, steering, [SteerSetting(14, 0.35, 0.5)]):
@@ -54,16 +55,11 @@ class Steerer:
         self.modules = residual_modules(model)
         if len(self.modules) != steering.n_layers:
             raise ValueError(f"the steering vectors have {steering.n_layers} layers but the model has {len(self.modules)}")
-        width = _hidden_size(model)
+        width = hidden_size(model)
         if width is not None and width != steering.width:
             raise ValueError(f"the steering vectors have width {steering.width} but the model's hidden size is {width}")
-        self._rows: torch.Tensor | None = None
         self.set_variants(settings)
         self._handles = [m.register_forward_hook(self._hook(i)) for i, m in enumerate(self.modules)]
-
-    @property
-    def n_variants(self) -> int:
-        return len(self.settings)
 
     def set_variants(self, settings: Sequence[SteerSetting]) -> None:
         settings = list(settings)
@@ -77,21 +73,6 @@ class Steerer:
         # an always-on setting: a threshold no probability stays under
         self._threshold = torch.tensor([-1.0 if s.threshold is None else s.threshold for s in settings])
         self._rows = None
-
-    def set_rows(self, variant_ids) -> None:
-        rows = torch.as_tensor(variant_ids, dtype=torch.long).reshape(-1)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.n_variants):
-            raise ValueError(f"variant ids must lie in [0, {self.n_variants}), got {rows.tolist()}")
-        self._rows = rows
-
-    def _row_ids(self, batch: int) -> torch.Tensor:
-        if self._rows is None:
-            if self.n_variants != 1:
-                raise RuntimeError(f"Steerer holds {self.n_variants} settings: call set_rows before the forward")
-            return torch.zeros(batch, dtype=torch.long)
-        if len(self._rows) != batch:
-            raise RuntimeError(f"Steerer.set_rows was given {len(self._rows)} rows but the forward has batch size {batch}")
-        return self._rows
 
     def _hook(self, layer: int):
         def hook(module, args, output):
@@ -120,20 +101,3 @@ class Steerer:
         s = self.settings[0]
         gate = "always on" if s.threshold is None else f"where P(biased) > {s.threshold:g}"
         return f"FairSteer steering: layer {s.layer}, alpha {s.alpha:g}, {gate}"
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def __enter__(self) -> "Steerer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def _hidden_size(model) -> int | None:
-    from repair import arch
-
-    return getattr(arch.text_config(model), "hidden_size", None)

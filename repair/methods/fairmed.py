@@ -8,12 +8,11 @@ shows whether searched subsets beat it.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 
 import numpy as np
 
 from repair.errors import UserError
+from repair.methods import artifacts
 from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting
 from repair.probers import Probers, mlp_modules
 from repair.space import BASE, LayerSubsetSpace
@@ -48,17 +47,10 @@ class FairMed:
 
     def artifacts(self) -> dict:
         """The probers, for workers (they evaluate with the coordinator's, not ones of their own)."""
-        data = _probers_bytes(self.probers)
-        return {ARTIFACT: {"sha256": hashlib.sha256(data).hexdigest(), "safetensors": base64.b64encode(data).decode()}}
+        return {ARTIFACT: artifacts.pack(_probers_bytes(self.probers))}
 
     def load_artifacts(self, attrs: dict) -> None:
-        stored = attrs.get(f"artifact:{ARTIFACT}")
-        if not stored:
-            raise UserError("the run has not published its FairMed probers yet (start the worker after the run's "
-                            "probing step, or let it wait with a larger --max-idle)")
-        data = base64.b64decode(stored["safetensors"])
-        if hashlib.sha256(data).hexdigest() != stored["sha256"]:
-            raise UserError("the run's FairMed probers in the study do not match their sha256 (restart the run)")
+        data = artifacts.unpack(attrs, ARTIFACT, "FairMed probers")
         from safetensors.torch import load
 
         self.probers = Probers.from_tensors(load(data), _meta_from(data))

@@ -11,13 +11,12 @@ score every one of them each round instead of annealing.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
 import sys
 
 import numpy as np
 
 from repair.errors import UserError
+from repair.methods import artifacts
 from repair.interventions.steerer import SteerSetting, Steerer
 from repair.space import BASE, SteerLayerSpace
 from repair.steering import Steering, residual_modules
@@ -50,18 +49,10 @@ class FairSteer:
               + ", ".join(f"layer {s['layer']} {s['macro_f1']:.3f}" for s in best), file=sys.stderr)
 
     def artifacts(self) -> dict:
-        data = self.steering.to_bytes()
-        return {ARTIFACT: {"sha256": hashlib.sha256(data).hexdigest(), "safetensors": base64.b64encode(data).decode()}}
+        return {ARTIFACT: artifacts.pack(self.steering.to_bytes())}
 
     def load_artifacts(self, attrs: dict) -> None:
-        stored = attrs.get(f"artifact:{ARTIFACT}")
-        if not stored:
-            raise UserError("the run has not published its FairSteer vectors yet (start the worker after the run's "
-                            "probing step, or let it wait with a larger --max-idle)")
-        data = base64.b64decode(stored["safetensors"])
-        if hashlib.sha256(data).hexdigest() != stored["sha256"]:
-            raise UserError("the run's FairSteer vectors in the study do not match their sha256 (restart the run)")
-        self.steering = Steering.from_bytes(data)
+        self.steering = Steering.from_bytes(artifacts.unpack(attrs, ARTIFACT, "FairSteer vectors"))
 
     def intervention(self, model) -> Steerer:
         try:
