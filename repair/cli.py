@@ -127,7 +127,8 @@ def cmd_evaluate(args) -> int:
         masker = HeadMasker(loaded.model, keep[None])
     after = {}
     try:
-        report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=after)
+        report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=after,
+                          transform=hook if getattr(hook, "transforms_outputs", False) else None)
     finally:
         for h in (masker, hook):
             if h is not None:
@@ -159,7 +160,7 @@ def cmd_run(args) -> int:
         out=args.out, model=model_spec(args), method=args.method, data_dir=Path(data_dir) if data_dir else None,
         fairness=args.fairness, utility=args.utility, budget_evals=args.budget_evals, rounds=args.rounds,
         per_round=args.per_round, max_prune=args.max_prune, max_layers=args.max_layers, target=args.target,
-        steer_labels=args.steer_labels,
+        steer_labels=args.steer_labels, expert_base=args.expert_base,
         max_utility_loss=args.max_utility_loss,
         knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
         search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
@@ -182,12 +183,13 @@ def cmd_worker(args) -> int:
 
 
 def add_setting_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("hooked checkpoint", "replace parts of a FairMed or FairSteer checkpoint's setting")
+    g = p.add_argument_group("hooked checkpoint", "replace parts of a FairMed, FairSteer or experts checkpoint's setting")
     g.add_argument("--layers", default=None, help="comma-separated layers to treat, e.g. 20,25 (FairSteer: one layer)")
     g.add_argument("--lam", type=float, default=None, help="FairMed lambda: the largest change, a fraction of the activation's norm")
     g.add_argument("--steps", type=int, default=None, help="FairMed gradient steps per position")
     g.add_argument("--gate", type=float, default=None, help="FairMed: treat only positions above this quantile of the probers' KL")
-    g.add_argument("--alpha", type=float, default=None, help="FairSteer strength, a fraction of the layer's mean activation norm")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="FairSteer: strength, a fraction of the layer's mean activation norm; experts: the shift's strength")
     g.add_argument("--threshold", default=None,
                    help="FairSteer: steer where the probe's P(biased) exceeds this, in [0, 1], or 'always'")
 
@@ -207,7 +209,7 @@ def _attach_checkpoint(loaded, model: str, setting: dict):
     if not (folder / MANIFEST).is_file():
         if setting:
             raise UserError(f"{SETTING_FLAGS} change a hooked checkpoint's setting; {model} is not a checkpoint "
-                            "exported by fairness-repair (export one with repair run --method fairmed or fairsteer)")
+                            "exported by fairness-repair (export one with repair run --method fairmed, fairsteer or experts)")
         return None
     hook = attach_saved(loaded.model, folder, setting)
     if hook is not None:
@@ -270,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--method", default="prune",
                     help="prune (attention-head pruning), fairmed (probers and a neutralizer on MLP outputs, layers "
                          "searched), fairsteer (a probe-gated steering vector in the residual stream, layer, "
-                         "strength and gate searched); experts: planned")
+                         "strength and gate searched), experts (decoding-time expert and anti-expert models trained on "
+                         "the search split's text shift the logits, strength and rule searched)")
     rn.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
     rn.add_argument("--data-dir", type=Path, default=None,
                     help="folder with bbq/, mmlu/, wikitext2/ (default: $REPAIR_DATA_DIR); only needed for those suites")
@@ -291,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fairsteer: what labels a prompt biased for its probes: 'association' (the model leans to the "
                          "concept's stereotyped groups more than after neutral prompts, default) or 'bbq' (it picks the "
                          "stereotyped wrong answer on BBQ, the published labelling; needs --data-dir)")
+    rn.add_argument("--expert-base", default=None,
+                    help="experts: the model the expert and anti-expert start from, any causal LM with the target's "
+                         "tokenizer (default: the target itself); a smaller one makes generation cheaper")
     rn.add_argument("--max-utility-loss", type=float, default=0.05,
                     help="allowed utility loss: perplexity at most x(1+L), accuracy at least x(1-L) of the unrepaired model")
     rn.add_argument("--knockouts", action="store_true", help="also evaluate every single-head knockout")

@@ -185,9 +185,10 @@ class Evaluator:
     """
 
     def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, progress: bool = True,
-                 on_rows=None):
+                 on_rows=None, transform=None):
         self.model, self.tokenizer = model, tokenizer
         self.on_rows = on_rows  # called with the variant id of every batch row before each forward
+        self.transform = transform  # shifts the logits per variant (decoding-time experts), see `_groups`
         self.backbone = model.base_model  # the decoder stack, ending in the final norm
         self.head = model.get_output_embeddings()
         self.device = _input_device(model)
@@ -203,6 +204,9 @@ class Evaluator:
         self._own_head = True
         self.work = WorkCounter()
         self._check_against_plain_forward()
+        # the transform's own models, each scored the way this evaluator scores the target (checked likewise)
+        self._experts = [Evaluator(m, tokenizer, batch_tokens=batch_tokens, max_rows=max_rows, progress=False)
+                         for m in getattr(transform, "models", ())]
         self.work = WorkCounter()
 
     @property
@@ -213,6 +217,10 @@ class Evaluator:
     # ---- the model ------------------------------------------------------------------------
     def _log_probs(self, ids, attention_mask, position_ids, keep: torch.Tensor) -> torch.Tensor:
         """Log-softmax of the model's logits at the `keep` positions (bool [B, T]), flattened row-major."""
+        return torch.log_softmax(self._logits(ids, attention_mask, position_ids, keep), dim=-1)
+
+    def _logits(self, ids, attention_mask, position_ids, keep: torch.Tensor) -> torch.Tensor:
+        """The model's logits (float32) at the `keep` positions (bool [B, T]), flattened row-major."""
         inputs = dict(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         if self._own_head:
             logits = self.model(**inputs, logits_to_keep=keep).logits
@@ -221,7 +229,7 @@ class Evaluator:
         if logits.dim() != 2 or logits.shape[0] != int(keep.sum()):
             raise RuntimeError(f"logits of shape {tuple(logits.shape)} for {int(keep.sum())} kept positions")
         self.work.head_positions += logits.shape[0]
-        return torch.log_softmax(logits.float(), dim=-1)
+        return logits.float()
 
     def _tree_mask(self, sees: torch.Tensor, pos: torch.Tensor):
         """The 4D attention mask(s) for `sees` ([B, T, T] bool, query x key). A 4D mask reaches attention
@@ -297,17 +305,44 @@ class Evaluator:
     def score_choices_variants(self, requests: Sequence[ChoiceRequest], n_variants: int, desc: str = "") -> list[list[OptionScores]]:
         """Scores of every request under each of `n_variants` variants: result[variant][request]."""
         encoded = [self.tokens.request(r) for r in requests]
-        jobs = [(v, i) for i in range(len(encoded)) for v in range(n_variants)]
+        groups = self._groups(n_variants)
+        jobs = [(g, i) for i in range(len(encoded)) for g in range(len(groups))]
         width = _row_widths(encoded)
         order = sorted(range(len(jobs)), key=lambda j: width[jobs[j][1]])
         results: list[list] = [[None] * len(encoded) for _ in range(n_variants)]
-        with tqdm(total=len(jobs), desc=desc or "scoring", unit="item", disable=not self.progress, leave=False) as bar:
+        with tqdm(total=len(encoded) * n_variants, desc=desc or "scoring", unit="item", disable=not self.progress,
+                  leave=False) as bar:
             for batch in self._batches(order, [width[i] for _, i in jobs]):
-                variants = torch.tensor([jobs[j][0] for j in batch], device=self.device)
-                for j, scores in zip(batch, self._score_batch([encoded[jobs[j][1]] for j in batch], variants)):
-                    results[jobs[j][0]][jobs[j][1]] = scores
-                bar.update(len(batch))
+                members = [groups[jobs[j][0]][1] for j in batch]
+                rows = torch.tensor([groups[jobs[j][0]][0] for j in batch], device=self.device)
+                for v, row, scores in self._score_batch([encoded[jobs[j][1]] for j in batch], rows, members):
+                    results[v][jobs[batch[row]][1]] = scores
+                bar.update(sum(map(len, members)))
         return results
+
+    def _groups(self, n_variants: int) -> list[tuple[int, list[int]]]:
+        """(the variant a row's forward runs under, the variants read off that forward), covering every
+        variant once. Without a transform each variant needs its own forward; with one, variants that
+        differ only in the transform's settings (`transform.forward_of`) share the forward, and each is
+        the shared logits combined its own way."""
+        if self.transform is None:
+            return [(v, [v]) for v in range(n_variants)]
+        shared: dict[int, list[int]] = {}
+        for v in range(n_variants):
+            shared.setdefault(self.transform.forward_of[v], []).append(v)
+        return list(shared.items())
+
+    def _variant_logits(self, logits: torch.Tensor, members: list[list[int]], experts):
+        """(variant, log-probs at every kept position) for each variant of `members`; `experts()` gives
+        the transform's models' logits at the same positions. Without a transform each row has one
+        variant and one log-softmax serves them all (variant None: each row's own)."""
+        if self.transform is None:
+            yield None, torch.log_softmax(logits, dim=-1)
+            return
+        wanted = sorted({v for m in members for v in m})
+        shift = experts() if self.transform.active(wanted) else None
+        for v in wanted:
+            yield v, torch.log_softmax(self.transform.apply(logits, shift, v) if shift is not None else logits, dim=-1)
 
     def option_logprobs(self, requests: Sequence[ChoiceRequest]) -> list[torch.Tensor]:
         """Every option's total log-probability, one differentiable tensor per request, under the
@@ -346,14 +381,18 @@ class Evaluator:
         if self.on_rows is not None:
             self.on_rows(variants)
 
-    def _option_totals(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor) -> torch.Tensor:
+    def _option_totals(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor,
+                       members: list[list[int]] | None = None):
         """One forward per batch: each row is an item's prompt followed by all its options' tokens
         (but the last, unless a word end is scored) side by side. A 4D attention mask lets the prompt
         attend causally to itself and each option to the prompt's keys/values and its own earlier
         tokens only, with position ids restarting after the prompt: the prompt is encoded once and
         shared by every option, exactly as if each option continued the prompt's key/value cache,
         without copying it. Logits are computed at the prompt's last position (it predicts every
-        option's first token) and at the options' positions only."""
+        option's first token) and at the options' positions only.
+
+        Returns every option's total log-probability (a tensor, in item order); with `members` (the
+        variants each row stands for, see `_groups`), (variant, totals) pairs instead."""
         dev = self.device
         seqs, segs, poss, tgts, first_tok, row_of = [], [], [], [], [], []
         j = 0
@@ -380,10 +419,21 @@ class Evaluator:
         keep = seg > 1
         keep[torch.arange(len(items), device=dev), prompt_end] = True
         self._set_rows(variants)
-        logp = self._log_probs(ids, self._tree_mask(sees, pos), pos, keep)
+        logits = self._logits(ids, self._tree_mask(sees, pos), pos, keep)
         self.work.tokens += int(valid.sum())
         self.work.padded_tokens += valid.numel()
 
+        def totals_of(logp):
+            return self._totals(logp, seg, tgt, keep, prompt_end, row_of, first_tok)
+
+        if members is None:
+            return totals_of(torch.log_softmax(logits, dim=-1))
+        experts = lambda: [e._logits(ids, e._tree_mask(sees, pos), pos, keep) for e in self._experts]  # noqa: E731
+        return [(v, totals_of(logp)) for v, logp in self._variant_logits(logits, members, experts)]
+
+    def _totals(self, logp, seg, tgt, keep, prompt_end, row_of, first_tok) -> torch.Tensor:
+        """Every option's total log-probability from the log-probs at the kept positions (see `_option_totals`)."""
+        dev = self.device
         at = (keep.flatten().cumsum(0) - 1).view_as(keep)  # each kept position's row in logp
         row_of = torch.tensor(row_of, device=dev)
         totals = logp[at[row_of, prompt_end[row_of]], torch.tensor(first_tok, device=dev)].double()
@@ -398,14 +448,18 @@ class Evaluator:
             totals = totals.index_add(0, kseg[end] - 2, end_logp)
         return totals
 
-    def _score_batch(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor) -> list[OptionScores]:
-        totals = self._option_totals(items, variants).cpu().numpy()
+    def _score_batch(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor,
+                     members: list[list[int]]):
+        """(variant, row, OptionScores) for every row of the batch and every variant it stands for."""
         n_tok = np.array([len(o) for _, opts, _ in items for o in opts], dtype=np.int64)
-        result, k = [], 0
-        for _, opts, _ in items:
-            result.append(OptionScores(totals[k:k + len(opts)].copy(), n_tok[k:k + len(opts)].copy()))
-            k += len(opts)
-        return result
+        for v, totals in self._option_totals(items, variants, members):
+            totals = totals.cpu().numpy()
+            k = 0
+            for row, (_, opts, _) in enumerate(items):
+                if v is None or v in members[row]:
+                    yield (members[row][0] if v is None else v), row, OptionScores(totals[k:k + len(opts)].copy(),
+                                                                                  n_tok[k:k + len(opts)].copy())
+                k += len(opts)
 
     # ---- perplexity ------------------------------------------------------------------------
     def token_nll(self, token_ids, window: int, stride: int, desc: str = "") -> np.ndarray:
@@ -415,7 +469,8 @@ class Evaluator:
     def token_nll_variants(self, token_ids, window: int, stride: int, n_variants: int, desc: str = "") -> np.ndarray:
         """Per-token NLL (see `Scorer.token_nll`) under each variant: shape (n_variants, n_tokens - 1)."""
         ids = torch.as_tensor(np.asarray(token_ids), dtype=torch.long, device=self.device)
-        jobs = [(v, span) for span in sliding_windows(len(ids), window, stride) for v in range(n_variants)]
+        groups = self._groups(n_variants)
+        jobs = [(g, span) for span in sliding_windows(len(ids), window, stride) for g in range(len(groups))]
         nll = torch.zeros((n_variants, max(len(ids) - 1, 0)), dtype=torch.float64, device=self.device)
         per_batch = max(1, min(self.max_rows, self.batch_tokens // window))
         with tqdm(total=len(jobs), desc=desc or "perplexity", unit="window", disable=not self.progress, leave=False) as bar:
@@ -425,16 +480,20 @@ class Evaluator:
                 keep = torch.zeros_like(mask, dtype=torch.bool)
                 for row, (_, (b, e, t0)) in enumerate(group):
                     keep[row, t0 - 1 - b:e - 1 - b] = True  # the hidden state at position t-1 predicts token t
-                self._set_rows(torch.tensor([v for v, _ in group], device=self.device))
-                logp = self._log_probs(inputs, mask, None, keep)
+                self._set_rows(torch.tensor([groups[g][0] for g, _ in group], device=self.device))
+                logits = self._logits(inputs, mask, None, keep)
                 self.work.tokens += int(mask.sum())
                 self.work.padded_tokens += mask.numel()
                 targets = torch.cat([ids[t0:e] for _, (_, e, t0) in group])
-                scored = -logp.gather(1, targets[:, None])[:, 0].double()
-                at = 0
-                for v, (_, e, t0) in group:
-                    nll[v, t0 - 1:e - 1] = scored[at:at + e - t0]
-                    at += e - t0
+                members = [groups[g][1] for g, _ in group]
+                experts = lambda: [e._logits(inputs, mask, None, keep) for e in self._experts]  # noqa: E731
+                for v, logp in self._variant_logits(logits, members, experts):
+                    scored = -logp.gather(1, targets[:, None])[:, 0].double()
+                    at = 0
+                    for row, (_, (_, e, t0)) in enumerate(group):
+                        if v is None or v in members[row]:
+                            nll[members[row][0] if v is None else v, t0 - 1:e - 1] = scored[at:at + e - t0]
+                        at += e - t0
                 bar.update(len(group))
         return nll.cpu().numpy()
 

@@ -68,14 +68,15 @@ def export_pruned(loaded: LoadedModel, mask: np.ndarray, target: Path, manifest:
 
 
 def export_hooked(loaded: LoadedModel, method: str, tensors: dict, meta: dict, target: Path, manifest: dict,
-                  card: str) -> Path:
+                  card: str, *, models: dict | None = None, expected=None) -> Path:
     """Write a hooked checkpoint: the unchanged base weights (plain transformers loads them, without
-    the repair), the intervention's tensors and settings in `interventions.safetensors`, and the
-    manifest with every file's sha256; `repair.load` re-attaches the intervention. The check reloads it
-    through `repair.load` and compares with the hooked model in memory."""
+    the repair), the intervention's tensors and settings in `interventions.safetensors`, `models`
+    (name -> model, the experts) as checkpoint folders beside them, and the manifest with every
+    weight file's sha256; `repair.load` re-attaches the intervention. The check reloads it through
+    `repair.load` and compares with `expected(ids)`, by default the hooked model's logits in memory."""
     from repair.load import INTERVENTIONS, attach
 
-    def expected(ids):
+    def hooked(ids):
         hook = attach(loaded.model, method, tensors, meta)
         try:
             return loaded.model(ids).logits
@@ -83,11 +84,12 @@ def export_hooked(loaded: LoadedModel, method: str, tensors: dict, meta: dict, t
             hook.remove()
 
     extra = {INTERVENTIONS: (tensors, {"method": method, **{k: json.dumps(v) for k, v in meta.items()}})}
-    return _write_checkpoint(loaded, loaded.model.state_dict(), None, target, manifest, card, extra, expected)
+    return _write_checkpoint(loaded, loaded.model.state_dict(), None, target, manifest, card, extra, expected or hooked,
+                             models)
 
 
 def _write_checkpoint(loaded: LoadedModel, state: dict, dtype, target: Path, manifest: dict, card: str,
-                      extra: dict | None, expected) -> Path:
+                      extra: dict | None, expected, models: dict | None = None) -> Path:
     """Write the checkpoint under a temporary name, reload it and compare its logits with `expected`
     (the repaired model in memory), then rename it into place; a crash leaves no half checkpoint."""
     model = loaded.model
@@ -107,11 +109,14 @@ def _write_checkpoint(loaded: LoadedModel, state: dict, dtype, target: Path, man
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / name), metadata=meta)
-        manifest = {**manifest, "files_sha256": {f.name: sha256_file(f) for f in sorted(tmp.glob("*.safetensors"))}}
+        for name, extra_model in (models or {}).items():
+            extra_model.save_pretrained(tmp / name, safe_serialization=True)
+        manifest = {**manifest, "files_sha256": {f.relative_to(tmp).as_posix(): sha256_file(f)
+                                                 for f in sorted(tmp.rglob("*.safetensors"))}}
         (tmp / "repair_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "README.md").write_text(card)
-        for f in tmp.iterdir():  # safetensors writes 0600; the checkpoint is as shareable as the user's files
-            f.chmod(0o666 & ~UMASK)
+        for f in tmp.rglob("*"):  # safetensors writes 0600; the checkpoint is as shareable as the user's files
+            f.chmod((0o777 if f.is_dir() else 0o666) & ~UMASK)
         failpoints.reached("export")
         _check_reload(loaded, expected, tmp)
         failpoints.reached("export")
@@ -164,7 +169,9 @@ def _check_reload(loaded: LoadedModel, expected, folder: Path) -> None:
     reloaded, _ = load(folder, device="cpu", verify=False)
     model = loaded.model
     want = expected(ids.to(next(model.parameters()).device)).float().cpu()
-    got = reloaded(ids).logits.float()
+    # an output transform (the experts) is read through its own logits; hooks act inside the forward
+    transform = next((h for h in reloaded.repair_interventions if getattr(h, "transforms_outputs", False)), None)
+    got = (transform.logits(ids) if transform is not None else reloaded(ids).logits).float()
     dtype = next(reloaded.parameters()).dtype
     worst = (want - got).abs().max().item()
     scale = want.abs().max().item()
@@ -181,6 +188,12 @@ def _what_was_done(manifest: dict) -> list[str]:
                 "`transformers.AutoModelForCausalLM.from_pretrained`, no custom code."]
     loading = ["in `interventions.safetensors`. Load it repaired with `model, tokenizer = repair.load(path)` (plain",
                "transformers loads the unrepaired base model from this folder)."]
+    if manifest["method"] == "experts":
+        return [f"Made by fairness-repair (`experts`): decoding-time experts. At every generated token the logits",
+                f"are shifted by alpha {manifest['alpha']:g} x the difference between an expert (`expert/`, tuned on",
+                f"anti-stereotypical text) and an anti-expert (`anti_expert/`, on stereotypical text), rule `{manifest['rule']}`.",
+                "The weights in this folder are the base model's; the experts and the setting are beside them, the setting",
+                *loading]
     if manifest["method"] == "fairsteer":
         gate = ("at every position" if manifest["threshold"] is None
                 else f"where its probe's P(biased) exceeds {manifest['threshold']:g}")

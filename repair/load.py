@@ -1,8 +1,9 @@
 """`repair.load(path)`: a checkpoint this tool exported, back as (model, tokenizer), repaired.
 
 A pruned checkpoint is plain weights (its heads' slices are zero) and loads as it is; a hooked one
-(FairMed, ...) is the base weights, `interventions.safetensors` and `repair_manifest.json`, and its
-intervention is re-attached here. Every file is checked against the manifest's sha256 first, and
+(FairMed, FairSteer) is the base weights, `interventions.safetensors` and `repair_manifest.json`, and
+its intervention is re-attached here; an experts bundle also holds the two experts (`expert/`,
+`anti_expert/`), and the model's `generate()` applies their shift. Every file is checked against the manifest's sha256 first, and
 an intervention that does not fit the model's shapes is refused, in one line each.
 
     model, tokenizer = repair.load("runs/default/checkpoint")
@@ -20,15 +21,15 @@ MANIFEST = "repair_manifest.json"
 INTERVENTIONS = "interventions.safetensors"
 
 
-def attach(model, method: str, tensors: dict, meta: dict):
-    """Attach the intervention `method` exported (its tensors and settings) to `model`; ValueError
-    when it does not fit the model."""
+def attach(model, method: str, tensors: dict, meta: dict, folder: Path | None = None):
+    """Attach the intervention `method` exported (its tensors and settings; `folder`, the checkpoint,
+    for what it keeps beside them) to `model`; ValueError when it does not fit the model."""
     from importlib import import_module
 
     if method not in METHOD_FLAGS:
         raise ValueError(f"unknown intervention method {method!r}")
     meta = {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items()}
-    return import_module(f"repair.methods.{method}").attach(model, tensors, meta)
+    return import_module(f"repair.methods.{method}").attach(model, tensors, meta, folder)
 
 
 def read_manifest(path: Path) -> dict:
@@ -58,7 +59,8 @@ def check_files(path: Path, manifest: dict) -> None:
 
 SETTING_FLAGS = "--layers/--lam/--steps/--gate/--alpha/--threshold"
 # the flags each hooked method's setting takes, by the setting's field names
-METHOD_FLAGS = {"fairmed": ("layers", "lam", "steps", "gate"), "fairsteer": ("layers", "alpha", "threshold")}
+METHOD_FLAGS = {"fairmed": ("layers", "lam", "steps", "gate"), "fairsteer": ("layers", "alpha", "threshold"),
+                "experts": ("alpha",)}
 
 
 def parse_setting(layers: str | None = None, lam: float | None = None, steps: int | None = None,
@@ -91,7 +93,8 @@ def parse_setting(layers: str | None = None, lam: float | None = None, steps: in
         out["gate"] = gate
     if alpha is not None:
         if not alpha >= 0:
-            raise UserError(f"--alpha must be 0 or more (a fraction of the layer's mean activation norm), got {alpha}")
+            raise UserError(f"--alpha must be 0 or more (the strength of FairSteer's vector or of the experts' shift), "
+                            f"got {alpha}")
         out["alpha"] = alpha
     if threshold is not None:
         if threshold == "always":
@@ -118,7 +121,8 @@ def attach_saved(model, path, setting: dict | None = None, *, verify: bool = Tru
     if not (path / INTERVENTIONS).is_file():
         if setting:
             raise UserError(f"{SETTING_FLAGS} change a hooked checkpoint's setting, but {path} holds a "
-                            f"{manifest.get('method', 'pruned')} checkpoint (export one with repair run --method fairmed or fairsteer)")
+                            f"{manifest.get('method', 'pruned')} checkpoint (export one with repair run --method fairmed, "
+                            "fairsteer or experts)")
         return None
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -129,8 +133,8 @@ def attach_saved(model, path, setting: dict | None = None, *, verify: bool = Tru
     if setting:
         meta["setting"] = json.dumps(_merged_setting(model, method, json.loads(meta["setting"]), setting))
     try:
-        return attach(model, method, load_file(str(path / INTERVENTIONS)), meta)
-    except (ValueError, KeyError) as exc:
+        return attach(model, method, load_file(str(path / INTERVENTIONS)), meta, path)
+    except (ValueError, KeyError, OSError) as exc:
         raise UserError(f"{path / INTERVENTIONS} does not fit the model in {path}: {exc} "
                         "(the interventions were exported for another base model; re-export the checkpoint)") from None
 
@@ -156,6 +160,10 @@ def _merged_setting(model, method: str, saved: dict, setting: dict) -> dict:
             from repair.interventions.neutralizer import NeutralizerSetting
 
             NeutralizerSetting(**{**merged, "layers": tuple(merged["layers"])}).check(len(arch.decoder_layers(model)))
+        elif method == "experts":
+            from repair.interventions.experts import ExpertSetting
+
+            ExpertSetting(**merged).check()
         else:
             from repair.interventions.steerer import SteerSetting
 

@@ -25,9 +25,13 @@ MIN_SAMPLES = 20  # fewer sampled masks than this leave the surrogates nothing t
 def validate(config: RunConfig) -> Objectives:
     if config.method in PLANNED:
         raise UserError(f"--method {config.method} is not implemented yet; this version provides: {', '.join(METHODS)}")
-    if config.baselines and config.method == "fairmed":
-        raise UserError("--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
-                        "fairmed has its own (it always evaluates the top-k rule)")
+    if config.baselines and config.method in ("fairmed", "experts"):
+        own = "it always evaluates the top-k rule" if config.method == "fairmed" else "it evaluates its whole grid"
+        raise UserError(f"--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
+                        f"{config.method} has its own ({own})")
+    if config.expert_base and config.method != "experts":
+        raise UserError(f"--expert-base is the starting model of --method experts' experts; --method {config.method} "
+                        "trains none (leave the flag out)")
     if "knockout" in config.baselines and config.method != "prune":
         raise UserError(f"--baselines knockout knocks out attention heads: a baseline of --method prune, not {config.method}")
     unknown = [b for b in config.baselines if b not in ("random", "knockout")]
@@ -83,6 +87,8 @@ def run(config: RunConfig) -> int:
     from repair.methods import build
 
     method = build(config, loaded.model)
+    if hasattr(method, "check_inputs"):
+        method.check_inputs(loaded)  # e.g. the experts' base model: loadable, the target's vocabulary
     resuming = prepare(config, {"storage": redact(config.storage_url), "study": config.study_name,
                                 "versions": versions(), "objectives": objectives.describe()})
     if resuming:

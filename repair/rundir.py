@@ -32,6 +32,7 @@ class RunConfig:
     max_layers: int = 10  # fairmed: the most layers a configuration may treat
     target: str = "neutral"  # fairmed: the distribution the neutralizer steers towards (or "uniform")
     steer_labels: str = "association"  # fairsteer: what labels prompts biased for its probes (or "bbq")
+    expert_base: str | None = None  # experts: the model the experts start from (None: the target itself)
     max_utility_loss: float = 0.05
     knockouts: bool = False
     baselines: tuple[str, ...] = ()

@@ -60,7 +60,8 @@ def eval_config(config: RunConfig, split: str) -> EvalConfig:
 class Scorer:
     """Evaluates batches of configuration keys of any of `methods`, many per batched forward, on any
     split: each method's intervention gets, for every key of the batch, its configuration (the
-    identity for keys of other methods and for `base`)."""
+    identity for keys of other methods and for `base`). An intervention that transforms the outputs
+    (the experts) is the evaluator's transform: keys that differ only in its setting share a forward."""
 
     def __init__(self, loaded: LoadedModel, objectives: Objectives, splits: dict[str, EvalConfig], methods: dict):
         self.methods = methods
@@ -68,7 +69,9 @@ class Scorer:
         try:
             for name, method in methods.items():
                 self.hooks[name] = method.intervention(loaded.model)
-            self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=False)
+            self.transform = next((h for h in self.hooks.values() if getattr(h, "transforms_outputs", False)), None)
+            self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=False,
+                                       transform=self.transform)
             self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer) for split, cfg in splits.items()}
         except BaseException:
             self.close()
@@ -76,7 +79,12 @@ class Scorer:
 
     def _set_rows(self, rows) -> None:
         for hook in self.hooks.values():
-            hook.set_rows(rows)
+            if hook is not self.transform:
+                hook.set_rows(rows)
+
+    def batch_size(self, config: RunConfig) -> int:
+        """Keys per evaluation batch: --batch-masks, or what a method evaluates at once (the experts' grid)."""
+        return max([config.batch_masks, *(getattr(m, "keys_per_batch", 0) for m in self.methods.values())])
 
     def files(self) -> dict[str, str]:
         """Data file -> sha256 of every suite read, to check that workers read the same data."""
@@ -86,6 +94,10 @@ class Scorer:
         for name, hook in self.hooks.items():
             space = self.methods[name].space
             hook.set_variants([space.config(k if method_of(k) == name else BASE) for k in keys])
+        if self.transform is not None:  # a key shares the forward of the first key equal to it but for the transform
+            transformed = next(n for n, h in self.hooks.items() if h is self.transform)
+            rest = [k if method_of(k) != transformed else BASE for k in keys]
+            self.transform.forward_of = [rest.index(r) for r in rest]
 
     def scorer(self, split: str):
         """Evaluates a batch of keys on `split`; held-out evaluations keep the per-unit numbers that
@@ -121,7 +133,7 @@ class Search:
     def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
         """Evaluate (key, phase) pairs not yet stored; return the keys in order (the method's sequence)."""
         with progress_bar(len(items), desc) as bar:
-            self.records.evaluate(items, self.scorer.scorer("search"), batch_size=self.config.batch_masks, progress=bar,
+            self.records.evaluate(items, self.scorer.scorer("search"), batch_size=self.scorer.batch_size(self.config), progress=bar,
                                   work=not self.config.workers_only, stage="sampling")
         return [k for k, _ in items]
 
@@ -153,6 +165,8 @@ class Search:
         """Fit, anneal, evaluate the candidates. Each step's result is on disk before the next
         starts (fitted surrogates with their checksums, then the plan), so a rerun after a crash
         continues from the last finished step with the same numbers."""
+        if hasattr(self.space, "enumerate") and set(self.space.enumerate()) <= set(self.records.completed()):
+            return []  # every configuration is evaluated: nothing for surrogates to choose (the experts' grid)
         plan_path = self.folder / f"round-{r}.json"
         if plan_path.is_file():
             plan = json.loads(plan_path.read_text())
@@ -288,7 +302,7 @@ def verify(config: RunConfig, scorer: Scorer, keys: list[str], split: str) -> di
     records.fail_stale(local_dead=True)
     desc = "verifying finalists on the select split" if split == "select" else "measuring on the report split"
     with progress_bar(len(keys), desc) as bar:
-        done = records.evaluate([(k, split) for k in keys], scorer.scorer(split), batch_size=config.batch_masks,
+        done = records.evaluate([(k, split) for k in keys], scorer.scorer(split), batch_size=scorer.batch_size(config),
                                 progress=bar, work=not config.workers_only, stage="verification")
     return {k: {a: done[k].user_attrs.get(a) for a in ("fairness", "utility", "metrics", "units")} for k in keys}
 

@@ -259,6 +259,51 @@ def steered_checkpoint(w, width_factor: int = 1) -> Path:
     return target
 
 
+def experts_bundle(w, damage: str | None = None) -> Path:
+    """An experts bundle of the tiny model (two random tiny experts, alpha 1), as `repair run --method
+    experts` exports it; `damage` "altered" flips one bit of the expert's weights, "missing" deletes
+    the anti-expert's."""
+    from repair.export import export_hooked
+    from repair.interventions.experts import ExpertSetting, ExpertsTransform
+    from repair.models import ModelSpec, load_model
+    from tiny import tiny_llama
+
+    loaded = load_model(ModelSpec(str(w.model), device="cpu"))
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    models = {"expert": tiny_llama(1, vocab_size=vocab), "anti_expert": tiny_llama(2, vocab_size=vocab)}
+    setting = {"alpha": 1.0, "rule": "logits"}
+    transform = ExpertsTransform(loaded.model, models["expert"], models["anti_expert"], [ExpertSetting(**setting)])
+    target = w.tmp / "bundle"
+    export_hooked(loaded, "experts", {}, {"setting": setting}, target, {"method": "experts", **setting}, "# card\n",
+                  models=models, expected=transform.logits)
+    if damage == "altered":
+        f = target / "expert" / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 1
+        f.write_bytes(bytes(data))
+    elif damage == "missing":
+        (target / "anti_expert" / "model.safetensors").unlink()
+    return target
+
+
+def not_a_model(w) -> Path:
+    folder = w.tmp / "broken"
+    folder.mkdir()
+    (folder / "config.json").write_text("{not json")
+    return folder
+
+
+def other_vocabulary_model(w) -> Path:
+    """A tiny model whose output layer has 40 more tokens than the tiny test model's."""
+    from tiny import byte_bpe_tokenizer, tiny_llama
+
+    folder = w.tmp / "wide-vocab"
+    tok = byte_bpe_tokenizer()
+    tiny_llama(vocab_size=len(tok) + 40).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def hooked_altered(w) -> Path:
     """A FairMed checkpoint whose interventions file changed after export (one bit flipped)."""
     ckpt = hooked_checkpoint(w)
@@ -598,6 +643,25 @@ CASES = [
     Case("fairsteer-vector-width-mismatch", "a FairSteer checkpoint whose vectors do not fit its base model",
          "`generate` on a FairSteer checkpoint whose vectors are twice the model's hidden size (their sha256 updated to match)",
          lambda w: generate(steered_checkpoint(w, width_factor=2)), "the steering vectors have width 128 but the model's hidden size is 64"),
+    # ---- decoding-time experts
+    Case("experts-vocabulary-mismatch", "an expert base whose vocabulary differs from the target's",
+         "`run --method experts --expert-base OTHER` (OTHER's output layer has 40 more tokens)",
+         lambda w: ["run", "--model", w.model, "--out", w.tmp / "out", *SMALL_RUN, "--method", "experts",
+                    "--expert-base", other_vocabulary_model(w)],
+         "the experts must share the target's tokenizer"),
+    Case("experts-base-unloadable", "an expert base that cannot be loaded",
+         "`run --method experts --expert-base FOLDER` (FOLDER holds a `config.json` that is not JSON)",
+         lambda w: ["run", "--model", w.model, "--out", w.tmp / "out", *SMALL_RUN, "--method", "experts",
+                    "--expert-base", not_a_model(w)],
+         "--expert-base: could not load model"),
+    Case("experts-alpha-negative", "a negative experts alpha", "`generate --model BUNDLE --alpha -1`",
+         lambda w: generate(experts_bundle(w), "--alpha", "-1"), "--alpha must be 0 or more"),
+    Case("experts-bundle-altered", "an experts bundle whose expert changed after export",
+         "`generate` on a bundle with one bit of `expert/model.safetensors` flipped",
+         lambda w: generate(experts_bundle(w, "altered")), "expert/model.safetensors does not match the sha256"),
+    Case("experts-bundle-missing", "an experts bundle without its anti-expert's weights",
+         "`generate` on a bundle whose `anti_expert/model.safetensors` was deleted",
+         lambda w: generate(experts_bundle(w, "missing")), "anti_expert/model.safetensors is missing"),
     Case("generate-not-a-checkpoint", "`generate` on a folder that is no checkpoint", "`generate --model MODEL` (a plain model folder)",
          lambda w: generate(w.model), "not a checkpoint exported by fairness-repair"),
     Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",

@@ -2,12 +2,13 @@
 intervention, its export. The phases they share are in repair.runloop."""
 from __future__ import annotations
 
+from repair.methods.experts import Experts
 from repair.methods.fairmed import FairMed
 from repair.methods.fairsteer import FairSteer
 from repair.methods.prune import Prune
 
-METHODS = {"prune": Prune, "fairmed": FairMed, "fairsteer": FairSteer}
-PLANNED = ("experts", "all")
+METHODS = {"prune": Prune, "fairmed": FairMed, "fairsteer": FairSteer, "experts": Experts}
+PLANNED = ("all",)
 
 
 def build(config, model):

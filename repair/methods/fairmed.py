@@ -142,7 +142,7 @@ def _setting_dict(s: NeutralizerSetting) -> dict:
     return {"layers": list(s.layers), "lam": s.lam, "steps": s.steps, "gate": s.gate, "target": s.target}
 
 
-def attach(model, tensors: dict, meta: dict) -> Neutralizer:
+def attach(model, tensors: dict, meta: dict, folder=None) -> Neutralizer:
     """Re-attach an exported neutralizer (repair.load); ValueError when it does not fit the model."""
     probers = Probers.from_tensors(tensors, meta["probers"])
     return Neutralizer(model, probers, [NeutralizerSetting(**{**meta["setting"], "layers": tuple(meta["setting"]["layers"])})])

@@ -114,6 +114,6 @@ class FairSteer:
         return f"steered layer: {c['layer']} (alpha {c['alpha']:g} x the layer's mean activation norm, {gate})"
 
 
-def attach(model, tensors: dict, meta: dict) -> Steerer:
+def attach(model, tensors: dict, meta: dict, folder=None) -> Steerer:
     """Re-attach exported steering (repair.load); ValueError when it does not fit the model."""
     return Steerer(model, Steering.from_tensors(tensors), [SteerSetting(**meta["setting"])])

@@ -1,0 +1,141 @@
+"""Decoding-time experts (DExperts; Tong et al.): an expert and an anti-expert, fine-tuned on this
+project's association text (`repair.experts`), shift the target's next-token logits by their
+difference (`repair.interventions.experts`). Searched: the strength alpha and the combination rule.
+
+The grid (`repair.space.EXPERT_ALPHAS`) is small and every configuration of it is the same three
+forwards combined another way, so the seed evaluates all of it in one shared pass; nothing is left
+for the surrogate rounds. Each rule's configurations form their own sequence (`rule:logits`,
+`rule:probs`), verified and reported beside the search's, so the report shows which rule is better.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from repair.errors import UserError
+from repair.interventions.experts import ExpertSetting, ExpertsTransform, vocab_problem
+from repair.space import BASE, ExpertSpace
+
+ARTIFACT = "experts/models"
+
+
+class Experts:
+    name = "experts"
+    seed_phases = ("grid",)
+    seed_description = "evaluating every (rule, alpha) on shared forwards"
+
+    def __init__(self, config, model):
+        self.config, self.target = config, model
+        self.space = ExpertSpace()
+        self.keys_per_batch = len(self.space.enumerate()) + 1  # the whole grid and the unrepaired model at once
+        self.models: dict | None = None
+        self.record: dict = {}
+        self.expert_base = None
+
+    def check_inputs(self, loaded) -> None:
+        """Load `--expert-base` and refuse one whose vocabulary differs from the target's, before the
+        run writes anything."""
+        if not self.config.expert_base:
+            return
+        from dataclasses import replace
+
+        from repair.errors import ModelError
+        from repair.models import load_model
+
+        try:
+            base = load_model(replace(self.config.model, model=self.config.expert_base, device_map=None))
+        except ModelError as exc:
+            raise UserError(f"--expert-base: {exc}") from None
+        problem = vocab_problem(loaded.model, (base.model, base.model))
+        if problem is None and base.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            problem = "its tokenizer maps text to other token ids"
+        if problem:
+            raise UserError(f"--expert-base {self.config.expert_base}: {problem.replace('the expert', 'it')}; the experts "
+                            "must share the target's tokenizer (give a model of the same family)")
+        self.expert_base = base
+
+    # ---- what the method fits before searching --------------------------------------------------
+    def prepare(self, loaded, config) -> None:
+        """The expert and the anti-expert, trained on the search split's text, kept in RUN_DIR/experts/."""
+        from repair import experts
+        from repair.runloop import eval_config
+
+        self.models, self.record = experts.prepare(loaded, eval_config(config, "search"), self._folder(config),
+                                                   experts.TrainConfig(seed=config.seed), self.expert_base)
+        self.expert_base = None  # trained copies made; the base is not needed any more
+        loss = self.record["loss"]
+        print("experts trained on " + ", ".join(f"{n} sentences ({r.replace('_', '-')}: loss {loss[r]['first']:.2f} -> "
+                                                f"{loss[r]['last']:.2f})" for r, n in self.record["sentences"].items()),
+              file=sys.stderr)
+
+    @staticmethod
+    def _folder(config) -> Path:
+        return config.out / "experts"
+
+    def artifacts(self) -> dict:
+        """Where the experts are and their sha256: too large for the study, a worker reads them from
+        the run's folder (a shared filesystem) and checks them."""
+        return {ARTIFACT: {"folder": str(self._folder(self.config).resolve()), "sha256": self.record["sha256"]}}
+
+    def load_artifacts(self, attrs: dict) -> None:
+        from repair import experts
+
+        stored = attrs.get(f"artifact:{ARTIFACT}")
+        if not stored:
+            raise UserError("the run has not published its experts yet (start the worker after the run's training "
+                            "step, or let it wait with a larger --max-idle)")
+        folder = Path(stored["folder"])
+        if not (folder / "experts.json").is_file():
+            raise UserError(f"this worker cannot read the run's experts in {folder}: put the run folder on a "
+                            "filesystem both machines share, or copy it to the same path here")
+        param = next(self.target.parameters())
+        self.models = experts.load_saved(folder, param.device, param.dtype, stored["sha256"])
+
+    def intervention(self, model) -> ExpertsTransform:
+        try:
+            return ExpertsTransform(model, self.models["expert"], self.models["anti_expert"], [ExpertSetting()])
+        except ValueError as exc:
+            raise UserError(f"the experts do not fit this model: {exc}") from None
+
+    # ---- what it evaluates ----------------------------------------------------------------------
+    def seed(self, search) -> list[tuple[str, str]]:
+        return [(BASE, "base")] + [(k, "grid") for k in self.space.enumerate()]
+
+    def surrogate_params(self, search) -> tuple[dict, dict]:
+        return {}, {}
+
+    def baselines(self, search) -> dict[str, list[str]]:
+        """Each combination rule's configurations, from the search's own records."""
+        keys = self.space.enumerate()
+        return {f"rule:{rule}": [BASE] + [k for k in keys if self.space.config(k).rule == rule]
+                for rule in dict.fromkeys(self.space.config(k).rule for k in keys)}
+
+    # ---- export ---------------------------------------------------------------------------------
+    def export(self, loaded, key: str, target, manifest: dict, card: str):
+        from repair.export import export_hooked
+
+        s = self.space.config(key)
+        transform = ExpertsTransform(loaded.model, self.models["expert"], self.models["anti_expert"], [s])
+        return export_hooked(loaded, self.name, {}, {"setting": {"alpha": s.alpha, "rule": s.rule}}, target, manifest,
+                             card, models=self.models, expected=transform.logits)
+
+    def summary(self, candidate: dict) -> str:
+        c = candidate["config"]
+        if not c["alpha"]:
+            return "experts: off"
+        return f"experts' shift: alpha {c['alpha']:g}, rule {c['rule']}"
+
+
+def attach(model, tensors: dict, meta: dict, folder: Path) -> ExpertsTransform:
+    """Load an exported bundle's experts beside `model` and make its generate() apply them
+    (repair.load); ValueError when they do not fit the model."""
+    from repair import experts
+
+    from transformers import AutoModelForCausalLM
+
+    param = next(model.parameters())
+    models = {}
+    for role in experts.ROLES:
+        models[role] = AutoModelForCausalLM.from_pretrained(Path(folder) / role, dtype=param.dtype).to(param.device)
+        models[role].eval().requires_grad_(False)
+    return ExpertsTransform(model, models["expert"], models["anti_expert"], [ExpertSetting(**meta["setting"])]).attach()

@@ -1,0 +1,226 @@
+"""Decoding-time experts: the combination formula against a hand computation, the evaluator's shared
+forwards, generation with the experts' KV caches against uncached generation and against a hand-run
+greedy decode, alpha 0 as the unrepaired model bit for bit, the training text and the training."""
+import numpy as np
+import pytest
+import torch
+
+from repair.evaluator import Evaluator
+from repair.interventions.experts import ExpertSetting, ExpertsTransform, vocab_problem
+from repair.space import EXPERT_ALPHAS, ExpertSpace
+from repair.suites.base import ChoiceRequest
+from tiny import ByteTokenizer, tiny_llama
+
+REQUESTS = [ChoiceRequest("The nurse was", (" a man", " a woman", " x")),
+            ChoiceRequest("Everyone knew the CEO was", (" female", " male"), word_end=True)]
+SETTINGS = [ExpertSetting(0.0), ExpertSetting(1.5), ExpertSetting(0.5), ExpertSetting(6.0, "probs")]
+
+
+@pytest.fixture(scope="module")
+def trio():
+    return tiny_llama(0), tiny_llama(1), tiny_llama(2)
+
+
+def _hand_logprobs(trio, ids: list[int], setting: ExpertSetting) -> torch.Tensor:
+    """log-softmax of the combined logits at every position, from three plain forwards, in float64."""
+    with torch.no_grad():
+        zt, ze, za = (m(torch.tensor([ids])).logits[0].double() for m in trio)
+    diff = ze - za if setting.rule == "logits" else ze.softmax(-1) - za.softmax(-1)
+    return torch.log_softmax(zt + setting.alpha * diff, -1)
+
+
+def _hand_option(trio, tok, prompt: str, option: str, setting: ExpertSetting, word_end: bool) -> float:
+    from repair.evaluator import word_start_mask
+
+    n = len(tok(prompt, add_special_tokens=False).input_ids)
+    ids = tok(prompt + option, add_special_tokens=False).input_ids
+    if word_end:
+        ids = ids + [0]  # a placeholder: only the position after the option is read
+    lp = _hand_logprobs(trio, ids, setting)
+    total = sum(float(lp[p - 1, ids[p]]) for p in range(n, len(ids) - word_end))
+    if word_end:
+        total += float(torch.logsumexp(lp[len(ids) - 2][word_start_mask(tok, lp.shape[1])], 0))
+    return total
+
+
+def test_scores_are_the_formula_applied_by_hand_for_every_variant_of_one_shared_forward(trio, one_torch_thread):
+    tok = ByteTokenizer()
+    transform = ExpertsTransform(*trio, SETTINGS)
+    got = Evaluator(trio[0], tok, transform=transform, progress=False).score_choices_variants(REQUESTS, len(SETTINGS))
+    for v, s in enumerate(SETTINGS):
+        for i, r in enumerate(REQUESTS):
+            want = [_hand_option(trio, tok, r.prompt, o, s, r.word_end) for o in r.options]
+            np.testing.assert_allclose(got[v][i].logprob, want, rtol=0, atol=2e-4)
+
+
+def test_perplexity_variants_are_the_formula_applied_by_hand(trio, one_torch_thread):
+    ids = list(range(3, 40))
+    transform = ExpertsTransform(*trio, SETTINGS)
+    nll = Evaluator(trio[0], ByteTokenizer(), transform=transform, progress=False).token_nll_variants(ids, 40, 40, len(SETTINGS))
+    for v, s in enumerate(SETTINGS):
+        lp = _hand_logprobs(trio, ids, s)
+        want = [-float(lp[t - 1, ids[t]]) for t in range(1, len(ids))]
+        np.testing.assert_allclose(nll[v], want, rtol=0, atol=2e-4)
+
+
+def test_log_probability_combination_is_the_logits_rule_after_softmax(trio):
+    """Why there is no third rule: log p_t + a (log p_e - log p_a) differs from z_t + a (z_e - z_a) by a
+    constant per position."""
+    with torch.no_grad():
+        zt, ze, za = (m(torch.tensor([[5, 9, 77, 3]])).logits[0].double() for m in trio)
+    a = 1.7
+    by_logits = torch.log_softmax(zt + a * (ze - za), -1)
+    lsm = lambda z: torch.log_softmax(z, -1)  # noqa: E731
+    by_logprobs = torch.log_softmax(lsm(zt) + a * (lsm(ze) - lsm(za)), -1)
+    torch.testing.assert_close(by_logits, by_logprobs, rtol=0, atol=1e-10)
+
+
+def test_alpha_zero_is_the_unrepaired_model_exactly_and_runs_no_expert(trio, one_torch_thread):
+    tok = ByteTokenizer()
+    calls = []
+    handles = [m.register_forward_hook(lambda *a: calls.append(1)) for m in trio[1:]]
+    try:
+        transform = ExpertsTransform(*trio, [ExpertSetting(0.0), ExpertSetting(0.0, "probs")])
+        shifted = Evaluator(trio[0], tok, transform=transform, progress=False)
+        calls.clear()
+        got = shifted.score_choices_variants(REQUESTS, 2)
+        nll = shifted.token_nll_variants(list(range(3, 30)), 16, 8, 2)
+        assert not calls
+    finally:
+        for h in handles:
+            h.remove()
+    plain = Evaluator(trio[0], tok, progress=False)
+    for v in range(2):
+        for g, w in zip(got[v], plain.score_choices(REQUESTS)):
+            assert np.array_equal(g.logprob, w.logprob)
+        assert np.array_equal(nll[v], plain.token_nll(list(range(3, 30)), 16, 8))
+
+
+def test_variants_share_the_target_forward(trio, one_torch_thread):
+    """Four settings cost the forwards of one: the target runs as often as for a single variant."""
+    calls = []
+    handle = trio[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        ev = Evaluator(trio[0], ByteTokenizer(), transform=ExpertsTransform(*trio, SETTINGS), progress=False)
+        calls.clear()
+        ev.score_choices_variants(REQUESTS, len(SETTINGS))
+        shared = len(calls)
+        calls.clear()
+        ev.transform.set_variants([ExpertSetting(1.0)])
+        ev.score_choices_variants(REQUESTS, 1)
+        assert shared == len(calls) == 1
+    finally:
+        handle.remove()
+
+
+def _generate(model, inputs, **kw):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=12, pad_token_id=0, **kw)
+
+
+PROMPTS = {"input_ids": torch.tensor([[0, 0, 0, 84, 105, 33], [84, 104, 101, 32, 110, 117]]),
+           "attention_mask": torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+
+
+@pytest.mark.parametrize("setting", [ExpertSetting(1.5), ExpertSetting(8.0, "probs")])
+def test_cached_generation_equals_uncached_generation_token_for_token(trio, setting, one_torch_thread):
+    out = {}
+    for cache in (True, False):
+        transform = ExpertsTransform(*trio, [setting], cache=cache).attach()
+        try:
+            greedy = _generate(trio[0], PROMPTS, do_sample=False)
+            torch.manual_seed(11)
+            sampled = _generate(trio[0], PROMPTS, do_sample=True, top_k=20)
+        finally:
+            transform.remove()
+        out[cache] = (greedy, sampled)
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert not torch.equal(out[True][0], _generate(trio[0], PROMPTS, do_sample=False))  # the experts did change it
+
+
+def test_greedy_generation_follows_the_combined_logits_computed_by_hand(trio, one_torch_thread):
+    setting = ExpertSetting(2.0)
+    ids = [84, 104, 101]
+    transform = ExpertsTransform(*trio, [setting]).attach()
+    try:
+        got = _generate(trio[0], {"input_ids": torch.tensor([ids])}, do_sample=False)[0].tolist()
+    finally:
+        transform.remove()
+    for _ in range(12):
+        ids.append(int(_hand_logprobs(trio, ids, setting)[-1].argmax()))
+    assert got == ids
+
+
+def test_alpha_zero_generation_is_the_unrepaired_generation(trio, one_torch_thread):
+    plain = _generate(trio[0], PROMPTS, do_sample=False)
+    transform = ExpertsTransform(*trio, [ExpertSetting(0.0)]).attach()
+    try:
+        assert torch.equal(_generate(trio[0], PROMPTS, do_sample=False), plain)
+    finally:
+        transform.remove()
+    assert "generate" not in vars(trio[0])  # remove() gave the model its own generate back
+
+
+def test_experts_with_another_vocabulary_are_refused(trio):
+    other = tiny_llama(3, vocab_size=300)
+    assert vocab_problem(trio[0], (trio[1], other)) == "the anti-expert has 300 output tokens but the target has 260"
+    with pytest.raises(ValueError, match="300 output tokens"):
+        ExpertsTransform(trio[0], other, trio[2])
+    with pytest.raises(ValueError, match="alpha must be 0 or more"):
+        ExpertsTransform(*trio, [ExpertSetting(-1.0)])
+
+
+def test_space_keys_round_trip_and_cover_the_grid():
+    space = ExpertSpace()
+    keys = space.enumerate()
+    assert len(keys) == sum(map(len, EXPERT_ALPHAS.values())) == len(set(keys))
+    for k in keys:
+        s = space.config(k)
+        assert space.key(None, (s.rule, s.alpha)) == k and s.alpha in EXPERT_ALPHAS[s.rule]
+    assert space.key(None, ("logits", 0.0)) == "base" and space.config("base") == ExpertSetting()
+
+
+# ---- the experts' text and training -------------------------------------------------------------
+
+def test_training_text_uses_search_split_concepts_only_and_follows_q():
+    from collections import Counter
+
+    from repair.experts import ROLES, search_prompts, training_text
+    from repair.suites.association import AssociationSuite
+    from repair.suites.base import EvalConfig
+
+    suite = search_prompts(EvalConfig())
+    q = {a: np.eye(len(suite.data["attributes"][a]["groups"]))[0] * 0.7 + 0.3 / len(suite.data["attributes"][a]["groups"])
+         for a in suite.attributes}
+    text = training_text(suite, q, sentences_per_prompt=3, seed=1)
+    held_out = {p.prompt for split in ("select", "report") for p in AssociationSuite(EvalConfig(split=split)).prompts
+                if not p.neutral}
+    for role in ROLES:
+        assert not {prompt for prompt, _ in text[role]} & held_out
+    gender = suite.data["attributes"]["gender"]["groups"]
+    elsewhere = {p.prompt for p in suite.prompts if p.attribute != "gender"}  # "The CEO was" is also an ses prompt
+    concept = [p for p in suite.prompts if p.attribute == "gender" and not p.neutral and p.stereotyped
+               and p.prompt not in elsewhere]
+    stereotyped = {f" {f}." for p in concept for g in p.stereotyped for f in gender[g]}
+    anti = [c for prompt, c in text["anti_expert"] if prompt in {p.prompt for p in concept}]
+    assert anti and set(anti) <= stereotyped
+    # the expert's groups follow q (gender q: 0.8 / 0.1 / 0.1): the first group's forms ~80% of the time
+    expert = Counter(c for prompt, c in text["expert"] if prompt in {p.prompt for p in concept})
+    first = sum(n for c, n in expert.items() if c.strip(" .") in gender["male"]) / sum(expert.values())
+    assert 0.75 < first < 0.85
+    neutral = {p.prompt for p in suite.prompts if p.neutral}
+    assert [x for x in text["expert"] if x[0] in neutral] == [x for x in text["anti_expert"] if x[0] in neutral]
+
+
+def test_fine_tuning_trains_only_the_top_layers_and_lowers_the_loss(one_torch_thread):
+    import copy
+
+    from repair.experts import TrainConfig, fine_tune
+
+    model = tiny_llama(4)
+    before = copy.deepcopy(model)
+    pairs = [("The nurse was", " a woman."), ("The pilot was", " a man.")] * 16
+    losses = fine_tune(model, ByteTokenizer(), pairs, TrainConfig(layers=1, epochs=10, lr=1e-2, batch=8), "test")
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5  # nats per completion token
+    changed = {n for (n, p), q in zip(model.named_parameters(), before.parameters()) if not torch.equal(p, q)}
+    assert changed and all(n.startswith("model.layers.2.") for n in changed)

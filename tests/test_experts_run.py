@@ -1,0 +1,107 @@
+"""`repair run --method experts` end to end on a tiny random Llama: the experts trained once and kept
+with their sha256, the whole grid evaluated in the seed, each rule's sequence, the bundle export,
+`repair.load` and `repair generate` applying the experts, a worker scoring the same numbers."""
+import json
+
+import pytest
+import torch
+
+from conftest import SMALL, rescore_as_a_worker, run_cli
+from repair.cli import main
+from repair.experts import load_saved
+from repair.interventions.experts import ExpertSetting, ExpertsTransform
+from repair.space import ExpertSpace
+
+EXPERTS = ["--method", "experts"]
+
+
+@pytest.fixture(scope="module")
+def experts_run(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("experts") / "run"
+    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL, *EXPERTS]) == 0
+    return out
+
+
+def _trials(run):
+    import optuna
+
+    study = optuna.load_study(study_name=f"repair-{run.name}", storage=f"sqlite:///{run / 'study.db'}")
+    return {t.user_attrs["key"]: t for t in study.trials if t.state.name == "COMPLETE"}
+
+
+def test_the_whole_grid_is_the_seed_and_no_surrogate_is_fitted(experts_run):
+    trials = _trials(experts_run)
+    assert set(trials) == {"base", *ExpertSpace().enumerate()}
+    assert {t.user_attrs["phase"] for k, t in trials.items() if k != "base"} == {"grid"}
+    assert not (experts_run / "experts" / "surrogates").exists()
+    methods = json.loads((experts_run / "methods.json").read_text())
+    assert set(methods) == {"experts", "rule:logits", "rule:probs"}
+    assert methods["rule:probs"]["evaluations"] == 1 + sum(k.startswith("experts:rule=probs") for k in trials)
+
+
+def test_experts_are_kept_with_their_sha256_and_a_rerun_does_not_train_again(experts_run, model_dir):
+    record = json.loads((experts_run / "experts" / "experts.json").read_text())
+    assert set(record["sha256"]) == {"expert", "anti_expert"} and record["sentences"]["expert"] > 0
+    assert set(record["neutral_distribution"]) >= {"gender", "religion"}
+    files = sorted((experts_run / "experts").rglob("*.safetensors"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    result = run_cli("run", "--model", model_dir, "--out", experts_run, *SMALL, *EXPERTS)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "training the" not in result.stderr and "resuming" in result.stderr
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_the_bundle_loads_with_the_experts_applied_to_generate(experts_run, model_dir, tmp_path):
+    """Export a setting that certainly shifts the logits, reload it as a user does, and generate:
+    the same tokens as the run's experts applied in memory, and the plain model's once removed."""
+    import repair
+    from repair.export import export_hooked
+    from repair.models import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(str(model_dir), device="cpu"))
+    experts = load_saved(experts_run / "experts", torch.device("cpu"), torch.float32)
+    setting = ExpertSetting(3.0, "logits")
+    transform = ExpertsTransform(loaded.model, experts["expert"], experts["anti_expert"], [setting])
+    manifest = json.loads((experts_run / "checkpoint" / "repair_manifest.json").read_text())
+    manifest.update(alpha=3.0, rule="logits")
+    bundle = export_hooked(loaded, "experts", {}, {"setting": {"alpha": 3.0, "rule": "logits"}}, tmp_path / "bundle",
+                           manifest, "# card\n", models=experts, expected=transform.logits)
+    assert {"expert/model.safetensors", "anti_expert/model.safetensors"} <= set(manifest_files(bundle))
+
+    inputs = {"input_ids": torch.tensor([[5, 17, 33, 2, 90]])}
+    model, _ = repair.load(bundle)
+    with torch.no_grad():
+        got = model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        transform.attach()
+        try:
+            want = loaded.model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        finally:
+            transform.remove()
+        plain = loaded.model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want) and not torch.equal(got, plain)
+        model.repair_interventions[0].remove()
+        assert torch.equal(model.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0), plain)
+
+    cli = run_cli("generate", "--model", bundle, "--prompt", "The nurse", "--max-new-tokens", "4", "--alpha", "0")
+    assert cli.returncode == 0, cli.stderr
+
+
+def manifest_files(folder):
+    return json.loads((folder / "repair_manifest.json").read_text())["files_sha256"]
+
+
+def test_the_run_exports_a_bundle_with_its_manifest_and_card(experts_run):
+    ckpt = experts_run / "checkpoint"
+    manifest = json.loads((ckpt / "repair_manifest.json").read_text())
+    assert manifest["method"] == "experts" and {"alpha", "rule"} <= set(manifest)
+    assert {"interventions.safetensors", "model.safetensors", "expert/model.safetensors",
+            "anti_expert/model.safetensors"} == set(manifest["files_sha256"])
+    assert "kl_neutral" in (ckpt / "README.md").read_text() and "kl_uniform" in (ckpt / "README.md").read_text()
+
+
+def test_a_worker_scores_what_the_run_stored(experts_run):
+    trials, rows = rescore_as_a_worker(experts_run, "experts", n=4)
+    assert len(rows) == 4
+    for t, row in zip(trials, rows):
+        assert row["fairness"] == pytest.approx(t.values[0], abs=1e-9)
+        assert row["utility"] == pytest.approx(t.user_attrs["utility"], rel=1e-9)
