@@ -50,7 +50,7 @@ def tiny(args) -> None:
 
     target = build(1024, 16, 0)
     size = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    for name, (hidden, layers) in {"same size": (1024, 16), "a tenth": (256, 5)}.items():
+    for name, (hidden, layers) in {"same size": (1024, 16), "a tenth": (320, 6)}.items():
         experts = [build(hidden, layers, s) for s in (1, 2)]
         print(f"\ntarget {size(target) / 1e6:.0f}M parameters, each expert {size(experts[0]) / 1e6:.0f}M ({name})")
         transform = ExpertsTransform(target, *experts, [ExpertSetting(1.0)])

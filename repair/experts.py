@@ -16,7 +16,7 @@ The loss is on the completion only (the group form and the full stop that ends t
 
 Training: each expert starts as a copy of the expert base (default: the target itself) and only its
 top `TRAIN_LAYERS` decoder layers learn (AdamW, one pass over the text, seeded): the backward pass
-stops there, which makes a step about three times cheaper than full fine-tuning on this CPU
+stops there, which makes a step 2.5 times cheaper than full fine-tuning on this CPU
 (benchmarks/experts.py --training), and the rest of the model keeps what it knew. The experts are
 saved as safetensors checkpoints under RUN_DIR/experts/ with their sha256, so a resumed run loads
 them instead of training again.

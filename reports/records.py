@@ -215,7 +215,8 @@ def check_fits(fits: Sequence[Mapping]) -> list[dict]:
 
 
 def describe_config(point: Mapping) -> str:
-    """A configuration in a few words, for cards and tooltips: pruned heads, or a FairMed setting."""
+    """A configuration in a few words, for cards and tooltips: pruned heads, a FairMed, FairSteer or
+    experts setting."""
     c = point.get("config") or {}
     if isinstance(c.get("pruned_heads"), (list, tuple)):
         return f"{len(c['pruned_heads'])} pruned heads"
@@ -224,4 +225,11 @@ def describe_config(point: Mapping) -> str:
             return "no layer treated"
         return (f"layers {', '.join(map(str, c['layers']))}; lambda {c['lambda']:g}, {c['steps']} steps, "
                 f"gate {c['gate']:g}, target {c['target']}")
+    if "layer" in c:
+        if c["layer"] is None:
+            return "no layer steered"
+        gate = "always on" if c["threshold"] is None else f"threshold {c['threshold']:g}"
+        return f"layer {c['layer']} steered, alpha {c['alpha']:g}, {gate}"
+    if "rule" in c:
+        return f"experts' shift: alpha {c['alpha']:g}, rule {c['rule']}" if c["alpha"] else "experts off"
     return ""

@@ -413,3 +413,18 @@ def test_plot_coordinates_are_finite_for_degenerate_data():
     main = figure(page, "fig-front")
     numbers = [float(v) for v in re.findall(r'c[xy]="([^"]+)"', main)]
     assert len(numbers) == 6 and all(math.isfinite(v) for v in numbers)
+
+
+def test_every_method_configuration_is_described_in_a_few_words():
+    from reports.records import describe_config
+
+    cases = [({"pruned_heads": [[0, 1], [2, 3]]}, "2 pruned heads"),
+             ({"layers": [3, 7], "lambda": 0.1, "steps": 3, "gate": 0.5, "target": "neutral"},
+              "layers 3, 7; lambda 0.1, 3 steps, gate 0.5, target neutral"),
+             ({"layer": 4, "alpha": 0.2, "threshold": 0.5, "gated": True}, "layer 4 steered, alpha 0.2, threshold 0.5"),
+             ({"layer": 4, "alpha": 0.2, "threshold": None, "gated": False}, "layer 4 steered, alpha 0.2, always on"),
+             ({"layer": None, "alpha": 0.0, "threshold": 0.5, "gated": True}, "no layer steered"),
+             ({"alpha": 1.5, "rule": "logits"}, "experts' shift: alpha 1.5, rule logits"),
+             ({"alpha": 0.0, "rule": "logits"}, "experts off")]
+    for config, words in cases:
+        assert describe_config({"config": config}) == words
