@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Score a model on fairness and utility suites; print a table and write per-item JSON.")
     add_model_flags(ev)
     ev.add_argument("--suite", type=_csv, default=("association", "text"),
-                    help=f"comma-separated suites from {', '.join(REGISTRY)} (default: association,text, which ship with the tool)")
+                    help=f"comma-separated suites from {', '.join(REGISTRY)} (default: association,text; pairs also ships "
+                         "with the tool)")
     add_suite_flags(ev)
     ev.add_argument("--json", type=Path, default=None, help="write metrics, data hashes and per-item records here")
     ev.add_argument("--prune-heads", default=None, metavar="SPEC",

@@ -10,7 +10,8 @@ from repair.models import LoadedModel
 from repair.suites import build_suite
 from repair.suites.base import EvalConfig, SuiteResult
 
-ARROWS = {"lower": "lower is better", "higher": "higher is better", "closer-to-zero": "closer to 0 is better"}
+ARROWS = {"lower": "lower is better", "higher": "higher is better", "closer-to-zero": "closer to 0 is better",
+          "closer-to-half": "closer to 0.5 is better"}
 
 
 def build_suites(names: list[str], config: EvalConfig, tokenizer) -> dict:

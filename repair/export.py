@@ -207,6 +207,8 @@ def _what_was_done(manifest: dict) -> list[str]:
 
 
 def model_card(manifest: dict) -> str:
+    from repair.objectives import ALWAYS_SHOWN, shown_label
+
     rep = manifest["metrics"]["report"]
     changes = (manifest.get("changes") or {}).get("report") or {}
     obj = manifest["objectives"]
@@ -224,9 +226,9 @@ def model_card(manifest: dict) -> str:
         f"{rep['base']['fairness']:.4f} | {rep['repaired']['fairness']:.4f} | {format_change(changes.get('fairness'))} |",
         f"| utility: {obj['utility']['name']} ({obj['utility']['better']} is better) | "
         f"{rep['base']['utility']:.4f} | {rep['repaired']['utility']:.4f} | {format_change(changes.get('utility'))} |",
-        *[f"| {key.split('/')[-1]} (association, lower is better) | {rep['base'][key]['value']:.4f} | "
+        *[f"| {shown_label(key, rep['base'][key]['better'])} | {rep['base'][key]['value']:.4f} | "
           f"{rep['repaired'][key]['value']:.4f} | {format_change(changes.get('metrics', {}).get(key))} |"
-          for key in ("association/overall/kl_neutral", "association/overall/kl_uniform") if key in rep["base"]],
+          for key in ALWAYS_SHOWN if key in rep["base"] and key in rep["repaired"]],
         "",
         "Every metric with its 95% bootstrap interval, on all three splits, is in `repair_manifest.json`.",
         "",

@@ -48,6 +48,9 @@ class Objectives:
         terms = []
         for part in (p.strip() for p in fairness.split(",") if p.strip()):
             name, _, weight = part.partition(":")
+            if name == "pairs":
+                raise UserError("--fairness pairs: the pairs suite is the check no search optimises (a repair that only "
+                                "games the search's prompts shows there); every run reports it, choose another objective")
             if name not in FAIRNESS:
                 raise UserError(f"unknown fairness objective {name!r} (choose from {', '.join(FAIRNESS)})")
             try:
@@ -133,10 +136,11 @@ class ConfigEvaluator:
     `Evaluator` whose `on_rows` routes each batch row to its variant.
     """
 
-    def __init__(self, objectives: Objectives, config: EvalConfig, tokenizer):
+    def __init__(self, objectives: Objectives, config: EvalConfig, tokenizer, shown: tuple[str, ...] = ()):
         self.objectives = objectives
         self.config = config
-        self.suites = {name: build_suite(name, config, tokenizer) for name in objectives.suites}
+        names = list(dict.fromkeys([*objectives.suites, *shown]))  # `shown`: scored and kept, never an objective
+        self.suites = {name: build_suite(name, config, tokenizer) for name in names}
         self._prepared = {}
         for name, suite in self.suites.items():
             if hasattr(suite, "requests"):
@@ -236,8 +240,18 @@ def utility_interval(objectives: Objectives, metrics: dict) -> tuple[float, floa
 
 
 # The association suite's two distances are always shown side by side: kl_uniform can be gamed by
-# flattening the group words, kl_neutral (the stereotype part) is what repairs are judged on.
-ALWAYS_SHOWN = ("association/overall/kl_neutral", "association/overall/kl_uniform")
+# flattening the group words, kl_neutral (the stereotype part) is what repairs are judged on. The pairs
+# suite, which nothing optimises, is shown wherever it was measured (a run's report split).
+ALWAYS_SHOWN = ("association/overall/kl_neutral", "association/overall/kl_uniform",
+                "pairs/overall/stereotype_preferred", "pairs/overall/mean_gap")
+SHOWN_SUITES = ("pairs",)  # scored on the report split beside the objectives' suites
+
+
+def shown_label(key: str, better: str) -> str:
+    """'kl_neutral (association, lower is better)' for 'association/overall/kl_neutral'."""
+    from repair.evaluate import ARROWS
+
+    return f"{key.split('/')[-1]} ({key.split('/')[0]}, {ARROWS[better]})"
 
 
 def shown_metrics(objectives: Objectives, metrics) -> list[str]:

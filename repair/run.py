@@ -12,7 +12,7 @@ from repair.evaluate import versions
 from repair.export import model_card
 from repair.methods import METHODS, PLANNED
 from repair.models import load_model
-from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, utility_interval
+from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, shown_label, utility_interval
 from repair.records import open_study, redact
 from repair.rundir import RunConfig, prepare
 from repair.stats import format_change
@@ -127,7 +127,8 @@ def _side(side: dict) -> dict:
 
 
 def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -> list[tuple[str, float, float, str]]:
-    """(label, unrepaired, repaired, change) for the objectives and both association distances."""
+    """(label, unrepaired, repaired, change) for the objectives, both association distances and, where
+    measured, the pairs suite."""
     desc = objectives.describe()
     b, c = base[split], chosen[split]
     changes = (chosen["changes"] or {}).get(split) or {"metrics": {}}
@@ -135,8 +136,8 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
             (f"utility: {desc['utility']['name']} ({desc['utility']['better']} is better)", b["utility"], c["utility"],
              format_change(changes.get("utility")))]
     for key in ALWAYS_SHOWN:
-        if key in b["metrics"]:
-            rows.append((f"{key.split('/')[-1]} (association, lower is better)", b["metrics"][key]["value"],
+        if key in b["metrics"] and key in c["metrics"]:
+            rows.append((shown_label(key, b["metrics"][key]["better"]), b["metrics"][key]["value"],
                          c["metrics"][key]["value"], format_change(changes["metrics"].get(key))))
     return rows
 
@@ -191,7 +192,8 @@ def write_run_report(run_dir: Path) -> Path:
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
             "config": c["config"],
             "changes": (c.get("changes") or {}).get("report"),
-            "shown": {k.split("/")[-1]: rep["metrics"][k]["value"] for k in ALWAYS_SHOWN if k in rep["metrics"]},
+            "shown": {k: {"value": rep["metrics"][k]["value"], "better": rep["metrics"][k]["better"]}
+                      for k in ALWAYS_SHOWN if k in rep["metrics"]},
             "select": {"fairness": c["select"]["fairness"], "utility": c["select"]["utility"]},
         })
     fits = []

@@ -28,7 +28,7 @@ from repair.errors import UserError
 from repair.evaluator import Evaluator
 from repair.io import write_json_atomic
 from repair.models import LoadedModel
-from repair.objectives import ConfigEvaluator, Objectives, paired_changes
+from repair.objectives import SHOWN_SUITES, ConfigEvaluator, Objectives, paired_changes
 from repair.records import Records, open_study
 from repair.rundir import RunConfig
 from repair.space import BASE, method_of
@@ -72,7 +72,10 @@ class Scorer:
             self.transform = next((h for h in self.hooks.values() if getattr(h, "transforms_outputs", False)), None)
             self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=False,
                                        transform=self.transform)
-            self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer) for split, cfg in splits.items()}
+            # the report split also scores the suites only shown (pairs), for every configuration it measures
+            self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer,
+                                                      SHOWN_SUITES if split == "report" else ())
+                               for split, cfg in splits.items()}
         except BaseException:
             self.close()
             raise

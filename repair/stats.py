@@ -63,7 +63,7 @@ class Metric:
     value: float
     ci_low: float
     ci_high: float
-    better: Literal["lower", "higher", "closer-to-zero"]
+    better: Literal["lower", "higher", "closer-to-zero", "closer-to-half"]
     n: int
     units: Units | None = field(default=None, compare=False, repr=False)
 

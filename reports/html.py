@@ -207,8 +207,9 @@ def _change(chosen: float, base: float, better: str, change=None) -> str:
     if not (math.isfinite(delta)):
         return ""
     rel = f" ({delta / abs(base):+.1%})" if base != 0 else ""
-    if better == "closer-to-zero":
-        improved, worsened = abs(chosen) < abs(base), abs(chosen) > abs(base)
+    if better in ("closer-to-zero", "closer-to-half"):
+        ideal = 0.5 if better == "closer-to-half" else 0.0
+        improved, worsened = abs(chosen - ideal) < abs(base - ideal), abs(chosen - ideal) > abs(base - ideal)
     else:
         improved = delta < 0 if better == "lower" else delta > 0
         worsened = delta > 0 if better == "lower" else delta < 0
@@ -233,12 +234,13 @@ def _summary(points, front, objectives) -> str:
                 f'<div class="metric"><div class="label">{esc(objectives[key]["name"])}</div>'
                 f'<div class="value">{_value_ci(p[key], p[f"{key}_ci"])}</div>{change}</div>'
             )
-        for name, value in (p.get("shown") or {}).items():  # kl_neutral and kl_uniform, always both
-            paired = ((p.get("changes") or {}).get("metrics") or {}).get(f"association/overall/{name}")
-            change = f'<div class="delta">{_change(value, base["shown"][name], "lower", paired)}</div>' \
-                if p is chosen and base is not None and name in (base.get("shown") or {}) else ""
-            rows.append(f'<div class="metric"><div class="label">{esc(name)} (association)</div>'
-                        f'<div class="value">{esc(fmt(value))}</div>{change}</div>')
+        for key, shown in (p.get("shown") or {}).items():  # kl_neutral and kl_uniform always, pairs where measured
+            paired = ((p.get("changes") or {}).get("metrics") or {}).get(key)
+            before = (base.get("shown") or {}).get(key) if base is not None else None
+            change = f'<div class="delta">{_change(shown["value"], before["value"], shown["better"], paired)}</div>' \
+                if p is chosen and before is not None else ""
+            rows.append(f'<div class="metric"><div class="label">{esc(key.split("/")[-1])} ({esc(key.split("/")[0])})</div>'
+                        f'<div class="value">{esc(fmt(shown["value"]))}</div>{change}</div>')
         count = n_pruned(p)
         if count is not None:
             rows.append(f'<div class="metric"><div class="label">pruned heads</div><div class="value">{count}</div></div>')
@@ -309,7 +311,7 @@ def _front_table(points, front, objectives) -> str:
         f"<th class=\"num\">Fairness: {esc(objectives['fairness']['name'])} [CI]</th>",
         f"<th class=\"num\">Utility: {esc(objectives['utility']['name'])} [CI]</th>",
         '<th class="num">Fairness change vs unrepaired [paired 95% CI]</th>',
-        *[f'<th class="num">{esc(n)}</th>' for n in shown],
+        *[f'<th class="num">{esc(n.split("/")[-1])} ({esc(n.split("/")[0])})</th>' for n in shown],
         '<th class="num">Pruned heads</th>',
     ] + (["<th>Split</th>"] if show_split else [])
     colours = method_colours(points)
@@ -326,7 +328,7 @@ def _front_table(points, front, objectives) -> str:
             f'<td class="num">{_value_ci(p["fairness"], p["fairness_ci"])}</td>',
             f'<td class="num">{_value_ci(p["utility"], p["utility_ci"])}</td>',
             f'<td class="num">{_table_change(p)}</td>',
-            *[f'<td class="num">{esc(fmt((p.get("shown") or {}).get(n, float("nan"))))}</td>' for n in shown],
+            *[f'<td class="num">{esc(fmt(((p.get("shown") or {}).get(n) or {}).get("value", float("nan"))))}</td>' for n in shown],
             f'<td class="num">{"" if count is None else count}</td>',
         ] + ([f"<td>{esc(p['split'])}</td>"] if show_split else [])
         rows.append(f'<tr class="{kind}">{"".join(cells)}</tr>')

@@ -553,6 +553,8 @@ CASES = [
          lambda w: evaluate(w, "--seed", "-1"), "--seed must be 0 or more"),
     Case("flag-not-a-number", "a number flag given text", "`evaluate --limit ten`",
          lambda w: evaluate(w, "--limit", "ten"), "argument --limit: invalid int value: 'ten'"),
+    Case("run-fairness-pairs", "the pairs suite as a search objective", "`run --fairness pairs`",
+         lambda w: run(w, "--fairness", "pairs"), "--fairness pairs: the pairs suite is the check no search optimises"),
     Case("run-max-prune-negative", "negative pruning fraction", "`run --max-prune -0.1`",
          lambda w: run(w, "--max-prune", "-0.1"), "--max-prune must be a fraction between 0 and 1"),
     Case("run-max-utility-loss-negative", "negative utility-loss bound", "`run --max-utility-loss -1`",

@@ -99,6 +99,21 @@ def test_the_run_exports_a_bundle_with_its_manifest_and_card(experts_run):
     assert "kl_neutral" in (ckpt / "README.md").read_text() and "kl_uniform" in (ckpt / "README.md").read_text()
 
 
+def test_the_report_split_shows_the_pairs_suite_for_the_unrepaired_and_the_chosen_model(experts_run):
+    """Every configuration measured on the report split carries the pairs suite (never an objective),
+    and the chosen one its paired change."""
+    rows = [json.loads(line) for line in (experts_run / "candidates.jsonl").read_text().splitlines()]
+    reported = [c for c in rows if c["report"] is not None]
+    assert reported[0]["key"] == "base" and any(c["chosen"] for c in reported)
+    for c in reported:
+        assert {"pairs/overall/stereotype_preferred", "pairs/overall/mean_gap"} <= set(c["report"]["metrics"])
+        assert not any(k.startswith("pairs/") for k in c["select"]["metrics"])
+    chosen = next(c for c in rows if c["chosen"])
+    if chosen["key"] != "base":
+        assert "pairs/overall/stereotype_preferred" in chosen["changes"]["report"]["metrics"]
+    assert "stereotype_preferred" in (experts_run / "report" / "index.html").read_text()
+
+
 def test_a_worker_scores_what_the_run_stored(experts_run):
     trials, rows = rescore_as_a_worker(experts_run, "experts", n=4)
     assert len(rows) == 4

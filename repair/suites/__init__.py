@@ -10,12 +10,13 @@ from repair.suites.base import EvalConfig
 # name -> (module, class, needs --data-dir)
 REGISTRY = {
     "association": ("repair.suites.association", "AssociationSuite", False),
+    "pairs": ("repair.suites.pairs", "PairsSuite", False),
     "text": ("repair.suites.perplexity", "TextSuite", False),
     "bbq": ("repair.suites.bbq", "BBQSuite", True),
     "wikitext": ("repair.suites.perplexity", "WikiTextSuite", True),
     "mmlu": ("repair.suites.mmlu", "MMLUSuite", True),
 }
-FAIRNESS_SUITES = ("association", "bbq")
+FAIRNESS_SUITES = ("association", "bbq", "pairs")
 UTILITY_SUITES = ("text", "wikitext", "mmlu")
 
 
