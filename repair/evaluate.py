@@ -88,13 +88,17 @@ def compare(before: dict[str, SuiteResult], after: dict[str, SuiteResult], seed:
 
 
 def format_comparison(changes: dict[str, dict], before_label: str, after_label: str) -> str:
-    """One row per metric: both values, the relative change with its paired 95% interval, the
-    interval's half-width, and whether it excludes zero."""
+    """One row per metric: both values, the relative change with its paired 95% interval (the absolute
+    one where a relative change has no meaning, see `stats.Change`), the interval's half-width, and
+    whether it excludes zero."""
+    from repair.stats import format_change
+
     rows = [("metric", before_label, after_label, "change [paired 95% CI]", "half-width", "")]
     for name, c in changes.items():
-        lo, hi = c["relative_ci"]
-        rows.append((name, f"{c['before']:.4f}", f"{c['after']:.4f}", f"{c['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]",
-                     f"+-{(hi - lo) / 2:.1%}", "excludes 0" if c["significant"] else ""))
+        relative = c.get("relative_defined", True)
+        lo, hi = c["relative_ci"] if relative else c["delta_ci"]
+        rows.append((name, f"{c['before']:.4f}", f"{c['after']:.4f}", format_change(c).removesuffix(" *"),
+                     f"+-{(hi - lo) / 2:.1%}" if relative else f"+-{(hi - lo) / 2:.4g}", "excludes 0" if c["significant"] else ""))
     return _text_table(rows)
 
 

@@ -152,6 +152,9 @@ class Change:
     delta_ci: tuple[float, float]
     relative: float
     relative_ci: tuple[float, float]
+    # the relative change means something only when the before side's replicates keep one sign (a signed
+    # metric near 0, such as the pairs' mean gap, gives ratios without meaning); else show delta
+    relative_defined: bool = True
 
     @property
     def significant(self) -> bool:
@@ -161,14 +164,17 @@ class Change:
 
     def as_dict(self) -> dict:
         return {"before": self.before, "after": self.after, "delta": self.delta, "delta_ci": list(self.delta_ci),
-                "relative": self.relative, "relative_ci": list(self.relative_ci), "significant": self.significant}
+                "relative": self.relative, "relative_ci": list(self.relative_ci), "significant": self.significant,
+                "relative_defined": self.relative_defined}
 
 
 def change_from_replicates(before: float, after: float, rep_before: np.ndarray, rep_after: np.ndarray) -> Change:
     with np.errstate(invalid="ignore", divide="ignore"):
         rel = rep_after / rep_before - 1
         relative = after / before - 1 if before else float("nan")
-    return Change(before, after, after - before, _percentiles(rep_after - rep_before), relative, _percentiles(rel))
+    finite = rep_before[np.isfinite(rep_before)]
+    defined = bool(before) and bool(np.all(finite > 0) or np.all(finite < 0))
+    return Change(before, after, after - before, _percentiles(rep_after - rep_before), relative, _percentiles(rel), defined)
 
 
 def metric_seed(name: str, seed: int = 0) -> int:
@@ -192,8 +198,13 @@ def paired_change(before: Units, after: Units, *, n_boot: int = N_BOOT, seed: in
 
 def format_change(change: dict | None) -> str:
     """'-7.4% [-9.1%, -5.6%] *': a Change (as_dict) relative, with its paired 95% interval, '*' when
-    that interval excludes zero; 'n/a' without one."""
+    that interval excludes zero; the absolute change ('-0.69 [-1.25, -0.31] *') where a relative one
+    has no meaning (`Change.relative_defined`); 'n/a' without one."""
     if not change:
         return "n/a"
+    mark = " *" if change["significant"] else ""
+    if not change.get("relative_defined", True):
+        lo, hi = change["delta_ci"]
+        return f"{change['delta']:+.4g} [{lo:+.4g}, {hi:+.4g}] (absolute){mark}"
     lo, hi = change["relative_ci"]
-    return f"{change['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]{' *' if change['significant'] else ''}"
+    return f"{change['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]{mark}"

@@ -192,12 +192,14 @@ def _paired(change) -> str:
     """A change's paired 95% interval and whether it excludes zero, or nothing when there is none."""
     if not isinstance(change, Mapping) or not change.get("relative_ci"):
         return ""
-    lo, hi = change["relative_ci"]
+    relative = change.get("relative_defined", True)  # else a signed metric near 0: the absolute change
+    lo, hi = change["relative_ci"] if relative else change["delta_ci"]
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return ""
     mark = ('<span class="sig" title="the paired 95% interval excludes zero">significant</span>' if change.get("significant")
             else '<span class="ns" title="the paired 95% interval includes zero">within noise</span>')
-    return f' <span class="ci">paired 95% CI [{esc(f"{lo:+.1%}")}, {esc(f"{hi:+.1%}")}]</span> {mark}'
+    shown = (f"{lo:+.1%}", f"{hi:+.1%}") if relative else (f"{lo:+.4g}", f"{hi:+.4g}")
+    return f' <span class="ci">paired 95% CI [{esc(shown[0])}, {esc(shown[1])}]{"" if relative else " (absolute)"}</span> {mark}'
 
 
 def _change(chosen: float, base: float, better: str, change=None) -> str:

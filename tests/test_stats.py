@@ -70,3 +70,18 @@ def test_clustered_mean_resamples_whole_clusters():
     # resampled item by item instead, the interval would be narrower than the cluster one
     flat = mean_metric([0.0, 0.0, 0.0, 2.0], "lower")
     assert flat.ci_high < 2.0
+
+
+def test_a_change_of_a_signed_metric_near_zero_is_shown_absolute():
+    """Ratios to a before side whose replicates cross zero mean nothing: the absolute change is shown."""
+    from repair.stats import Units, format_change, paired_change
+
+    before = Units(((np.array([1.0, -1.2, 0.3, -0.2, 0.1, 0.2]), None, 1.0, 0.0),))
+    after = Units(((np.array([0.0, -1.5, 0.0, -0.6, 0.0, -0.3]), None, 1.0, 0.0),))
+    change = paired_change(before, after, seed=1)
+    assert not change.relative_defined
+    assert format_change(change.as_dict()).startswith(f"{change.delta:+.4g} [")
+    assert "(absolute)" in format_change(change.as_dict())
+    positive = paired_change(Units(((np.array([1.0, 2.0, 3.0]), None, 1.0, 0.0),)),
+                             Units(((np.array([1.0, 1.0, 2.0]), None, 1.0, 0.0),)), seed=1)
+    assert positive.relative_defined and format_change(positive.as_dict()).startswith("-33.3% [")
