@@ -235,6 +235,40 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from repair.compare import CompareConfig, generate_all, page, read_prompts, same_tokenizer, side_by_side
+    from repair.io import check_writable, write_text_atomic
+    from repair.load import load, read_manifest
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    prompts = read_prompts(args.prompts)
+    read_manifest(args.repaired)  # a folder that is no checkpoint fails before any loading
+    run_dir = args.repaired.parent if (args.repaired.parent / "candidates.jsonl").is_file() else None
+    target = args.html or (run_dir / "compare.html" if run_dir else Path("compare.html"))
+    check_writable(target, "--html")
+    from repair.models import load_model
+
+    base = load_model(model_spec(args))
+    model, tokenizer = load(args.repaired, device=str(next(base.model.parameters()).device))
+    if not same_tokenizer(base.tokenizer, tokenizer):
+        raise UserError(f"--model {args.model} and --repaired {args.repaired} have different tokenizers: compare a "
+                        "checkpoint with the model it was repaired from")
+    config = CompareConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    before = generate_all(base.model, base.tokenizer, prompts, config)
+    after = generate_all(model, tokenizer, prompts, config)
+    print(side_by_side(prompts, before, after))
+    write_text_atomic(target, page(prompts, before, after, args.model, str(args.repaired), config))
+    if run_dir is not None and target.resolve() == (run_dir / "compare.html").resolve():
+        from repair.run import write_run_report
+
+        write_run_report(run_dir)  # the report now links the page
+    print(f"wrote {target}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from repair.run import write_run_report
 
@@ -343,6 +377,20 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     add_setting_flags(gn)
     gn.set_defaults(func=cmd_generate)
+
+    cp = sub.add_parser("compare", help="generations of the unrepaired and the repaired model side by side",
+                        description="Generate from --model (the unrepaired model) and --repaired (a checkpoint `repair "
+                                    "run` exported, loaded with its repair) for prompts that invite stereotypes, greedy and "
+                                    "seeded sampling, and show them side by side here and in an HTML page beside the "
+                                    "run's report (RUN_DIR/compare.html, linked from the report).")
+    add_model_flags(cp)
+    cp.add_argument("--repaired", required=True, type=Path, help="a checkpoint folder exported by `repair run`")
+    cp.add_argument("--prompts", type=Path, default=None, help="a UTF-8 file with more prompts, one per line")
+    cp.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate per prompt (default 40)")
+    cp.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i, for both models)")
+    cp.add_argument("--html", type=Path, default=None,
+                    help="where to write the page (default: RUN_DIR/compare.html for RUN_DIR/checkpoint, else ./compare.html)")
+    cp.set_defaults(func=cmd_compare)
 
     from repair.probe import add_probe_parser
 

@@ -206,7 +206,8 @@ def write_run_report(run_dir: Path) -> Path:
     meta = {"model": identity["model"]["model"], "method": identity["method"],
             "splits": "chosen on the select split; every number shown is from the report split, which no choice has seen",
             "command": " ".join(saved.get("command", [])), "versions": json.dumps(saved.get("versions", {})),
-            "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            **({"compare": "../compare.html"} if (run_dir / "compare.html").is_file() else {})}
     probes = None
     scores = run_dir / "fairmed" / "probe-scores.json"  # FairMed's probers: the layer x attribute heat map
     steer_scores = run_dir / "fairsteer" / "steering.json"  # FairSteer's probes: one row of it

@@ -286,6 +286,23 @@ def experts_bundle(w, damage: str | None = None) -> Path:
     return target
 
 
+def other_tokenizer_model(w) -> Path:
+    """A tiny model with a tokenizer of the same size trained on other text (other merges)."""
+    from tiny import byte_bpe_tokenizer, tiny_llama
+
+    folder = w.tmp / "other-tokenizer"
+    tok = byte_bpe_tokenizer(("Quiet rivers run past old stone bridges at dawn.", "Six jugglers quizzed a vexed fox."))
+    tiny_llama(vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def blank_file(w) -> Path:
+    f = w.tmp / "prompts.txt"
+    f.write_text("\n  \n")
+    return f
+
+
 def not_a_model(w) -> Path:
     folder = w.tmp / "broken"
     folder.mkdir()
@@ -664,6 +681,13 @@ CASES = [
     Case("experts-bundle-missing", "an experts bundle without its anti-expert's weights",
          "`generate` on a bundle whose `anti_expert/model.safetensors` was deleted",
          lambda w: generate(experts_bundle(w, "missing")), "anti_expert/model.safetensors is missing"),
+    Case("compare-other-tokenizer", "`compare` of two models with different tokenizers",
+         "`compare --model OTHER --repaired BUNDLE` (OTHER's tokenizer has other merges)",
+         lambda w: ["compare", "--model", other_tokenizer_model(w), "--repaired", experts_bundle(w), "--max-new-tokens", "2",
+                    "--html", w.tmp / "compare.html"],
+         "have different tokenizers: compare a checkpoint with the model it was repaired from"),
+    Case("compare-empty-prompts", "`compare` with a prompts file that holds no prompt", "`compare --prompts EMPTY` (blank lines only)",
+         lambda w: ["compare", "--repaired", w.model, "--prompts", blank_file(w)], "holds no prompt (give one prompt per line)"),
     Case("generate-not-a-checkpoint", "`generate` on a folder that is no checkpoint", "`generate --model MODEL` (a plain model folder)",
          lambda w: generate(w.model), "not a checkpoint exported by fairness-repair"),
     Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",
@@ -749,6 +773,6 @@ def test_table_rows_are_exactly_the_cases():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
     assert set(rows) == set(ids) | WORKS, (f"only in the table: {sorted(set(rows) - set(ids) - WORKS)}; "
-                                           f"only in the tests: {sorted(set(ids) | WORKS - set(rows))}")
+                                           f"only in the tests: {sorted((set(ids) | WORKS) - set(rows))}")
     for case in CASES:  # the answer column quotes the actual error line
         assert case.expect.replace("|", "\\|") in rows[case.id][-1], (case.id, rows[case.id][-1])

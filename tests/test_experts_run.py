@@ -1,6 +1,7 @@
 """`repair run --method experts` end to end on a tiny random Llama: the experts trained once and kept
 with their sha256, the whole grid evaluated in the seed, each rule's sequence, the bundle export,
 `repair.load` and `repair generate` applying the experts, a worker scoring the same numbers."""
+import html
 import json
 
 import pytest
@@ -120,3 +121,34 @@ def test_a_worker_scores_what_the_run_stored(experts_run):
     for t, row in zip(trials, rows):
         assert row["fairness"] == pytest.approx(t.values[0], abs=1e-9)
         assert row["utility"] == pytest.approx(t.user_attrs["utility"], rel=1e-9)
+
+
+def test_compare_shows_both_models_side_by_side_and_the_report_links_it(experts_run, model_dir, tmp_path):
+    """`repair compare` on the run's bundle: the greedy continuations are those of the plain model and
+    of the bundle loaded by repair.load, for the default prompts and a user's own."""
+    import repair
+    from repair.compare import DEFAULT_PROMPTS
+    from repair.models import ModelSpec, load_model
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The surgeon said\n\nMy neighbor\n")
+    result = run_cli("compare", "--model", model_dir, "--repaired", experts_run / "checkpoint", "--prompts", prompts,
+                     "--max-new-tokens", "6", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (experts_run / "compare.html").read_text()
+    assert all(html.escape(p) in page for p in (*DEFAULT_PROMPTS, "The surgeon said", "My neighbor"))
+    assert 'href="../compare.html"' in (experts_run / "report" / "index.html").read_text()
+    assert "unrepaired" in result.stdout and "| repaired" in result.stdout
+
+    def greedy(model, tok, prompt):
+        inputs = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            ids = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        return tok.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    base = load_model(ModelSpec(str(model_dir), device="cpu"))
+    repaired, tok = repair.load(experts_run / "checkpoint")
+    for prompt in ("The surgeon said", DEFAULT_PROMPTS[0]):
+        row = page.split(f"<td class='prompt'>{html.escape(prompt)}</td><td>greedy</td>")[1].split("</tr>")[0]
+        assert f"<td>{html.escape(greedy(base.model, base.tokenizer, prompt))}</td><td>" \
+               f"{html.escape(greedy(repaired, tok, prompt))}</td>" in row

@@ -49,16 +49,16 @@ def tiny_gpt2(seed: int = 0, **overrides):
     return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
 
 
-def byte_bpe_tokenizer():
-    """A real, saveable byte-level BPE tokenizer (vocab < 260) trained in milliseconds on a few lines."""
+def byte_bpe_tokenizer(text=("The man and the woman were a doctor and a nurse.", "People who live here are kind.")):
+    """A real, saveable byte-level BPE tokenizer (vocab < 260) trained in milliseconds on a few lines
+    (other lines give other merges: another tokenizer of the same size)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    text = ["The man and the woman were a doctor and a nurse.", "People who live here are kind."]
-    tk.train_from_iterator(text, trainers.BpeTrainer(vocab_size=259, special_tokens=["<pad>"],
+    tk.train_from_iterator(list(text), trainers.BpeTrainer(vocab_size=259, special_tokens=["<pad>"],
                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>")
 
