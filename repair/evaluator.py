@@ -15,7 +15,9 @@ an option on the tokens it gets inside the joint string prompt + option (see `_T
 Variants: a search scores many configurations (head masks, say) of one model. `score_choices_variants`
 and `token_nll_variants` run every item once per variant in the same batches and, before every
 forward, tell `on_rows` which variant each batch row belongs to, so an intervention (a `HeadMasker`)
-applies a different configuration to each row of one batched forward.
+applies a different configuration to each row of one batched forward. An output `transform` (the
+decoding-time experts) changes the logits, not the forward: variants that differ only in its
+setting share one forward (and one forward of each of its models), each combined its own way.
 """
 from __future__ import annotations
 

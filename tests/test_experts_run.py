@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import SMALL, rescore_as_a_worker, run_cli
+from conftest import SMALL, rescore_as_a_worker, run_cli, stored
 from repair.cli import main
 from repair.experts import load_saved
 from repair.interventions.experts import ExpertSetting, ExpertsTransform
@@ -24,10 +24,7 @@ def experts_run(model_dir, tmp_path_factory):
 
 
 def _trials(run):
-    import optuna
-
-    study = optuna.load_study(study_name=f"repair-{run.name}", storage=f"sqlite:///{run / 'study.db'}")
-    return {t.user_attrs["key"]: t for t in study.trials if t.state.name == "COMPLETE"}
+    return stored(f"sqlite:///{run / 'study.db'}", f"repair-{run.name}")
 
 
 def test_the_whole_grid_is_the_seed_and_no_surrogate_is_fitted(experts_run):
