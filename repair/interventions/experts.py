@@ -117,11 +117,10 @@ class ExpertsTransform(PerRowHooks, LogitsProcessor):
 
     def apply(self, target: torch.Tensor, experts: tuple[torch.Tensor, torch.Tensor], variant: int) -> torch.Tensor:
         """Logits [N, V] under setting `variant`, from the target's and the experts' logits at the same positions."""
-        n = target.shape[0]
-        alpha = self._alpha[variant].expand(n).to(target.device)
         if float(self._alpha[variant]) == 0:
             return target
-        return combine(target, *experts, alpha, self._probs[variant].expand(n).to(target.device))
+        n, dev = target.shape[0], target.device
+        return combine(target, *experts, self._alpha[variant].expand(n).to(dev), self._probs[variant].expand(n).to(dev))
 
     # ---- generate() -------------------------------------------------------------------------
     def begin(self, attention_mask: torch.Tensor | None = None) -> None:
