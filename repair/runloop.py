@@ -70,7 +70,10 @@ class Scorer:
             for name, method in methods.items():
                 self.hooks[name] = method.intervention(loaded.model)
             self.transform = next((h for h in self.hooks.values() if getattr(h, "transforms_outputs", False)), None)
-            self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=False,
+            # a method that evaluates its whole grid in one batch (minutes on the held-out splits) shows the
+            # evaluator's own bars, per suite, under the run's; short batches would only flicker
+            long_batches = any(getattr(m, "keys_per_batch", 0) for m in methods.values())
+            self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=long_batches,
                                        transform=self.transform)
             # the report split also scores the suites only shown (pairs), for every configuration it measures
             self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer,
