@@ -62,13 +62,13 @@ def combine(target: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor, alph
     return torch.where((alpha == 0)[:, None], target32, target32 + alpha[:, None].to(target32) * diff)
 
 
-def vocab_problem(target, experts: Sequence) -> str | None:
+def vocab_problem(target, experts: Sequence, names: Sequence[str] = ("the expert", "the anti-expert")) -> str | None:
     """Why `experts` cannot shift `target`'s logits (a different output vocabulary), or None."""
     want = target.get_output_embeddings().weight.shape[0]
-    for name, m in zip(("expert", "anti-expert"), experts):
+    for name, m in zip(names, experts):
         got = m.get_output_embeddings().weight.shape[0]
         if got != want:
-            return f"the {name} has {got} output tokens but the target has {want}"
+            return f"{name} has {got} output tokens but the target has {want}"
     return None
 
 

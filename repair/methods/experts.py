@@ -46,12 +46,12 @@ class Experts:
             base = load_model(replace(self.config.model, model=self.config.expert_base, device_map=None))
         except ModelError as exc:
             raise UserError(f"--expert-base: {exc}") from None
-        problem = vocab_problem(loaded.model, (base.model, base.model))
+        problem = vocab_problem(loaded.model, (base.model,), names=("it",))
         if problem is None and base.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
             problem = "its tokenizer maps text to other token ids"
         if problem:
-            raise UserError(f"--expert-base {self.config.expert_base}: {problem.replace('the expert', 'it')}; the experts "
-                            "must share the target's tokenizer (give a model of the same family)")
+            raise UserError(f"--expert-base {self.config.expert_base}: {problem}; the experts must share the target's "
+                            "tokenizer (give a model of the same family)")
         self.expert_base = base
 
     # ---- what the method fits before searching --------------------------------------------------
