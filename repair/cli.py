@@ -236,7 +236,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from repair.compare import CompareConfig, generate_all, page, read_prompts, same_tokenizer, side_by_side
+    from repair.compare import CompareConfig, generate_all, page, read_prompts, side_by_side
     from repair.io import check_writable, write_text_atomic
     from repair.load import load, read_manifest
 
@@ -249,11 +249,11 @@ def cmd_compare(args) -> int:
     run_dir = args.repaired.parent if (args.repaired.parent / "candidates.jsonl").is_file() else None
     target = args.html or (run_dir / "compare.html" if run_dir else Path("compare.html"))
     check_writable(target, "--html")
-    from repair.models import load_model
+    from repair.models import load_model, same_vocabulary
 
     base = load_model(model_spec(args))
     model, tokenizer = load(args.repaired, device=str(next(base.model.parameters()).device))
-    if not same_tokenizer(base.tokenizer, tokenizer):
+    if not same_vocabulary(base.tokenizer, tokenizer):
         raise UserError(f"--model {args.model} and --repaired {args.repaired} have different tokenizers: compare a "
                         "checkpoint with the model it was repaired from")
     config = CompareConfig(max_new_tokens=args.max_new_tokens, seed=args.seed)

@@ -58,10 +58,6 @@ def read_prompts(path: Path | None) -> list[str]:
     return prompts + own
 
 
-def same_tokenizer(a, b) -> bool:
-    return a.get_vocab() == b.get_vocab()
-
-
 def generate_all(model, tokenizer, prompts: list[str], config: CompareConfig) -> list[dict]:
     """{"greedy": text, "sampled": text} per prompt; sampling reseeded per prompt."""
     import torch

@@ -189,22 +189,26 @@ def save(models: dict, folder: Path, info: dict) -> dict:
     return record
 
 
-def load_saved(folder: Path, device, dtype, sha256: dict | None = None) -> dict | None:
-    """The experts saved in `folder` (None when there are none), checked against their sha256."""
+def load_models(folder: Path, device, dtype) -> dict:
+    """{role: the checkpoint in folder/role}, on `device` in `dtype`, for inference (a run's experts,
+    a bundle's)."""
     from transformers import AutoModelForCausalLM
 
+    return {role: AutoModelForCausalLM.from_pretrained(Path(folder) / role, dtype=dtype).to(device).eval().requires_grad_(False)
+            for role in ROLES}
+
+
+def load_saved(folder: Path, device, dtype, sha256: dict | None = None) -> dict | None:
+    """The experts saved in `folder` (None when there are none), checked against their sha256."""
     record_path = folder / "experts.json"
     if not record_path.is_file():
         return None
-    record = json.loads(record_path.read_text())
-    want = sha256 or record["sha256"]
-    models = {}
+    want = sha256 or json.loads(record_path.read_text())["sha256"]
     for role in ROLES:
         if not (folder / role).is_dir() or _digest(folder / role) != want.get(role):
             raise UserError(f"{folder / role} is missing or does not match its sha256 in {record_path} "
                             "(delete the folder to train the experts again)")
-        models[role] = AutoModelForCausalLM.from_pretrained(folder / role, dtype=dtype).to(device).eval().requires_grad_(False)
-    return models
+    return load_models(folder, device, dtype)
 
 
 def prepare(loaded, eval_config, folder: Path, config: TrainConfig, expert_base=None) -> tuple[dict, dict]:

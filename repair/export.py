@@ -189,7 +189,7 @@ def _what_was_done(manifest: dict) -> list[str]:
     loading = ["in `interventions.safetensors`. Load it repaired with `model, tokenizer = repair.load(path)` (plain",
                "transformers loads the unrepaired base model from this folder)."]
     if manifest["method"] == "experts":
-        return [f"Made by fairness-repair (`experts`): decoding-time experts. At every generated token the logits",
+        return ["Made by fairness-repair (`experts`): decoding-time experts. At every generated token the logits",
                 f"are shifted by alpha {manifest['alpha']:g} x the difference between an expert (`expert/`, tuned on",
                 f"anti-stereotypical text) and an anti-expert (`anti_expert/`, on stereotypical text), rule `{manifest['rule']}`.",
                 "The weights in this folder are the base model's; the experts and the setting are beside them, the setting",
@@ -197,7 +197,7 @@ def _what_was_done(manifest: dict) -> list[str]:
     if manifest["method"] == "fairsteer":
         gate = ("at every position" if manifest["threshold"] is None
                 else f"where its probe's P(biased) exceeds {manifest['threshold']:g}")
-        return [f"Made by fairness-repair (`fairsteer`): a steering vector added to the residual stream of layer",
+        return ["Made by fairness-repair (`fairsteer`): a steering vector added to the residual stream of layer",
                 f"{manifest['layer']} (alpha {manifest['alpha']:g} x the layer's mean activation norm) {gate}.",
                 "The weights are the base model's; the probes, vectors and settings are", *loading]
     return [f"Made by fairness-repair (`{manifest['method']}`): a FairMed neutralizer on the MLP outputs of layers",

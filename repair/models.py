@@ -185,6 +185,12 @@ def resolve_source(name: str) -> tuple[str, Path | None]:
     return name, None
 
 
+def same_vocabulary(tokenizer, other) -> bool:
+    """Whether two tokenizers map text to the same token ids (a repair's experts and its target, a
+    checkpoint and the model it is compared with)."""
+    return tokenizer.get_vocab() == other.get_vocab()
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load the model and tokenizer in inference mode on the resolved device and dtype (resolve_source
     checks the transformers version first)."""

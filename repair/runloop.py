@@ -88,9 +88,9 @@ class Scorer:
             if hook is not self.transform:
                 hook.set_rows(rows)
 
-    def batch_size(self, config: RunConfig) -> int:
+    def batch_size(self, batch_masks: int) -> int:
         """Keys per evaluation batch: --batch-masks, or what a method evaluates at once (the experts' grid)."""
-        return max([config.batch_masks, *(getattr(m, "keys_per_batch", 0) for m in self.methods.values())])
+        return max([batch_masks, *(getattr(m, "keys_per_batch", 0) for m in self.methods.values())])
 
     def files(self) -> dict[str, str]:
         """Data file -> sha256 of every suite read, to check that workers read the same data."""
@@ -139,7 +139,7 @@ class Search:
     def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
         """Evaluate (key, phase) pairs not yet stored; return the keys in order (the method's sequence)."""
         with progress_bar(len(items), desc) as bar:
-            self.records.evaluate(items, self.scorer.scorer("search"), batch_size=self.scorer.batch_size(self.config), progress=bar,
+            self.records.evaluate(items, self.scorer.scorer("search"), batch_size=self.scorer.batch_size(self.config.batch_masks), progress=bar,
                                   work=not self.config.workers_only, stage="sampling")
         return [k for k, _ in items]
 
@@ -308,7 +308,7 @@ def verify(config: RunConfig, scorer: Scorer, keys: list[str], split: str) -> di
     records.fail_stale(local_dead=True)
     desc = "verifying finalists on the select split" if split == "select" else "measuring on the report split"
     with progress_bar(len(keys), desc) as bar:
-        done = records.evaluate([(k, split) for k in keys], scorer.scorer(split), batch_size=scorer.batch_size(config),
+        done = records.evaluate([(k, split) for k in keys], scorer.scorer(split), batch_size=scorer.batch_size(config.batch_masks),
                                 progress=bar, work=not config.workers_only, stage="verification")
     return {k: {a: done[k].user_attrs.get(a) for a in ("fairness", "utility", "metrics", "units")} for k in keys}
 

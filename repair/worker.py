@@ -99,7 +99,7 @@ def run_worker(worker: WorkerConfig) -> int:
         with tqdm(desc="worker: evaluated", unit="config", dynamic_ncols=True) as bar:
             while True:
                 for records, score, stage in queues:
-                    claimed = records.claim(max(worker.batch_masks, getattr(method, "keys_per_batch", 0)))
+                    claimed = records.claim(scorer.batch_size(worker.batch_masks))
                     if claimed:
                         stored = records.work(claimed, score, stage)
                         n += stored

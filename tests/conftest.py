@@ -50,6 +50,15 @@ def model_dir(tmp_path_factory):
     return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
 
+def small_run(model_dir, tmp_path_factory, name: str, *flags) -> Path:
+    """A SMALL `repair run FLAGS` of the tiny model, finished, in a fresh folder named after `name`."""
+    from repair.cli import main
+
+    out = tmp_path_factory.mktemp(name) / "run"
+    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL, *flags]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def finished_run(model_dir, tmp_path_factory):
     """One uninterrupted SMALL run, shared by the tests that read a finished run; its

@@ -7,8 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import SMALL, rescore_as_a_worker, run_cli, stored
-from repair.cli import main
+from conftest import SMALL, rescore_as_a_worker, run_cli, small_run, stored
 from repair.experts import load_saved
 from repair.interventions.experts import ExpertSetting, ExpertsTransform
 from repair.space import ExpertSpace
@@ -18,9 +17,7 @@ EXPERTS = ["--method", "experts"]
 
 @pytest.fixture(scope="module")
 def experts_run(model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("experts") / "run"
-    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL, *EXPERTS]) == 0
-    return out
+    return small_run(model_dir, tmp_path_factory, "experts", *EXPERTS)
 
 
 def _trials(run):

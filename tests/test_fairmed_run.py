@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SMALL, rescore_as_a_worker, run_cli
-from repair.cli import main
+from conftest import rescore_as_a_worker, run_cli, small_run
 from repair.errors import UserError
 from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting
 from repair.probers import Probers
@@ -22,9 +21,7 @@ IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 7, 100, 3]])
 
 @pytest.fixture(scope="module")
 def fairmed_run(model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fairmed") / "run"
-    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL, *FAIRMED]) == 0
-    return out
+    return small_run(model_dir, tmp_path_factory, "fairmed", *FAIRMED)
 
 
 @pytest.fixture(scope="module")

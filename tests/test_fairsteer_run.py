@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import SMALL, rescore_as_a_worker, run_cli
+from conftest import SMALL, rescore_as_a_worker, run_cli, small_run
 from repair.cli import main
 from repair.errors import UserError
 from repair.interventions.steerer import SteerSetting, Steerer
@@ -23,9 +23,7 @@ IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 7, 100, 3]])
 
 @pytest.fixture(scope="module")
 def fairsteer_run(model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fairsteer") / "run"
-    assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL, *FAIRSTEER]) == 0
-    return out
+    return small_run(model_dir, tmp_path_factory, "fairsteer", *FAIRSTEER)
 
 
 def _trials(run):

@@ -40,14 +40,14 @@ class Experts:
         from dataclasses import replace
 
         from repair.errors import ModelError
-        from repair.models import load_model
+        from repair.models import load_model, same_vocabulary
 
         try:
             base = load_model(replace(self.config.model, model=self.config.expert_base, device_map=None))
         except ModelError as exc:
             raise UserError(f"--expert-base: {exc}") from None
         problem = vocab_problem(loaded.model, (base.model,), names=("it",))
-        if problem is None and base.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+        if problem is None and not same_vocabulary(base.tokenizer, loaded.tokenizer):
             problem = "its tokenizer maps text to other token ids"
         if problem:
             raise UserError(f"--expert-base {self.config.expert_base}: {problem}; the experts must share the target's "
@@ -131,11 +131,6 @@ def attach(model, tensors: dict, meta: dict, folder: Path) -> ExpertsTransform:
     (repair.load); ValueError when they do not fit the model."""
     from repair import experts
 
-    from transformers import AutoModelForCausalLM
-
     param = next(model.parameters())
-    models = {}
-    for role in experts.ROLES:
-        models[role] = AutoModelForCausalLM.from_pretrained(Path(folder) / role, dtype=param.dtype).to(param.device)
-        models[role].eval().requires_grad_(False)
+    models = experts.load_models(folder, param.device, param.dtype)
     return ExpertsTransform(model, models["expert"], models["anti_expert"], [ExpertSetting(**meta["setting"])]).attach()
