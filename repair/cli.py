@@ -155,16 +155,23 @@ def cmd_run(args) -> int:
     from repair.run import run
     from repair.rundir import RunConfig
 
+    from repair.methods import BUDGET_EVALS, VERIFY_TOP, defaults_for
+
     data_dir = args.data_dir or os.environ.get("REPAIR_DATA_DIR") or None
+    several = defaults_for(args.method)  # one method or several: their defaults differ (refuses an unknown method)
     config = RunConfig(
         out=args.out, model=model_spec(args), method=args.method, data_dir=Path(data_dir) if data_dir else None,
-        fairness=args.fairness, utility=args.utility, budget_evals=args.budget_evals, rounds=args.rounds,
+        fairness=args.fairness, utility=args.utility, rounds=args.rounds,
+        budget_evals=BUDGET_EVALS[several] if args.budget_evals is None else args.budget_evals,
+        budget_shares=args.budget_shares, stack=several == "several" if args.stack is None else args.stack,
+        export_all=args.export_all,
         per_round=args.per_round, max_prune=args.max_prune, max_layers=args.max_layers, target=args.target,
         steer_labels=args.steer_labels, expert_base=args.expert_base,
         max_utility_loss=args.max_utility_loss,
         knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
         search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
-        report_ppl_tokens=args.report_ppl_tokens, verify_top=args.verify_top, bbq_mode=args.bbq_mode,
+        report_ppl_tokens=args.report_ppl_tokens,
+        verify_top=VERIFY_TOP[several] if args.verify_top is None else args.verify_top, bbq_mode=args.bbq_mode,
         batch_masks=args.batch_masks, storage=args.storage, study=args.study, workers_only=args.workers_only,
         heartbeat=args.heartbeat, seed=args.seed,
     )
@@ -308,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="prune (attention-head pruning), fairmed (probers and a neutralizer on MLP outputs, layers "
                          "searched), fairsteer (a probe-gated steering vector in the residual stream, layer, "
                          "strength and gate searched), experts (decoding-time expert and anti-expert models trained on "
-                         "the search split's text shift the logits, strength and rule searched)")
+                         "the search split's text shift the logits, strength and rule searched); a comma list of "
+                         "them or 'all' searches each with its share of --budget-evals and ranks them on one front")
     rn.add_argument("--out", type=Path, default=Path("runs/default"), help="run directory (default: runs/default)")
     rn.add_argument("--data-dir", type=Path, default=None,
                     help="folder with bbq/, mmlu/, wikitext2/ (default: $REPAIR_DATA_DIR); only needed for those suites")
@@ -317,7 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "distribution, the stereotype part), association (KL to uniform, which flattening group words "
                          "can game), bbq-margin, bbq-samb, bbq-sdis; weighted sums as 'association-neutral:1,bbq-margin:0.5'")
     rn.add_argument("--utility", default="text", help="utility objective: text or wikitext (perplexity), mmlu (accuracy)")
-    rn.add_argument("--budget-evals", type=int, default=120, help="LLM evaluations of masks in all (sampling + rounds)")
+    rn.add_argument("--budget-evals", type=int, default=None,
+                    help="LLM evaluations on the search split in all (sampling + rounds; default 120 for one method, "
+                         "200 shared by several)")
+    rn.add_argument("--budget-shares", default=None,
+                    help="several methods: each one's weight in --budget-evals, e.g. prune=2,fairmed=1 (default "
+                         "prune 35%%, fairmed 30%%, fairsteer 25%%, experts 10%%, renormalised over the methods run)")
+    rn.add_argument("--stack", action=argparse.BooleanOptionalAction, default=None,
+                    help="several methods: also verify the best configurations of each pair of methods applied "
+                         "together, ranked with the rest (default: on with several methods)")
+    rn.add_argument("--export-all", action="store_true",
+                    help="several methods: also export each method's best (and the best stack) to OUT/checkpoints/METHOD")
     rn.add_argument("--rounds", type=int, default=2, help="active-learning rounds: refit surrogates, anneal, evaluate")
     rn.add_argument("--per-round", type=int, default=8, help="masks evaluated for real in each round")
     rn.add_argument("--max-prune", type=float, default=0.2, help="largest fraction of heads a mask may prune")
@@ -340,8 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
     rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the held-out select and report splits (default: all)")
     rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the select and report splits")
-    rn.add_argument("--verify-top", type=int, default=6, help="finalists per method verified on the held-out select split (its built-in comparisons, e.g. "
-                         "fairmed's top-k rule: half as many)")
+    rn.add_argument("--verify-top", type=int, default=None,
+                    help="finalists per method verified on the held-out select split (default 6 for one method, whose "
+                         "built-in comparisons, e.g. fairmed's top-k rule, get half as many; 3 each for several)")
     rn.add_argument("--bbq-mode", choices=["cloze", "choice"], default="cloze", help="BBQ scoring mode for bbq objectives")
     rn.add_argument("--batch-masks", type=int, default=8, help="masks evaluated together in one batched forward")
     rn.add_argument("--storage", default=None, help="Optuna RDB URL for the records (default: sqlite file in --out)")

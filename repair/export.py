@@ -188,6 +188,16 @@ def _what_was_done(manifest: dict) -> list[str]:
                 "`transformers.AutoModelForCausalLM.from_pretrained`, no custom code."]
     loading = ["in `interventions.safetensors`. Load it repaired with `model, tokenizer = repair.load(path)` (plain",
                "transformers loads the unrepaired base model from this folder)."]
+    if manifest["method"] == "stack":
+        from reports.records import describe_config
+
+        parts = manifest["stack"]
+        return [f"Made by fairness-repair (`stack`): the best configurations of {' and '.join(parts)} applied together:",
+                *[f"- {m}: {describe_config({'config': c})}" for m, c in parts.items()],
+                "",
+                *(["The pruned heads' slices of the attention output projection are zero in these weights; the other"]
+                  if "prune" in parts else ["The weights are the base model's; the"]),
+                "parts' tensors and settings (each under its method's prefix) are", *loading]
     if manifest["method"] == "experts":
         return ["Made by fairness-repair (`experts`): decoding-time experts. At every generated token the logits",
                 f"are shifted by alpha {manifest['alpha']:g} x the difference between an expert (`expert/`, tuned on",

@@ -3,7 +3,8 @@
 A pruned checkpoint is plain weights (its heads' slices are zero) and loads as it is; a hooked one
 (FairMed, FairSteer) is the base weights, `interventions.safetensors` and `repair_manifest.json`, and
 its intervention is re-attached here; an experts bundle also holds the two experts (`expert/`,
-`anti_expert/`), and the model's `generate()` applies their shift. Every file is checked against the manifest's sha256 first, and
+`anti_expert/`), and the model's `generate()` applies their shift; a stack (repair.stacks) is all of
+its parts at once, pruned weights included. Every file is checked against the manifest's sha256 first, and
 an intervention that does not fit the model's shapes is refused, in one line each.
 
     model, tokenizer = repair.load("runs/default/checkpoint")
@@ -26,6 +27,12 @@ def attach(model, method: str, tensors: dict, meta: dict, folder: Path | None = 
     for what it keeps beside them) to `model`; ValueError when it does not fit the model."""
     from importlib import import_module
 
+    from repair.space import STACK
+
+    if method == STACK:  # several methods' interventions, each under its own prefix (repair.stacks)
+        from repair.stacks import attach_saved_stack
+
+        return attach_saved_stack(model, tensors, meta, folder, attach)
     if method not in METHOD_FLAGS:
         raise ValueError(f"unknown intervention method {method!r}")
     meta = {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items()}
@@ -130,6 +137,9 @@ def attach_saved(model, path, setting: dict | None = None, *, verify: bool = Tru
     with safe_open(str(path / INTERVENTIONS), "pt") as f:
         meta = dict(f.metadata() or {})
     method = meta.pop("method", manifest.get("method"))
+    if setting and method == "stack":
+        raise UserError(f"{SETTING_FLAGS} change one method's setting; {path} holds a stack of "
+                        f"{', '.join(json.loads(meta['parts']))} (export its parts with repair run --export-all to tune them)")
     if setting:
         meta["setting"] = json.dumps(_merged_setting(model, method, json.loads(meta["setting"]), setting))
     try:

@@ -10,7 +10,7 @@ from repair import failpoints
 from repair.errors import UserError
 from repair.evaluate import versions
 from repair.export import model_card
-from repair.methods import METHODS, PLANNED
+from repair.methods import method_names, shares
 from repair.models import load_model
 from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, shown_label, utility_interval
 from repair.records import open_study, redact
@@ -18,27 +18,38 @@ from repair.rundir import RunConfig, prepare
 from repair.stats import format_change
 from repair.steering import LABELS
 from repair.suites import build_suite
-
-MIN_SAMPLES = 20  # fewer sampled masks than this leave the surrogates nothing to learn from
+from repair.space import MIN_SAMPLES, STACK, method_of
 
 
 def validate(config: RunConfig) -> Objectives:
-    if config.method in PLANNED:
-        raise UserError(f"--method {config.method} is not implemented yet; this version provides: {', '.join(METHODS)}")
-    if config.baselines and config.method in ("fairmed", "experts"):
-        own = "it always evaluates the top-k rule" if config.method == "fairmed" else "it evaluates its whole grid"
+    names = method_names(config.method)
+    several = len(names) > 1
+    if several and config.baselines:
+        raise UserError(f"--baselines compares one method with random search or knockouts; --method {config.method} "
+                        "compares methods with each other (run one method for its baselines)")
+    if config.stack and not several:
+        raise UserError(f"--stack applies the best configurations of two methods together; --method {config.method} "
+                        "runs one (give --method all or a comma list)")
+    if config.budget_shares is not None and not several:
+        raise UserError(f"--budget-shares splits the budget between methods; --method {config.method} runs one "
+                        "(leave the flag out, or give --method all or a comma list)")
+    if config.export_all and not several:
+        raise UserError(f"--export-all exports each method's best; --method {config.method} runs one, whose best "
+                        "is the checkpoint (leave the flag out)")
+    shares(config)  # a malformed --budget-shares is refused before anything loads
+    method = names[0]
+    if config.baselines and method in ("fairmed", "experts"):
+        own = "it always evaluates the top-k rule" if method == "fairmed" else "it evaluates its whole grid"
         raise UserError(f"--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
-                        f"{config.method} has its own ({own})")
-    if config.expert_base and config.method != "experts":
+                        f"{method} has its own ({own})")
+    if config.expert_base and "experts" not in names:
         raise UserError(f"--expert-base is the starting model of --method experts' experts; --method {config.method} "
                         "trains none (leave the flag out)")
-    if "knockout" in config.baselines and config.method != "prune":
-        raise UserError(f"--baselines knockout knocks out attention heads: a baseline of --method prune, not {config.method}")
+    if "knockout" in config.baselines and method != "prune":
+        raise UserError(f"--baselines knockout knocks out attention heads: a baseline of --method prune, not {method}")
     unknown = [b for b in config.baselines if b not in ("random", "knockout")]
     if unknown:
         raise UserError(f"unknown baseline {unknown[0]!r} (choose from random, knockout)")
-    if config.method not in METHODS:
-        raise UserError(f"unknown --method {config.method!r} (choose from {', '.join((*METHODS, *PLANNED))})")
     objectives = Objectives.parse(config.fairness, config.utility)
     if not 0 < config.max_prune < 1:
         raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
@@ -60,7 +71,7 @@ def validate(config: RunConfig) -> Objectives:
     if config.seed < 0:
         raise UserError(f"--seed must be 0 or more, got {config.seed}")
     n_sample = config.budget_evals - config.rounds * config.per_round
-    if n_sample < MIN_SAMPLES:
+    if not several and n_sample < MIN_SAMPLES:  # several methods: checked per method, once the model is loaded
         raise UserError(f"--budget-evals {config.budget_evals} leaves {n_sample} sampled masks after "
                         f"{config.rounds} rounds x {config.per_round}; the surrogates need at least {MIN_SAMPLES} "
                         f"(raise --budget-evals to {MIN_SAMPLES + config.rounds * config.per_round} or more)")
@@ -75,8 +86,9 @@ def run(config: RunConfig) -> int:
     objectives = validate(config)
     from repair.runloop import eval_config
 
+    names = method_names(config.method)
     files = {}
-    labelling = ("bbq",) if config.method == "fairsteer" and config.steer_labels == "bbq" else ()
+    labelling = ("bbq",) if "fairsteer" in names and config.steer_labels == "bbq" else ()
     for split in ("search", "report"):  # validate every data file before any model or disk work
         for name in (*objectives.suites, *labelling):
             suite = build_suite(name, eval_config(config, split), None)
@@ -86,9 +98,12 @@ def run(config: RunConfig) -> int:
     loaded = load_model(config.model)  # a model the method cannot repair is refused before anything is written
     from repair.methods import build
 
-    method = build(config, loaded.model)
-    if hasattr(method, "check_inputs"):
-        method.check_inputs(loaded)  # e.g. the experts' base model: loadable, the target's vocabulary
+    methods = build(config, loaded.model)
+    if len(methods) > 1:
+        check_budget(config, methods)
+    for method in methods.values():
+        if hasattr(method, "check_inputs"):
+            method.check_inputs(loaded)  # e.g. the experts' base model: loadable, the target's vocabulary
     resuming = prepare(config, {"storage": redact(config.storage_url), "study": config.study_name,
                                 "versions": versions(), "objectives": objectives.describe()})
     if resuming:
@@ -97,29 +112,56 @@ def run(config: RunConfig) -> int:
         print(f"waiting for workers: repair worker --storage {redact(config.storage_url)} --study {config.study_name}", file=sys.stderr)
     from repair.runloop import run_search
 
-    result = run_search(config, loaded, objectives, method)
-    chosen = next(c for c in result["candidates"] if c["chosen"])
-    base = result["candidates"][0]
-    manifest = {
-        "method": config.method,
-        "model": loaded.describe(),
-        "key": chosen["key"],
-        **method.space.describe(chosen["key"]),
-        "objectives": objectives.describe(),
-        "max_utility_loss": config.max_utility_loss,
-        "chosen_on": "select", "reported_on": "report",
-        "metrics": {split: {"base": _side(base[split]), "repaired": _side(chosen[split])} for split in ("search", "select", "report")},
-        "changes": chosen["changes"],  # repaired against unrepaired, paired 95% intervals, per held-out split
-        "data_files": files,
-        "versions": versions(),
-        "command": sys.argv,
-        "n_llm_evaluations": result["n_evaluations"],
-    }
-    method.export(loaded, chosen["key"], config.out / "checkpoint", manifest, model_card(manifest))
+    result = run_search(config, loaded, objectives, methods)
+    candidates = result["candidates"]
+    chosen = next(c for c in candidates if c["chosen"])
+    base = candidates[0]
+    common = {"model": loaded.describe(), "objectives": objectives.describe(), "max_utility_loss": config.max_utility_loss,
+              "chosen_on": "select", "reported_on": "report", "data_files": files, "versions": versions(),
+              "command": sys.argv, "n_llm_evaluations": result["n_evaluations"]}
+    export(methods, loaded, chosen, base, config.out / "checkpoint", common, config)
+    if config.export_all:
+        for c in candidates:
+            for name in c["best_of"]:
+                if name in methods or name == STACK:
+                    export(methods, loaded, c, base, config.out / "checkpoints" / name, common, config)
     failpoints.reached("export")
+    if len(methods) > 1:
+        from repair.costs import measure_costs
+
+        measure_costs(config, loaded, methods, candidates, result)
     report = write_run_report(config.out)
-    _print_summary(config, objectives, base, chosen, report, result, method)
+    _print_summary(config, objectives, base, chosen, report, result, methods)
     return 0
+
+
+def check_budget(config: RunConfig, methods: dict) -> None:
+    """Refuse, naming the method and what it needs, a budget whose share leaves a method less than its minimum."""
+    split = shares(config)
+    for name, method in methods.items():
+        need = method.min_budget()
+        if method.config.budget_evals < need:
+            total = int(-(-need // split[name])) + 1  # the smallest --budget-evals whose share covers it
+            raise UserError(f"--budget-evals {config.budget_evals} gives {name} {method.config.budget_evals} LLM evaluations "
+                            f"({split[name]:.0%}); it needs at least {need} (raise --budget-evals to {total}, or give "
+                            f"{name} a larger --budget-shares)")
+
+
+def export(methods: dict, loaded, candidate: dict, base: dict, target: Path, common: dict, config: RunConfig) -> Path:
+    """Export one configuration (a method's, a stack, or the unrepaired model) with its manifest and card."""
+    key = candidate["key"]
+    name = method_of(key) or next(iter(methods))
+    manifest = {"method": name, **({"run_method": config.method} if config.method != name else {}),
+                "model": common["model"], "key": key, **candidate["config"],
+                **{k: v for k, v in common.items() if k != "model"},
+                "metrics": {split: {"base": _side(base[split]), "repaired": _side(candidate[split])}
+                            for split in ("search", "select", "report")},
+                "changes": candidate["changes"]}  # repaired against unrepaired, paired 95% intervals, per held-out split
+    if name == STACK:
+        from repair.stacks import export_stack
+
+        return export_stack(methods, loaded, key, target, manifest, model_card(manifest))
+    return methods[name].export(loaded, key, target, manifest, model_card(manifest))
 
 
 def _side(side: dict) -> dict:
@@ -142,7 +184,15 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
     return rows
 
 
-def _print_summary(config, objectives, base, chosen, report, result, method) -> None:
+def describe_chosen(methods: dict, candidate: dict) -> str:
+    """The method's own summary line of a configuration; each part's for a stack."""
+    config = candidate["config"]
+    if "stack" in config:
+        return "stack: " + " + ".join(methods[m].summary({"config": c}) for m, c in config["stack"].items())
+    return methods[method_of(candidate["key"]) or next(iter(methods))].summary(candidate)
+
+
+def _print_summary(config, objectives, base, chosen, report, result, methods) -> None:
     print(f"\nLLM evaluations: {result['n_evaluations']} in {result['seconds'] / 60:.1f} min")
     if chosen is base:
         print("no repaired configuration kept utility within the limit on the select split: the checkpoint is the unrepaired model")
@@ -152,7 +202,15 @@ def _print_summary(config, objectives, base, chosen, report, result, method) -> 
     print(f"{'report split'.ljust(width)}  unrepaired    repaired  change [paired 95% CI] (* excludes 0)")
     for label, a, b, change in rows:
         print(f"{label.ljust(width)}  {a:10.4f}  {b:10.4f}  {change}")
-    print(method.summary(chosen))
+    print(describe_chosen(methods, chosen))
+    if len(methods) > 1:
+        print("each method's best (chosen on the select split), on the report split:")
+        for c in result["candidates"]:
+            for name in c["best_of"]:
+                if name in methods or name == STACK:
+                    fair = format_change(((c["changes"] or {}).get("report") or {}).get("fairness"))
+                    util = format_change(((c["changes"] or {}).get("report") or {}).get("utility"))
+                    print(f"  {name:<10} fairness {fair}, utility {util}: {describe_chosen(methods, c)}")
     print(f"checkpoint: {config.out / 'checkpoint'}")
     print(f"report:     {report}")
 
@@ -180,14 +238,21 @@ def write_run_report(run_dir: Path) -> Path:
     identity = saved["identity"]
     objectives = Objectives.parse(identity["fairness"], identity["utility"])
     candidates = [json.loads(line) for line in cand_path.read_text().splitlines() if line.strip()]
-    points = []
+    names = method_names(identity["method"])
+    points, select_points = [], []
     for i, c in enumerate(candidates):
+        kind = "base" if i == 0 else ("chosen" if c["chosen"] else "best" if c["best_of"] else "candidate")
+        name = "unrepaired" if i == 0 else _name(c["phase"], c["key"])
+        sel = c["select"]
+        select_points.append({"name": name, "method": "base" if i == 0 else c["methods"][0], "kind": kind, "split": "select",
+                              "fairness": sel["fairness"], "utility": sel["utility"], "config": c["config"],
+                              "fairness_ci": fairness_interval(objectives, sel["metrics"]),
+                              "utility_ci": utility_interval(objectives, sel["metrics"])})
         rep = c["report"]
         if rep is None:  # verified on the select split only: not on the report's axes
             continue
-        kind = "base" if i == 0 else ("chosen" if c["chosen"] else "candidate")
         points.append({
-            "name": "unrepaired" if i == 0 else _name(c["phase"], c["key"]), "method": "base" if i == 0 else c["methods"][0],
+            "name": name, "method": "base" if i == 0 else c["methods"][0], "best_of": c["best_of"],
             "kind": kind, "split": "report", "fairness": rep["fairness"], "utility": rep["utility"],
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
             "config": c["config"],
@@ -197,12 +262,13 @@ def write_run_report(run_dir: Path) -> Path:
             "select": {"fairness": c["select"]["fairness"], "utility": c["select"]["utility"]},
         })
     fits = []
-    folder = run_dir / "surrogates" if identity["method"] == "prune" else run_dir / identity["method"] / "surrogates"
-    for plan in sorted(folder.glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
-        data = json.loads(plan.read_text())
-        for objective, fit in data["fits"].items():
-            fits.append({"objective": objective, "predicted": fit["predicted"], "measured": fit["measured"],
-                         "scores": fit["scores"], "label": f"round {data['round']}"})
+    for method in names:
+        folder = run_dir / "surrogates" if method == "prune" else run_dir / method / "surrogates"
+        for plan in sorted(folder.glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+            data = json.loads(plan.read_text())
+            for objective, fit in data["fits"].items():
+                fits.append({"objective": objective, "predicted": fit["predicted"], "measured": fit["measured"], "scores": fit["scores"],
+                             "label": f"{method} round {data['round']}" if len(names) > 1 else f"round {data['round']}"})
     meta = {"model": identity["model"]["model"], "method": identity["method"],
             "splits": "chosen on the select split; every number shown is from the report split, which no choice has seen",
             "command": " ".join(saved.get("command", [])), "versions": json.dumps(saved.get("versions", {})),
@@ -216,6 +282,7 @@ def write_run_report(run_dir: Path) -> Path:
     elif steer_scores.is_file():
         probes = [{**s, "kind": "fairsteer", "attribute": "biased vs unbiased"} for s in json.loads(steer_scores.read_text())["scores"]]
     desc = objectives.describe()
+    costs = json.loads((run_dir / "costs.json").read_text()) if (run_dir / "costs.json").is_file() else None
     return write_report(run_dir / "report", points, objectives={k: {"name": v["name"], "better": v["better"]} for k, v in desc.items()},
                         fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta,
-                        probes=probes)
+                        probes=probes, select_points=select_points if len(names) > 1 else None, costs=costs)

@@ -21,11 +21,13 @@ class RunConfig:
 
     out: Path
     model: ModelSpec = field(default_factory=ModelSpec)
-    method: str = "prune"
+    method: str = "prune"  # one method, a comma list of them, or "all" (repair.methods)
     data_dir: Path | None = None
     fairness: str = "association-neutral"  # the stereotype part; kl_uniform is shown beside it
     utility: str = "text"
-    budget_evals: int = 120
+    budget_evals: int = 120  # with several methods: shared by them, `budget_shares` or the default split
+    budget_shares: str | None = None  # "prune=2,fairmed=1": each method's weight (None: methods.DEFAULT_SHARES)
+    stack: bool = False  # several methods: also evaluate the best of each pair of methods applied together
     rounds: int = 2
     per_round: int = 8
     max_prune: float = 0.2  # prune: the largest fraction of heads a mask may prune
@@ -48,6 +50,7 @@ class RunConfig:
     workers_only: bool = False  # leave every evaluation to `repair worker` processes
     heartbeat: int = 10  # seconds between heartbeats; a trial is stale after three missed ones
     seed: int = 0
+    export_all: bool = False  # several methods: also export each method's best to checkpoints/METHOD
 
     @property
     def storage_url(self) -> str:
@@ -63,7 +66,7 @@ class RunConfig:
         the weights' fingerprint, device type, resolved dtype), since a bfloat16 GPU run or another
         checkpoint behind the same path gives other numbers for the same flags."""
         d = asdict(self)
-        for k in ("out", "storage", "study", "batch_masks", "workers_only", "heartbeat"):
+        for k in ("out", "storage", "study", "batch_masks", "workers_only", "heartbeat", "export_all"):
             d.pop(k)
         d["model"] = {"model": self.model.model, "trust_remote_code": self.model.trust_remote_code}
         d["numbers"] = model_numbers(self.model)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,7 @@ from repair.models import LoadedModel
 from repair.objectives import SHOWN_SUITES, ConfigEvaluator, Objectives, paired_changes
 from repair.records import Records, open_study
 from repair.rundir import RunConfig
-from repair.space import BASE, method_of
+from repair.space import BASE, STACK, method_of, parts, stack_key
 from repair.suites.base import EvalConfig
 from search import TrustRegion, pareto_front, sweep
 from surrogate import ChecksumError, fit_surrogate, joint_predictor, load, save
@@ -97,19 +99,22 @@ class Scorer:
         return {f: h for ev in self.objectives.values() for s in ev.suites.values() for f, h in (getattr(s, "files", {}) or {}).items()}
 
     def set_keys(self, keys: list[str]) -> None:
+        """Each intervention's setting for every key: its own part of the key (a stack has several), else
+        the identity."""
+        found = [parts(k) for k in keys]
         for name, hook in self.hooks.items():
             space = self.methods[name].space
-            hook.set_variants([space.config(k if method_of(k) == name else BASE) for k in keys])
+            hook.set_variants([space.config(p.get(name, BASE)) for p in found])
         if self.transform is not None:  # a key shares the forward of the first key equal to it but for the transform
             transformed = next(n for n, h in self.hooks.items() if h is self.transform)
-            rest = [k if method_of(k) != transformed else BASE for k in keys]
+            rest = [sorted((m, k) for m, k in p.items() if m != transformed) for p in found]
             self.transform.forward_of = [rest.index(r) for r in rest]
 
     def scorer(self, split: str):
         """Evaluates a batch of keys on `split`; held-out evaluations keep the per-unit numbers that
         paired intervals of their changes need."""
         def score(keys: list[str]) -> list[dict]:
-            unknown = sorted({method_of(k) for k in keys} - {None} - set(self.methods))
+            unknown = sorted({m for k in keys for m in parts(k)} - set(self.methods))
             if unknown:
                 raise UserError(f"the study holds configurations of method {unknown[0]!r}, which this process was "
                                 "not started for (start the worker for the run's own --method)")
@@ -126,6 +131,14 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="config", dynamic_ncols=True)
 
 
+def evaluate_search(config: RunConfig, scorer: Scorer, records: Records, items: list[tuple[str, str]], desc: str) -> list[str]:
+    """Evaluate (key, phase) pairs not yet stored on the search split; return the keys in order."""
+    with progress_bar(len(items), desc) as bar:
+        records.evaluate(items, scorer.scorer("search"), batch_size=scorer.batch_size(config.batch_masks), progress=bar,
+                         work=not config.workers_only, stage="sampling")
+    return [k for k, _ in items]
+
+
 class Search:
     """One method's search over a loaded model; every phase resumes from the stored records."""
 
@@ -138,10 +151,7 @@ class Search:
 
     def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
         """Evaluate (key, phase) pairs not yet stored; return the keys in order (the method's sequence)."""
-        with progress_bar(len(items), desc) as bar:
-            self.records.evaluate(items, self.scorer.scorer("search"), batch_size=self.scorer.batch_size(self.config.batch_masks), progress=bar,
-                                  work=not self.config.workers_only, stage="sampling")
-        return [k for k, _ in items]
+        return evaluate_search(self.config, self.scorer, self.records, items, desc)
 
     # ---- surrogates and annealing, in rounds -----------------------------------------------
     def training_data(self, before_round: int | None = None):
@@ -338,40 +348,92 @@ def publish(study, config: RunConfig, files: dict[str, str], artifacts: dict) ->
     study.set_user_attr("finished", False)
 
 
-def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, method) -> dict:
-    """Search, verify, choose and report for one method; returns the candidates as run.py exports them."""
+class Timing:
+    """Wall seconds spent per method (fitting and its search-split evaluations) and on the shared
+    held-out evaluations, summed over every attempt of a resumed run (RUN_DIR/timing.json)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            write_json_atomic(self.path, self.seconds)
+
+
+def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, methods: dict) -> dict:
+    """Search each of `methods` (name -> method, each with its own share of the budget in
+    `method.config`), then verify, choose and report over all of them together; returns the
+    candidates as run.py exports them.
+
+    One method keeps its built-in comparisons (top-k, layer sweep, baselines) as sequences of their
+    own; several are ranked against each other instead, and with `config.stack` the best of each pair
+    of methods is also evaluated applied together (a stack) and ranked with them."""
     started = time.perf_counter()
     records = Records(open_study(config.storage_url, config.study_name, config.heartbeat))
     records.fail_stale(local_dead=True)
-    method.prepare(loaded, config)
-    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, {method.name: method})
+    timing = Timing(config.out / "timing.json")
+    for name, method in methods.items():
+        with timing(name):
+            method.prepare(loaded, method.config)
+    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods)
+    several = len(methods) > 1
     try:
-        search = Search(config, objectives, scorer, method, records)
-        publish(records.study, config, scorer.files(), method.artifacts())
-        sequences = {method.name: search.evaluate(method.seed(search), method.seed_description)}
-        for r in range(1, config.rounds + 1):
-            sequences[method.name] += search.round(r)
-        sequences.update(method.baselines(search))
-        # the method's built-in comparisons (top-k, layer-sweep, always-on) need only their best few verified:
-        # half as many finalists (a held-out evaluation costs about ten search-split ones); --baselines all
-        finalists = {name: search.finalists(seq, None if name == method.name or name in config.baselines
-                                            else max(1, config.verify_top // 2))
-                     for name, seq in sequences.items()}
-        done = records.completed()
-        to_select = list(dict.fromkeys([BASE] + [k for keys in finalists.values() for k in keys]))
-        selected = verify(config, scorer, to_select, "select")
-        chosen = choose(objectives, selected, BASE, finalists[method.name], config.max_utility_loss)
-        best = {m: choose(objectives, selected, BASE, keys, config.max_utility_loss) for m, keys in finalists.items()}
-        # only now, after every choice, the report split: what the user is shown
-        to_report = list(dict.fromkeys([BASE, chosen, *best.values(), *select_front(objectives, selected)]))
-        reported = verify(config, scorer, to_report, "report")
+        searches = {name: Search(m.config, objectives, scorer, m, records) for name, m in methods.items()}
+        publish(records.study, config, scorer.files(), {k: v for m in methods.values() for k, v in m.artifacts().items()})
+        sequences, owner = {}, {}
+        for name, method in methods.items():
+            search = searches[name]
+            with timing(name):
+                sequences[name] = search.evaluate(method.seed(search), method.seed_description
+                                                  + (f" ({name})" if several else ""))
+                for r in range(1, method.config.rounds + 1):
+                    sequences[name] += search.round(r)
+                own = method.baselines(search) if not several else {}
+            owner[name] = name
+            for seq_name, seq in own.items():
+                sequences[seq_name], owner[seq_name] = seq, name
+        # the built-in comparisons (top-k, layer-sweep, always-on) need only their best few verified: half as
+        # many finalists (a held-out evaluation costs about ten search-split ones); --baselines all of theirs
+        finalists = {seq_name: searches[owner[seq_name]].finalists(
+                         seq, None if seq_name in methods or seq_name in config.baselines
+                         else max(1, methods[owner[seq_name]].config.verify_top // 2))
+                     for seq_name, seq in sequences.items()}
+        with timing("held-out"):
+            to_select = list(dict.fromkeys([BASE] + [k for keys in finalists.values() for k in keys]))
+            selected = verify(config, scorer, to_select, "select")
+            best = {m: choose(objectives, selected, BASE, keys, config.max_utility_loss) for m, keys in finalists.items()}
+        if several and config.stack:
+            stacks = stack_candidates(best, methods)
+            with timing(STACK):
+                evaluate_search(config, scorer, records, [(k, STACK) for k in stacks], "stacks: best configurations in pairs")
+            with timing("held-out"):
+                selected.update(verify(config, scorer, stacks, "select"))
+            finalists[STACK], owner[STACK] = stacks, None
+            sequences[STACK] = [BASE, *stacks]
+            best[STACK] = choose(objectives, selected, BASE, stacks, config.max_utility_loss)
+            to_select += stacks
+        allowed = [k for seq_name, keys in finalists.items() if seq_name in methods or seq_name == STACK for k in keys]
+        chosen = choose(objectives, selected, BASE, allowed, config.max_utility_loss)
+        # only now, after every choice, the report split: what the user is shown (every stack, so the report
+        # shows whether stacking beats its parts)
+        with timing("held-out"):
+            to_report = list(dict.fromkeys([BASE, chosen, *best.values(), *finalists.get(STACK, []),
+                                            *select_front(objectives, selected)]))
+            reported = verify(config, scorer, to_report, "report")
         records.study.set_user_attr("finished", True)  # workers may leave
     finally:
         scorer.close()
+    done = records.completed()
     bound = objectives.utility_bound(selected[BASE]["utility"], config.max_utility_loss)
     measured = {"select": selected, "report": reported}
     candidates = [{
-        "key": k, "phase": done[k].user_attrs["phase"], "method": method_of(k) or "base", "config": method.space.describe(k),
+        "key": k, "phase": done[k].user_attrs["phase"], "method": method_of(k) or "base", "config": describe(methods, k),
         "methods": [m for m, keys in finalists.items() if k in keys], "chosen": k == chosen,
         "best_of": [m for m, b in best.items() if b == k and k != BASE],
         "meets_constraint_on_select": objectives.meets(selected[k]["utility"], bound),
@@ -387,8 +449,22 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
     write_json_atomic(config.out / "methods.json", {
         name: {"evaluations": len(seq), "best": best_verified(seq, candidates, name)} for name, seq in sequences.items()
     })
-    return {"candidates": candidates, "fits": search.fits, "n_evaluations": len(done),
-            "seconds": time.perf_counter() - started}
+    return {"candidates": candidates, "fits": [f for s in searches.values() for f in s.fits], "n_evaluations": len(done),
+            "seconds": time.perf_counter() - started, "timing": timing.seconds, "sequences": sequences}
+
+
+def stack_candidates(best: dict[str, str], methods: dict) -> list[str]:
+    """Every pair of methods whose best configuration on the select split is a repair (not the
+    unrepaired model), applied together."""
+    repaired = [best[m] for m in methods if best.get(m, BASE) != BASE]
+    return [stack_key((a, b), methods) for a, b in combinations(repaired, 2)]
+
+
+def describe(methods: dict, key: str) -> dict:
+    """A configuration in the report's words: its method's description, or each part's for a stack."""
+    if method_of(key) == STACK:
+        return {"stack": {m: methods[m].space.describe(k) for m, k in parts(key).items()}}
+    return methods[method_of(key) or next(iter(methods))].space.describe(key)
 
 
 def _numbers(row: dict) -> dict:

@@ -13,7 +13,8 @@ from reports.svg import INK, MUTED, Axis, disc_path, domain, esc, fmt, frame, nu
 from reports.records import describe_config
 
 # Okabe-Ito colours (distinguishable with the common colour-vision deficiencies).
-METHOD_COLOURS = {"prune": "#0072B2", "search": "#0072B2", "random": "#E69F00", "knockout": "#009E73", "base": "#6e7781"}
+METHOD_COLOURS = {"prune": "#0072B2", "search": "#0072B2", "random": "#E69F00", "knockout": "#009E73", "base": "#6e7781",
+                  "fairmed": "#D55E00", "fairsteer": "#CC79A7", "experts": "#56B4E9", "stack": "#000000"}
 SPARE_COLOURS = ("#D55E00", "#CC79A7", "#56B4E9", "#8c6d31", "#000000", "#7f3c8d")
 FRONT_COLOUR = "#1f2328"
 CHOSEN_COLOUR = "#c9302c"
@@ -23,11 +24,12 @@ BASE_COLOUR = "#1f2328"
 def method_colours(points: Sequence[Mapping]) -> dict[str, str]:
     """A colour per method, stable for the known methods, in order of first appearance otherwise."""
     colours: dict[str, str] = {}
-    spare = iter(SPARE_COLOURS)
+    known = {p["method"]: METHOD_COLOURS[p["method"]] for p in points if p["method"] in METHOD_COLOURS}
+    spare = iter(c for c in SPARE_COLOURS if c not in known.values())
     for p in points:
         method = p["method"]
         if method not in colours:
-            colours[method] = METHOD_COLOURS.get(method) or next(spare, "#444444")
+            colours[method] = known.get(method) or next(spare, "#444444")
     return colours
 
 
@@ -124,10 +126,14 @@ def front_figure(
         )
     body.append("</g>")
 
-    # Base model and chosen checkpoint: a square / a star around the point, and a text label.
+    # Base model and chosen checkpoint: a square / a star around the point, and a text label; each
+    # method's best (several methods in one run): a ring in its colour.
     body.append('<g class="markers">')
     for i in shown:
         p = points[i]
+        if p["kind"] == "best":
+            body.append(f'<path d="{disc_path(x(p["fairness"]), y(p["utility"]), 9)}" fill="none" '
+                        f'stroke="{colours[p["method"]]}" stroke-width="2"/>')
         if p["kind"] not in ("base", "chosen"):
             continue
         px, py = x(p["fairness"]), y(p["utility"])
@@ -190,6 +196,10 @@ def _legend(points, shown, colours, on_front, x0: float, y0: float) -> list[str]
             f'stroke-linejoin="round"/>'
         )
         out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">chosen checkpoint</text>')
+    if any(points[i]["kind"] == "best" for i in shown):
+        y += 22
+        out.append(f'<path d="{disc_path(x0 + 7, y - 4, 7)}" fill="none" stroke="{MUTED}" stroke-width="2"/>')
+        out.append(f'<text x="{num(x0 + 20)}" y="{num(y)}">best of its method</text>')
     if any(points[i]["split"] == "search" for i in shown) and any(points[i]["split"] == "report" for i in shown):
         y += 22
         out.append(f'<path d="{disc_path(x0 + 7, y - 4, 4)}" fill="#ffffff" stroke="{MUTED}" stroke-width="1.4"/>')

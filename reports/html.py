@@ -75,6 +75,7 @@ tr.base td { background: #f3f4f6; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 10px; font-size: 12px; border: 1px solid var(--line); }
 .tag.chosen { border-color: #c9302c; color: #c9302c; }
 .tag.base { border-color: #57606a; color: #57606a; }
+.tag.best { border-color: #1f2328; color: #1f2328; }
 .swatch { display: inline-block; width: 9px; height: 9px; border-radius: 50%; margin-right: 6px; }
 .fits { display: flex; flex-wrap: wrap; gap: 20px 28px; }
 .fits figure { flex: 0 1 470px; }
@@ -97,10 +98,14 @@ def build_report(
     title: str = "",
     meta: Mapping | None = None,
     probes: Sequence[Mapping] | None = None,
+    select_points: Sequence[Mapping] | None = None,
+    costs: Mapping | None = None,
 ) -> dict[str, str]:
     """The report's files as {"index.html": ..., "pareto.csv": ..., "pareto.json": ...}. `probes`: the
     FairMed probers' held-out scores, one record per layer and attribute (`repair probe` writes them),
-    or FairSteer's probe scores (one per layer, `kind` "fairsteer")."""
+    or FairSteer's probe scores (one per layer, `kind` "fairsteer"). A run of several methods adds
+    `select_points` (every verified configuration on the select split, what the choice saw) and
+    `costs` (repair.costs: each method's evaluations, time, generation slowdown, extra parameters)."""
     objectives = check_objectives(objectives)
     pts = check_points(points)
     fit_records = check_fits(fits)
@@ -108,8 +113,11 @@ def build_report(
     meta = dict(meta or {})
     title = str(title or DEFAULT_TITLE)
     front = choose_front(pts, objectives)
+    select = check_points(select_points) if select_points else []
+    extra = [_select_view(select, objectives), _costs(costs, pts + select)]
     return {
-        "index.html": render_html(pts, front, objectives, fit_records, title=title, meta=meta, probes=probe_records),
+        "index.html": render_html(pts, front, objectives, fit_records, title=title, meta=meta, probes=probe_records,
+                                  extra=extra),
         "pareto.csv": csv_text([pts[i] for i in front]),
         "pareto.json": json_text(objectives, pts, front, title=title, meta=meta),
     }
@@ -124,6 +132,8 @@ def write_report(
     title: str = "",
     meta: Mapping | None = None,
     probes: Sequence[Mapping] | None = None,
+    select_points: Sequence[Mapping] | None = None,
+    costs: Mapping | None = None,
 ) -> Path:
     """Write out_dir/index.html, pareto.csv and pareto.json all at once; return the index.html path.
 
@@ -131,7 +141,8 @@ def write_report(
     and moved into place, so an existing report is only replaced by a complete new one (see
     reports.atomic.publish_dir). Raises ValueError, naming the record, on malformed input.
     """
-    files = build_report(points, objectives=objectives, fits=fits, title=title, meta=meta, probes=probes)
+    files = build_report(points, objectives=objectives, fits=fits, title=title, meta=meta, probes=probes,
+                         select_points=select_points, costs=costs)
     return publish_dir(Path(out_dir), files) / "index.html"
 
 
@@ -147,8 +158,9 @@ def render_html(
     title: str,
     meta: Mapping,
     probes: Sequence[Mapping] = (),
+    extra: Sequence[str] = (),
 ) -> str:
-    """The page for already checked records (see build_report)."""
+    """The page for already checked records (see build_report); `extra`: sections after the front table."""
     parts = [
         "<!doctype html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -161,6 +173,7 @@ def render_html(
         _summary(points, front, objectives),
         _tradeoff(points, front, objectives),
         _front_table(points, front, objectives),
+        *extra,
         _fits(fits, objectives),
         _probes(probes),
         _meta(meta),
@@ -171,6 +184,49 @@ def render_html(
         "</main></body></html>",
     ]
     return "\n".join(p for p in parts if p) + "\n"
+
+
+def _select_view(points, objectives) -> str:
+    """Every verified configuration as the choice saw it: the select split's numbers."""
+    if not points:
+        return ""
+    front = choose_front(points, objectives)
+    caption = ("Every configuration verified on the held-out select split, the numbers the choice was made on "
+               "(the report split above is what it is judged on). The line joins the select split's front.")
+    return ('<section id="select"><h2>Select split: every verified configuration</h2>'
+            f'<figure id="fig-select">{front_figure(points, front, objectives, element_id="fig-select-svg")}'
+            f"<figcaption>{esc(caption)}</figcaption></figure></section>")
+
+
+def _costs(costs, points) -> str:
+    """Each method's cost beside its best configuration's fairness: evaluations, time, generation
+    slowdown against the unrepaired model, extra parameters and memory."""
+    if not costs:
+        return ""
+    colours = method_colours([{"method": r["method"]} for r in costs["rows"]])
+    gen = costs["generation"]
+    rows = []
+    for r in costs["rows"]:
+        slowdown = f'{r["generation_slowdown"]:.2f}x' if "generation_slowdown" in r else "n/a"
+        params = f'{r["extra_parameters"]:,}' if "extra_parameters" in r else "n/a"
+        memory = f'{r["extra_bytes"] / 2**20:.1f} MiB' if "extra_bytes" in r else "n/a"
+        described = describe_config({"config": r["config"]}) if r.get("config") else "none within the utility limit"
+        rows.append(
+            f'<tr><td><span class="swatch" style="background:{colours[r["method"]]}"></span>{esc(r["method"])}</td>'
+            f'<td class="num">{r["evaluations"]}</td><td class="num">{r["held_out_evaluations"]}</td>'
+            f'<td class="num">{r["seconds"] / 60:.1f} min</td><td class="num">{esc(slowdown)}</td>'
+            f'<td class="num">{esc(params)}</td><td class="num">{esc(memory)}</td><td>{esc(described)}</td></tr>')
+    note = (f"LLM evaluations on the search split (fitting included in the time), and of the method's configurations "
+            f"on the held-out splits, which all methods share ({costs['held_out_seconds'] / 60:.1f} min in all). "
+            f"Generation slowdown: the best configuration against the unrepaired model, greedy, {gen['new_tokens']} "
+            f"tokens after each of {gen['prompts']} prompts, best of {gen['repeats']}, on the machine of the run "
+            f"({costs['base_generation_seconds']:.2f} s unrepaired). Extra parameters: what the repaired checkpoint "
+            f"holds or runs beyond the base model's {costs['base_parameters']:,} (pruning zeroes weights: none).")
+    return ('<section id="costs"><h2>What each method costs</h2><table><thead><tr><th>Method</th>'
+            '<th class="num">Search evaluations</th><th class="num">Held-out evaluations</th><th class="num">Wall time</th>'
+            '<th class="num">Generation slowdown</th><th class="num">Extra parameters</th><th class="num">Extra memory</th>'
+            f'<th>Best configuration</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+            f'<p class="note">{esc(note)}</p></section>')
 
 
 def _header(points, front, title, meta) -> str:

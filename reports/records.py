@@ -1,10 +1,10 @@
 """Checks and normalises the plain records a report is built from, and writes the front as CSV and JSON.
 
 A point record:
-    {"name": str, "method": str, "kind": "base"|"candidate"|"chosen"|"baseline",
+    {"name": str, "method": str, "kind": "base"|"candidate"|"chosen"|"baseline"|"best",
      "fairness": float, "utility": float,
      "fairness_ci": [lo, hi] | None, "utility_ci": [lo, hi] | None,   # optional, default None
-     "split": "report"|"search",                                       # optional, default "report"
+     "split": "report"|"search"|"select",                              # optional, default "report"
      "config": dict,                                                   # optional, e.g. {"pruned_heads": [[l, h], ...]}
      "front": bool}                                                    # optional, see choose_front
 """
@@ -19,8 +19,8 @@ from typing import Mapping, Sequence
 
 from reports.pareto import DIRECTIONS, front_indices
 
-KINDS = ("base", "candidate", "chosen", "baseline")
-SPLITS = ("report", "search")
+KINDS = ("base", "candidate", "chosen", "baseline", "best")  # best: a method's best, not the chosen one
+SPLITS = ("report", "search", "select")
 OBJECTIVES = ("fairness", "utility")
 CSV_COLUMNS = (
     "name", "method", "kind",
@@ -232,4 +232,6 @@ def describe_config(point: Mapping) -> str:
         return f"layer {c['layer']} steered, alpha {c['alpha']:g}, {gate}"
     if "rule" in c:
         return f"experts' shift: alpha {c['alpha']:g}, rule {c['rule']}" if c["alpha"] else "experts off"
+    if "stack" in c:
+        return " + ".join(f"{m}: {describe_config({'config': part})}" for m, part in c["stack"].items())
     return ""

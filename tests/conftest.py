@@ -105,10 +105,10 @@ def rescore_as_a_worker(run: Path, method_name: str, n: int = 3):
     study = optuna.load_study(study_name=name, storage=storage)
     config = run_config_from_study(study, WorkerConfig(storage, name, device="cpu"))
     loaded = load_model(config.model)
-    method = build(config, loaded.model)
-    method.load_artifacts(study.user_attrs)
-    scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility),
-                    {s: eval_config(config, s) for s in SPLITS}, {method_name: method})
+    methods = build(config, loaded.model)
+    for method in methods.values():
+        method.load_artifacts(study.user_attrs)
+    scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility), {s: eval_config(config, s) for s in SPLITS}, methods)
     try:
         done = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["key"].startswith(f"{method_name}:")][:n]
         return done, scorer.scorer("search")([t.user_attrs["key"] for t in done])

@@ -32,6 +32,10 @@ class Experts:
         self.record: dict = {}
         self.expert_base = None
 
+    def min_budget(self) -> int:
+        """The whole grid: every configuration is the same forwards combined another way."""
+        return len(self.space.enumerate())
+
     def check_inputs(self, loaded) -> None:
         """Load `--expert-base` and refuse one whose vocabulary differs from the target's, before the
         run writes anything."""
@@ -110,14 +114,27 @@ class Experts:
         return {f"rule:{rule}": [BASE] + [k for k in keys if self.space.config(k).rule == rule]
                 for rule in dict.fromkeys(self.space.config(k).rule for k in keys)}
 
-    # ---- export ---------------------------------------------------------------------------------
+    # ---- applying and exporting a configuration -------------------------------------------------
+    def attach(self, model, key: str) -> ExpertsTransform:
+        """The configuration on `model` in memory: its generate() applies the experts; removable."""
+        return ExpertsTransform(model, self.models["expert"], self.models["anti_expert"], [self.space.config(key)]).attach()
+
+    def bundle(self, key: str) -> tuple[dict, dict, dict | None]:
+        """What a hooked checkpoint of `key` stores: no tensors, the setting, the two experts beside the weights."""
+        s = self.space.config(key)
+        return {}, {"setting": {"alpha": s.alpha, "rule": s.rule}}, self.models
+
+    def extra_tensors(self, key: str) -> list:
+        """Both experts' weights (they run beside the target at every generated token)."""
+        return [p for m in self.models.values() for p in m.parameters()]
+
     def export(self, loaded, key: str, target, manifest: dict, card: str):
         from repair.export import export_hooked
 
-        s = self.space.config(key)
-        transform = ExpertsTransform(loaded.model, self.models["expert"], self.models["anti_expert"], [s])
-        return export_hooked(loaded, self.name, {}, {"setting": {"alpha": s.alpha, "rule": s.rule}}, target, manifest,
-                             card, models=self.models, expected=transform.logits)
+        tensors, meta, models = self.bundle(key)
+        transform = ExpertsTransform(loaded.model, self.models["expert"], self.models["anti_expert"], [self.space.config(key)])
+        return export_hooked(loaded, self.name, tensors, meta, target, manifest, card, models=models,
+                             expected=transform.logits)
 
     def summary(self, candidate: dict) -> str:
         c = candidate["config"]

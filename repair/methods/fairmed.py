@@ -15,7 +15,7 @@ from repair.errors import UserError
 from repair.methods import artifacts
 from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting
 from repair.probers import Probers, mlp_modules
-from repair.space import BASE, LayerSubsetSpace
+from repair.space import BASE, MIN_SAMPLES, LayerSubsetSpace
 
 TOPK = 6
 # The top-k rule's settings: the paper's (lambda 0.1, 3 steps, every position) and gated ones.
@@ -36,6 +36,10 @@ class FairMed:
         self.space = LayerSubsetSpace(n_layers, min(config.max_layers, n_layers), config.target)
         self.probers: Probers | None = None
         self.scores: list[dict] = []
+
+    def min_budget(self) -> int:
+        """Seed configurations the surrogates can learn from (the top-k rule's among them), and the rounds."""
+        return MIN_SAMPLES + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
     def prepare(self, loaded, config) -> None:
@@ -122,12 +126,23 @@ class FairMed:
         """The top-k rule as its own sequence (already evaluated: it is part of the seed)."""
         return {"top-k": search.evaluate([(BASE, "base")] + [(k, "topk") for k in self.topk_keys()], "top-k rule")}
 
-    # ---- export ---------------------------------------------------------------------------------
+    # ---- applying and exporting a configuration -------------------------------------------------
+    def attach(self, model, key: str) -> Neutralizer:
+        """The configuration on `model` in memory, removable."""
+        return Neutralizer(model, self.probers, [self.space.config(key)])
+
+    def bundle(self, key: str) -> tuple[dict, dict, dict | None]:
+        """What a hooked checkpoint of `key` stores: tensors, settings, models beside the weights."""
+        setting = self.space.config(key)
+        return self.probers.tensors(), {"probers": self.probers.metadata(), "setting": _setting_dict(setting)}, None
+
+    def extra_tensors(self, key: str) -> list:
+        return list(self.bundle(key)[0].values())
+
     def export(self, loaded, key: str, target, manifest: dict, card: str):
         from repair.export import export_hooked
 
-        setting = self.space.config(key)
-        tensors, meta = self.probers.tensors(), {"probers": self.probers.metadata(), "setting": _setting_dict(setting)}
+        tensors, meta, _ = self.bundle(key)
         return export_hooked(loaded, "fairmed", tensors, meta, target, manifest, card)
 
     def summary(self, candidate: dict) -> str:

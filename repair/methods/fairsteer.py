@@ -18,7 +18,7 @@ import numpy as np
 from repair.errors import UserError
 from repair.methods import artifacts
 from repair.interventions.steerer import SteerSetting, Steerer
-from repair.space import BASE, SteerLayerSpace
+from repair.space import BASE, MIN_SAMPLES, SteerLayerSpace
 from repair.steering import Steering, residual_modules
 
 SWEEP_SETTING = (0.3, 0.5)  # the layer sweep's (alpha, threshold): the pilot's gated steering
@@ -35,6 +35,10 @@ class FairSteer:
         self.space = SteerLayerSpace(len(residual_modules(model)))  # refuses a model without decoder layers
         self.steering: Steering | None = None
         self.scores: list[dict] = []
+
+    def min_budget(self) -> int:
+        """The layer sweep (at least MIN_SAMPLES seed configurations) and the rounds."""
+        return max(MIN_SAMPLES, self.space.n_layers) + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
     def prepare(self, loaded, config) -> None:
@@ -98,13 +102,24 @@ class FairSteer:
                                             "baseline: random configurations")
         return out
 
-    # ---- export ---------------------------------------------------------------------------------
+    # ---- applying and exporting a configuration -------------------------------------------------
+    def attach(self, model, key: str) -> Steerer:
+        """The configuration on `model` in memory, removable."""
+        return Steerer(model, self.steering, [self.space.config(key)])
+
+    def bundle(self, key: str) -> tuple[dict, dict, dict | None]:
+        """What a hooked checkpoint of `key` stores: tensors, settings, models beside the weights."""
+        s = self.space.config(key)
+        return self.steering.tensors(), {"setting": {"layer": s.layer, "alpha": s.alpha, "threshold": s.threshold}}, None
+
+    def extra_tensors(self, key: str) -> list:
+        return list(self.bundle(key)[0].values())
+
     def export(self, loaded, key: str, target, manifest: dict, card: str):
         from repair.export import export_hooked
 
-        s = self.space.config(key)
-        meta = {"setting": {"layer": s.layer, "alpha": s.alpha, "threshold": s.threshold}}
-        return export_hooked(loaded, self.name, self.steering.tensors(), meta, target, manifest, card)
+        tensors, meta, _ = self.bundle(key)
+        return export_hooked(loaded, self.name, tensors, meta, target, manifest, card)
 
     def summary(self, candidate: dict) -> str:
         c = candidate["config"]

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from repair import masks as M
 from repair.heads import HeadMasker, head_layout
 from repair.io import write_json_atomic
-from repair.space import BASE, HeadMaskSpace
+from repair.space import BASE, MIN_SAMPLES, HeadMaskSpace
 
 # Masks pruning the k heads whose removal the fairness gradient says helps most, evaluated first.
 GRADIENT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -25,6 +25,10 @@ class Prune:
     def __init__(self, config, model):
         self.config = config
         self.space = HeadMaskSpace(head_layout(model)[:2], config.max_prune)
+
+    def min_budget(self) -> int:
+        """Sampled masks the surrogates can learn from, and the rounds."""
+        return MIN_SAMPLES + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
     def prepare(self, loaded, config) -> None:
@@ -114,7 +118,15 @@ class Prune:
             levels.append((space.key(bits), "knockout-ranked"))
         return keys + search.evaluate(levels, "baseline: ranked pruning levels")
 
-    # ---- export ---------------------------------------------------------------------------------
+    # ---- applying and exporting a configuration -------------------------------------------------
+    def attach(self, model, key: str) -> HeadMasker:
+        """The configuration on `model` in memory (every row, any batch size), removable."""
+        return HeadMasker(model, self.space.config(key)[None].astype(np.float32))
+
+    def extra_tensors(self, key: str) -> list:
+        """What a checkpoint of `key` holds beyond the base weights: nothing (the heads' slices are zeroed)."""
+        return []
+
     def export(self, loaded, key: str, target, manifest: dict, card: str):
         from repair.export import export_pruned
 

@@ -1,0 +1,96 @@
+"""Stacked repairs: configurations of different methods applied to one model together (a pruned head
+mask with a steering vector, a neutralizer beside the experts). None of the source methods does this.
+
+A stack is a key `stack:KEY+KEY` (repair.space.parts); in the search each part's intervention gets
+its own part for a stack's rows, so stacks are evaluated on the same batched forwards as anything
+else. Exported, a stack is one checkpoint: the pruned weights when pruning is a part, and every
+hooked part's tensors, prefixed by its method, in one `interventions.safetensors`.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from repair.space import STACK, parts
+
+
+class Applied:
+    """Interventions attached to one model at once, removable together. `logits(ids)` is what the
+    repaired model predicts: an output transform's (the experts') combined logits when one is there."""
+
+    def __init__(self, model, hooks: list):
+        self.model, self.hooks = model, hooks
+        self.transform = next((h for h in hooks if getattr(h, "transforms_outputs", False)), None)
+        self.transforms_outputs = self.transform is not None
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.transform.logits(ids) if self.transform is not None else self.model(ids).logits
+
+    def describe(self) -> str:
+        return " + ".join(h.describe() for h in self.hooks if hasattr(h, "describe")) or "no intervention"
+
+    def remove(self) -> None:
+        for hook in reversed(self.hooks):
+            hook.remove()
+
+
+def apply(methods: dict, model, key: str) -> Applied:
+    """`key` (any method's configuration, a stack or the unrepaired model) attached to `model`."""
+    hooks = []
+    try:
+        for name, part in parts(key).items():
+            hooks.append(methods[name].attach(model, part))
+    except BaseException:
+        Applied(model, hooks).remove()
+        raise
+    return Applied(model, hooks)
+
+
+def extra_parameters(methods: dict, key: str) -> tuple[int, int]:
+    """(parameters, bytes) a checkpoint of `key` holds or runs beyond the base model's weights."""
+    tensors = [t for name, part in parts(key).items() for t in methods[name].extra_tensors(part)]
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def export_stack(methods: dict, loaded, key: str, target, manifest: dict, card: str):
+    """One checkpoint of a stack: pruned weights if pruning is a part, the hooked parts' tensors and
+    settings (names prefixed `METHOD/`) and their models; checked by reloading like any other."""
+    from repair.export import _write_checkpoint, pruned_state_dict
+    from repair.load import INTERVENTIONS
+
+    model = loaded.model
+    found = parts(key)
+    state = pruned_state_dict(model, methods["prune"].space.config(found["prune"]))[0] if "prune" in found else model.state_dict()
+    hooked = [m for m in found if m != "prune"]
+    tensors, meta, models = {}, {"method": STACK, "parts": json.dumps(hooked)}, {}
+    for name in hooked:
+        t, m, extra = methods[name].bundle(found[name])
+        tensors.update({f"{name}/{k}": v for k, v in t.items()})
+        meta.update({f"{name}/{k}": json.dumps(v) for k, v in m.items()})
+        models.update(extra or {})
+
+    def expected(ids):
+        applied = apply(methods, model, key)
+        try:
+            return applied.logits(ids)
+        finally:
+            applied.remove()
+
+    return _write_checkpoint(loaded, state, None, target, manifest, card, {INTERVENTIONS: (tensors, meta)}, expected, models)
+
+
+def attach_saved_stack(model, tensors: dict, meta: dict, folder, attach_one) -> Applied:
+    """Re-attach an exported stack's hooked parts (`attach_one(model, method, tensors, meta, folder)`
+    attaches one method's)."""
+    hooks = []
+    try:
+        for name in json.loads(meta["parts"]) if isinstance(meta["parts"], str) else meta["parts"]:
+            prefix = f"{name}/"
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            settings = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+            hooks.append(attach_one(model, name, own, settings, folder))
+    except BaseException:
+        Applied(model, hooks).remove()
+        raise
+    return Applied(model, hooks)
