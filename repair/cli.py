@@ -360,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the select and report splits")
     rn.add_argument("--verify-top", type=int, default=None,
                     help="finalists per method verified on the held-out select split (default 6 for one method, whose "
-                         "built-in comparisons, e.g. fairmed's top-k rule, get half as many; 3 each for several)")
+                         "built-in comparisons, e.g. fairmed's top-k rule, get half as many; 2 each for several)")
     rn.add_argument("--bbq-mode", choices=["cloze", "choice"], default="cloze", help="BBQ scoring mode for bbq objectives")
     rn.add_argument("--batch-masks", type=int, default=8, help="masks evaluated together in one batched forward")
     rn.add_argument("--storage", default=None, help="Optuna RDB URL for the records (default: sqlite file in --out)")

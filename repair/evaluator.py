@@ -334,17 +334,57 @@ class Evaluator:
             shared.setdefault(self.transform.forward_of[v], []).append(v)
         return list(shared.items())
 
-    def _variant_logits(self, logits: torch.Tensor, members: list[list[int]], experts):
-        """(variant, log-probs at every kept position) for each variant of `members`; `experts()` gives
-        the transform's models' logits at the same positions. Without a transform each row has one
-        variant and one log-softmax serves them all (variant None: each row's own)."""
+    def _variant_logits(self, logits: torch.Tensor, members: list[list[int]], keep: torch.Tensor, ids: torch.Tensor,
+                        experts):
+        """(variant, log-probs at the kept positions) for each variant of `members`, computed at the
+        positions of the rows that stand for it (zero elsewhere); `experts(rows)` gives the transform's
+        models' logits at the kept positions of `rows`. Without a transform each row has one variant
+        and one log-softmax serves them all (variant None: each row's own).
+
+        A batch may mix rows of many forwards (several methods' configurations): the variants the
+        transform leaves alone share one log-softmax of the plain logits; the experts run only on rows
+        that stand for a variant they change, once per distinct row of text (their logits depend on the
+        text alone), and such a variant's softmax covers its own rows only."""
         if self.transform is None:
             yield None, torch.log_softmax(logits, dim=-1)
             return
+        counts = keep.sum(1).tolist()
+        starts = np.cumsum([0, *counts[:-1]]).tolist()
+        dev = logits.device
+
+        def positions(rows, start):
+            return torch.cat([torch.arange(start[r], start[r] + counts[r], device=dev) for r in rows])
+
         wanted = sorted({v for m in members for v in m})
-        shift = experts() if self.transform.active(wanted) else None
+        active = {v for v in wanted if self.transform.active([v])}
+        need = [r for r, m in enumerate(members) if active & set(m)]
+        if need:
+            _, inverse = torch.unique(ids[need], dim=0, return_inverse=True)
+            first: dict[int, int] = {}
+            for r, u in zip(need, inverse.tolist()):
+                first.setdefault(u, r)
+            same_as = {r: first[u] for r, u in zip(need, inverse.tolist())}
+            reps = sorted(first.values())
+            shift = experts(torch.tensor(reps, device=ids.device))
+            rep_start = dict(zip(reps, np.cumsum([0, *[counts[r] for r in reps[:-1]]]).tolist()))
+        plain = None
         for v in wanted:
-            yield v, torch.log_softmax(self.transform.apply(logits, shift, v) if shift is not None else logits, dim=-1)
+            if v not in active:
+                plain = torch.log_softmax(logits, dim=-1) if plain is None else plain
+                yield v, plain
+                continue
+            rows = [r for r, m in enumerate(members) if v in m]
+            every = len(rows) == len(members)
+            part = logits if every else logits[positions(rows, starts)]
+            at = torch.cat([torch.arange(rep_start[same_as[r]], rep_start[same_as[r]] + counts[r], device=dev)
+                            for r in rows])
+            part = self.transform.apply(part, [s[at] for s in shift], v)
+            if every:
+                yield v, torch.log_softmax(part, dim=-1)
+            else:
+                logp = torch.zeros_like(logits)
+                logp[positions(rows, starts)] = torch.log_softmax(part, dim=-1)
+                yield v, logp
 
     def option_logprobs(self, requests: Sequence[ChoiceRequest]) -> list[torch.Tensor]:
         """Every option's total log-probability, one differentiable tensor per request, under the
@@ -430,8 +470,8 @@ class Evaluator:
 
         if members is None:
             return totals_of(torch.log_softmax(logits, dim=-1))
-        experts = lambda: [e._logits(ids, e._tree_mask(sees, pos), pos, keep) for e in self._experts]  # noqa: E731
-        return [(v, totals_of(logp)) for v, logp in self._variant_logits(logits, members, experts)]
+        experts = lambda r: [e._logits(ids[r], e._tree_mask(sees[r], pos[r]), pos[r], keep[r]) for e in self._experts]  # noqa: E731
+        return [(v, totals_of(logp)) for v, logp in self._variant_logits(logits, members, keep, ids, experts)]
 
     def _totals(self, logp, seg, tgt, keep, prompt_end, row_of, first_tok) -> torch.Tensor:
         """Every option's total log-probability from the log-probs at the kept positions (see `_option_totals`)."""
@@ -488,8 +528,8 @@ class Evaluator:
                 self.work.padded_tokens += mask.numel()
                 targets = torch.cat([ids[t0:e] for _, (_, e, t0) in group])
                 members = [groups[g][1] for g, _ in group]
-                experts = lambda: [e._logits(inputs, mask, None, keep) for e in self._experts]  # noqa: E731
-                for v, logp in self._variant_logits(logits, members, experts):
+                experts = lambda r: [e._logits(inputs[r], mask[r], None, keep[r]) for e in self._experts]  # noqa: E731
+                for v, logp in self._variant_logits(logits, members, keep, inputs, experts):
                     scored = -logp.gather(1, targets[:, None])[:, 0].double()
                     at = 0
                     for row, (_, (_, e, t0)) in enumerate(group):

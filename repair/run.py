@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from itertools import count
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from repair.rundir import RunConfig, prepare
 from repair.stats import format_change
 from repair.steering import LABELS
 from repair.suites import build_suite
-from repair.space import MIN_SAMPLES, STACK, method_of
+from repair.space import MIN_SAMPLES, STACK, method_of, parts
 
 
 def validate(config: RunConfig) -> Objectives:
@@ -141,7 +142,7 @@ def check_budget(config: RunConfig, methods: dict) -> None:
     for name, method in methods.items():
         need = method.min_budget()
         if method.config.budget_evals < need:
-            total = int(-(-need // split[name])) + 1  # the smallest --budget-evals whose share covers it
+            total = next(t for t in count(config.budget_evals) if int(t * split[name]) >= need)  # whose share covers it
             raise UserError(f"--budget-evals {config.budget_evals} gives {name} {method.config.budget_evals} LLM evaluations "
                             f"({split[name]:.0%}); it needs at least {need} (raise --budget-evals to {total}, or give "
                             f"{name} a larger --budget-shares)")
@@ -283,6 +284,34 @@ def write_run_report(run_dir: Path) -> Path:
         probes = [{**s, "kind": "fairsteer", "attribute": "biased vs unbiased"} for s in json.loads(steer_scores.read_text())["scores"]]
     desc = objectives.describe()
     costs = json.loads((run_dir / "costs.json").read_text()) if (run_dir / "costs.json").is_file() else None
+    several = len(names) > 1
     return write_report(run_dir / "report", points, objectives={k: {"name": v["name"], "better": v["better"]} for k, v in desc.items()},
                         fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta,
-                        probes=probes, select_points=select_points if len(names) > 1 else None, costs=costs)
+                        probes=probes, select_points=select_points if several else None, costs=costs,
+                        bests=best_rows(candidates, names) if several else None)
+
+
+def best_rows(candidates: list[dict], names: tuple[str, ...]) -> list[dict]:
+    """Each method's best and each stack on the report split, as the report's table shows them: the
+    changes against the unrepaired model with their paired intervals, and for a stack whether it is
+    fairer there than the fairer of its parts."""
+    from reports.records import describe_config
+
+    by_key = {c["key"]: c for c in candidates}
+    rows = []
+    for c in candidates:
+        label = next((m for m in c["best_of"] if m in names), None) or (STACK if c["method"] == STACK else None)
+        if label is None or c["report"] is None:
+            continue
+        changes = (c["changes"] or {}).get("report") or {"metrics": {}}
+        row = {"method": label, "config": describe_config(c), "fairness": format_change(changes.get("fairness")),
+               "utility": format_change(changes.get("utility")),
+               **{key.split("/")[-1]: format_change(changes["metrics"].get(key)) for key in ALWAYS_SHOWN}}
+        if c["method"] == STACK:
+            found = [by_key.get(k) for k in parts(c["key"]).values()]
+            if all(p is not None and p["report"] is not None for p in found):
+                fairer = min(p["report"]["fairness"] for p in found)
+                row["against_parts"] = ("fairer than both parts" if c["report"]["fairness"] < fairer
+                                        else "not fairer than its fairer part")
+        rows.append(row)
+    return rows

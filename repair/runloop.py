@@ -90,9 +90,11 @@ class Scorer:
             if hook is not self.transform:
                 hook.set_rows(rows)
 
-    def batch_size(self, batch_masks: int) -> int:
-        """Keys per evaluation batch: --batch-masks, or what a method evaluates at once (the experts' grid)."""
-        return max([batch_masks, *(getattr(m, "keys_per_batch", 0) for m in self.methods.values())])
+    def batch_size(self, batch_masks: int, methods=None) -> int:
+        """Keys per evaluation batch: --batch-masks, or what a method evaluates at once (the experts'
+        grid), of `methods` (default: all of this scorer's)."""
+        methods = self.methods.values() if methods is None else methods
+        return max([batch_masks, *(getattr(m, "keys_per_batch", 0) for m in methods)])
 
     def files(self) -> dict[str, str]:
         """Data file -> sha256 of every suite read, to check that workers read the same data."""
@@ -131,10 +133,12 @@ def progress_bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="config", dynamic_ncols=True)
 
 
-def evaluate_search(config: RunConfig, scorer: Scorer, records: Records, items: list[tuple[str, str]], desc: str) -> list[str]:
-    """Evaluate (key, phase) pairs not yet stored on the search split; return the keys in order."""
+def evaluate_search(config: RunConfig, scorer: Scorer, records: Records, items: list[tuple[str, str]], desc: str,
+                    methods=None) -> list[str]:
+    """Evaluate (key, phase) pairs not yet stored on the search split, in batches sized for `methods`
+    (default: all the scorer's); return the keys in order."""
     with progress_bar(len(items), desc) as bar:
-        records.evaluate(items, scorer.scorer("search"), batch_size=scorer.batch_size(config.batch_masks), progress=bar,
+        records.evaluate(items, scorer.scorer("search"), batch_size=scorer.batch_size(config.batch_masks, methods), progress=bar,
                          work=not config.workers_only, stage="sampling")
     return [k for k, _ in items]
 
@@ -151,7 +155,7 @@ class Search:
 
     def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
         """Evaluate (key, phase) pairs not yet stored; return the keys in order (the method's sequence)."""
-        return evaluate_search(self.config, self.scorer, self.records, items, desc)
+        return evaluate_search(self.config, self.scorer, self.records, items, desc, [self.method])
 
     # ---- surrogates and annealing, in rounds -----------------------------------------------
     def training_data(self, before_round: int | None = None):

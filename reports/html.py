@@ -100,12 +100,14 @@ def build_report(
     probes: Sequence[Mapping] | None = None,
     select_points: Sequence[Mapping] | None = None,
     costs: Mapping | None = None,
+    bests: Sequence[Mapping] | None = None,
 ) -> dict[str, str]:
     """The report's files as {"index.html": ..., "pareto.csv": ..., "pareto.json": ...}. `probes`: the
     FairMed probers' held-out scores, one record per layer and attribute (`repair probe` writes them),
     or FairSteer's probe scores (one per layer, `kind` "fairsteer"). A run of several methods adds
     `select_points` (every verified configuration on the select split, what the choice saw) and
-    `costs` (repair.costs: each method's evaluations, time, generation slowdown, extra parameters)."""
+    `costs` (repair.costs: each method's evaluations, time, generation slowdown, extra parameters) and
+    `bests` (each method's best and each stack with their changes, already formatted)."""
     objectives = check_objectives(objectives)
     pts = check_points(points)
     fit_records = check_fits(fits)
@@ -114,7 +116,7 @@ def build_report(
     title = str(title or DEFAULT_TITLE)
     front = choose_front(pts, objectives)
     select = check_points(select_points) if select_points else []
-    extra = [_select_view(select, objectives), _costs(costs, pts + select)]
+    extra = [_bests(bests), _select_view(select, objectives), _costs(costs)]
     return {
         "index.html": render_html(pts, front, objectives, fit_records, title=title, meta=meta, probes=probe_records,
                                   extra=extra),
@@ -134,6 +136,7 @@ def write_report(
     probes: Sequence[Mapping] | None = None,
     select_points: Sequence[Mapping] | None = None,
     costs: Mapping | None = None,
+    bests: Sequence[Mapping] | None = None,
 ) -> Path:
     """Write out_dir/index.html, pareto.csv and pareto.json all at once; return the index.html path.
 
@@ -142,7 +145,7 @@ def write_report(
     reports.atomic.publish_dir). Raises ValueError, naming the record, on malformed input.
     """
     files = build_report(points, objectives=objectives, fits=fits, title=title, meta=meta, probes=probes,
-                         select_points=select_points, costs=costs)
+                         select_points=select_points, costs=costs, bests=bests)
     return publish_dir(Path(out_dir), files) / "index.html"
 
 
@@ -198,7 +201,25 @@ def _select_view(points, objectives) -> str:
             f"<figcaption>{esc(caption)}</figcaption></figure></section>")
 
 
-def _costs(costs, points) -> str:
+def _bests(rows) -> str:
+    """Each method's best and each stack on the report split: the changes that matter side by side."""
+    if not rows:
+        return ""
+    colours = method_colours(rows)
+    columns = ("fairness", "utility", "kl_neutral", "kl_uniform", "stereotype_preferred", "mean_gap")
+    body = "".join(
+        f'<tr><td><span class="swatch" style="background:{colours[r["method"]]}"></span>{esc(r["method"])}</td>'
+        f'<td>{esc(r["config"])}</td>' + "".join(f'<td class="num">{esc(r.get(c, "n/a"))}</td>' for c in columns)
+        + f'<td>{esc(r.get("against_parts", ""))}</td></tr>' for r in rows)
+    return ('<section id="bests"><h2>Each method\'s best and the stacks (report split)</h2><table><thead><tr>'
+            '<th>Method</th><th>Configuration</th>' + "".join(f'<th class="num">{esc(c)}</th>' for c in columns)
+            + '<th>Stack against its parts</th></tr></thead>'
+            f'<tbody>{body}</tbody></table><p class="note">Changes against the unrepaired model on the report split, '
+            'with paired 95% bootstrap intervals (* excludes 0). Each best was chosen on the select split; a stack '
+            'applies two of them together and is fairer than its parts only where its fairness is below both.</p></section>')
+
+
+def _costs(costs) -> str:
     """Each method's cost beside its best configuration's fairness: evaluations, time, generation
     slowdown against the unrepaired model, extra parameters and memory."""
     if not costs:

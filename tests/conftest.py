@@ -89,16 +89,13 @@ def stored(storage: str, name: str) -> dict:
     return {t.user_attrs["key"]: t for t in done}
 
 
-def rescore_as_a_worker(run: Path, method_name: str, n: int = 3):
+def as_a_worker(run: Path):
     """What a `repair worker` builds from a finished run's study alone (the run's published artifacts
-    included) scores the first `n` completed configurations of `method_name` on the search split:
-    (their trials, the fresh rows)."""
+    included): (the run's config, the loaded model, every method of the run, the study)."""
     import optuna
 
     from repair.methods import build
     from repair.models import load_model
-    from repair.objectives import Objectives
-    from repair.runloop import SPLITS, Scorer, eval_config
     from repair.worker import WorkerConfig, run_config_from_study
 
     storage, name = f"sqlite:///{run / 'study.db'}", f"repair-{run.name}"
@@ -108,6 +105,16 @@ def rescore_as_a_worker(run: Path, method_name: str, n: int = 3):
     methods = build(config, loaded.model)
     for method in methods.values():
         method.load_artifacts(study.user_attrs)
+    return config, loaded, methods, study
+
+
+def rescore_as_a_worker(run: Path, method_name: str, n: int = 3):
+    """A worker's scorer (`as_a_worker`) scores the first `n` completed configurations of
+    `method_name` on the search split: (their trials, the fresh rows)."""
+    from repair.objectives import Objectives
+    from repair.runloop import SPLITS, Scorer, eval_config
+
+    config, loaded, methods, study = as_a_worker(run)
     scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility), {s: eval_config(config, s) for s in SPLITS}, methods)
     try:
         done = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["key"].startswith(f"{method_name}:")][:n]

@@ -572,6 +572,16 @@ CASES = [
          lambda w: evaluate(w, "--limit", "ten"), "argument --limit: invalid int value: 'ten'"),
     Case("run-fairness-pairs", "the pairs suite as a search objective", "`run --fairness pairs`",
          lambda w: run(w, "--fairness", "pairs"), "--fairness pairs: the pairs suite is the check no search optimises"),
+    Case("run-method-unknown", "an unknown method in a list of methods", "`run --method prune,pruning`",
+         lambda w: run(w, "--method", "prune,pruning"), "--method prune,pruning: unknown method 'pruning'"),
+    Case("run-budget-too-small", "a budget whose share leaves a method less than its minimum",
+         "`run --method all --budget-evals 60 --rounds 1 --per-round 1` (fairmed's 30% is 18; it needs 21)",
+         lambda w: run(w, "--method", "all", "--budget-evals", "60"),
+         "--budget-evals 60 gives fairmed 18 LLM evaluations (30%); it needs at least 21 (raise --budget-evals to 70"),
+    Case("run-budget-shares-malformed", "a budget share that is not a positive number", "`run --method all --budget-shares prune=x`",
+         lambda w: run(w, "--method", "all", "--budget-shares", "prune=x"), "give each method a positive weight"),
+    Case("run-stack-one-method", "stacking with a single method", "`run --method prune --stack`",
+         lambda w: run(w, "--method", "prune", "--stack"), "--stack applies the best configurations of two methods together"),
     Case("run-max-prune-negative", "negative pruning fraction", "`run --max-prune -0.1`",
          lambda w: run(w, "--max-prune", "-0.1"), "--max-prune must be a fraction between 0 and 1"),
     Case("run-max-utility-loss-negative", "negative utility-loss bound", "`run --max-utility-loss -1`",
@@ -693,7 +703,7 @@ CASES = [
     Case("surrogate-corrupt", "a saved surrogate whose file changed (its recorded sha256 differs)",
          "a run killed after fitting (`REPAIR_KILL_AT=annealing:1`), one byte appended to a `.joblib`, then the same `run` again",
          killed_run_with_corrupt_surrogate, "refusing to unpickle it",
-         may_change=("study.db",), progress_ok=True),
+         may_change=("study.db", "timing.json"), progress_ok=True),
 ]
 
 # Rows of the table that are not errors: the input is handled, and the test proves it.

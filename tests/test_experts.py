@@ -224,3 +224,40 @@ def test_fine_tuning_trains_only_the_top_layers_and_lowers_the_loss(one_torch_th
     assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.5  # nats per completion token
     changed = {n for (n, p), q in zip(model.named_parameters(), before.parameters()) if not torch.equal(p, q)}
     assert changed and all(n.startswith("model.layers.2.") for n in changed)
+
+
+def test_a_batch_mixing_forwards_scores_each_variant_as_by_hand(trio, one_torch_thread):
+    """Rows of two forwards in one batch (a head mask and none), each read with and without the
+    experts: a stack's rows (mask + experts) and the experts' rows get the formula on their own
+    forward's logits, the experts running once per distinct text, and no variant reads another's rows."""
+    from repair.heads import HeadMasker, head_layout
+
+    tok = ByteTokenizer()
+    target = trio[0]
+    n_layers, n_heads, _ = head_layout(target)
+    mask = np.ones((n_layers, n_heads), dtype=np.float32)
+    mask[0, 1] = mask[1, 0] = 0
+    variants = [(None, ExpertSetting(0.0)), (mask, ExpertSetting(0.0)), (None, ExpertSetting(1.5)),
+                (mask, ExpertSetting(1.5)), (None, ExpertSetting(6.0, "probs"))]
+    masker = HeadMasker(target, np.stack([np.ones_like(mask) if m is None else m for m, _ in variants]))
+    transform = ExpertsTransform(*trio, [s for _, s in variants])
+    transform.forward_of = [0, 1, 0, 1, 0]
+    evaluator = Evaluator(target, tok, transform=transform, progress=False, on_rows=masker.set_rows)
+    calls = []  # rows of each expert forward
+    hooks = [e.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+             for e in trio[1:]]
+    try:
+        got = evaluator.score_choices_variants(REQUESTS, len(variants))
+    finally:
+        for h in hooks:
+            h.remove()
+        masker.remove()
+    assert calls and sum(calls) == 2 * len(REQUESTS)  # each expert once per text, not per forward sharing it
+    for v, (m, s) in enumerate(variants):
+        single = HeadMasker(target, (np.ones_like(mask) if m is None else m)[None])
+        try:
+            for i, r in enumerate(REQUESTS):
+                want = [_hand_option(trio, tok, r.prompt, o, s, r.word_end) for o in r.options]
+                np.testing.assert_allclose(got[v][i].logprob, want, rtol=0, atol=2e-4)
+        finally:
+            single.remove()

@@ -93,7 +93,7 @@ def test_rerun_resumes_without_new_evaluations(finished_run, model_dir):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--method", "bogus"], "unknown --method 'bogus'"),
+    (["--method", "bogus"], "--method bogus: unknown method 'bogus'"),
     (["--fairness", "vibes"], "unknown fairness objective 'vibes'"),
     (["--utility", "bleu"], "unknown utility objective 'bleu'"),
     (["--budget-evals", "10"], "the surrogates need at least 20"),

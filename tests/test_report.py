@@ -293,7 +293,7 @@ def test_page_loads_nothing_from_anywhere(tmp_path):
 
 def test_malformed_records_are_refused_with_the_point_named():
     with pytest.raises(ValueError, match=r"points\[1\] \('p2'\).*kind"):
-        build_report([LOWER[0], dict(LOWER[1], kind="best")], objectives=BOTH_LOWER)
+        build_report([LOWER[0], dict(LOWER[1], kind="finest")], objectives=BOTH_LOWER)
     with pytest.raises(ValueError, match="fairness must be a number"):
         build_report([dict(LOWER[0], fairness="0.1")], objectives=BOTH_LOWER)
     with pytest.raises(ValueError, match="better"):

@@ -23,7 +23,7 @@ DEFAULT_SHARES = {"prune": 0.35, "fairmed": 0.30, "fairsteer": 0.25, "experts": 
 # Defaults that depend on how many methods run: one method keeps the single-method defaults, several
 # get a larger total budget and fewer finalists each (a held-out evaluation costs about ten search ones).
 BUDGET_EVALS = {"one": 120, "several": 200}
-VERIFY_TOP = {"one": 6, "several": 3}
+VERIFY_TOP = {"one": 6, "several": 2}
 
 
 def method_names(text: str) -> tuple[str, ...]:
