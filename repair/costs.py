@@ -37,6 +37,7 @@ def generation_seconds(model, tokenizer, prompts=PROMPTS, new_tokens: int = NEW_
 
 def measure_costs(config, loaded, methods: dict, candidates: list[dict], result: dict) -> dict:
     """One row per method (and for the stacks) with its best configuration's costs; RUN_DIR/costs.json."""
+    from repair.runloop import bests_of
     from repair.stacks import apply, extra_parameters
 
     timing, sequences = result["timing"], result["sequences"]
@@ -45,9 +46,10 @@ def measure_costs(config, loaded, methods: dict, candidates: list[dict], result:
         for name in {*parts(c["key"]), *([STACK] if c["method"] == STACK else [])}:
             held_out[name] = held_out.get(name, 0) + (c["select"] is not None) + (c["report"] is not None)
     base_seconds = generation_seconds(loaded.model, loaded.tokenizer)
+    bests = bests_of(candidates)
     rows = []
     for name in [*methods, *([STACK] if STACK in sequences else [])]:
-        best = next((c for c in candidates if name in c["best_of"]), None)
+        best = bests.get(name)
         row = {"method": name, "evaluations": len(set(sequences[name]) - {BASE}), "held_out_evaluations": held_out.get(name, 0),
                "seconds": timing.get(name, 0.0), "best": best["key"] if best else None, "config": best["config"] if best else None}
         if best is not None:

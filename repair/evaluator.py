@@ -375,7 +375,8 @@ class Evaluator:
                 continue
             rows = [r for r, m in enumerate(members) if v in m]
             every = len(rows) == len(members)
-            part = logits if every else logits[positions(rows, starts)]
+            own = None if every else positions(rows, starts)
+            part = logits if every else logits[own]
             at = torch.cat([torch.arange(rep_start[same_as[r]], rep_start[same_as[r]] + counts[r], device=dev)
                             for r in rows])
             part = self.transform.apply(part, [s[at] for s in shift], v)
@@ -383,7 +384,7 @@ class Evaluator:
                 yield v, torch.log_softmax(part, dim=-1)
             else:
                 logp = torch.zeros_like(logits)
-                logp[positions(rows, starts)] = torch.log_softmax(part, dim=-1)
+                logp[own] = torch.log_softmax(part, dim=-1)
                 yield v, logp
 
     def option_logprobs(self, requests: Sequence[ChoiceRequest]) -> list[torch.Tensor]:

@@ -137,7 +137,9 @@ def attach_saved(model, path, setting: dict | None = None, *, verify: bool = Tru
     with safe_open(str(path / INTERVENTIONS), "pt") as f:
         meta = dict(f.metadata() or {})
     method = meta.pop("method", manifest.get("method"))
-    if setting and method == "stack":
+    from repair.space import STACK
+
+    if setting and method == STACK:
         raise UserError(f"{SETTING_FLAGS} change one method's setting; {path} holds a stack of "
                         f"{', '.join(json.loads(meta['parts']))} (export its parts with repair run --export-all to tune them)")
     if setting:

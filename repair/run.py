@@ -111,7 +111,7 @@ def run(config: RunConfig) -> int:
         print(f"resuming the run in {config.out}", file=sys.stderr)
     if config.workers_only:
         print(f"waiting for workers: repair worker --storage {redact(config.storage_url)} --study {config.study_name}", file=sys.stderr)
-    from repair.runloop import run_search
+    from repair.runloop import bests_of, run_search
 
     result = run_search(config, loaded, objectives, methods)
     candidates = result["candidates"]
@@ -121,11 +121,9 @@ def run(config: RunConfig) -> int:
               "chosen_on": "select", "reported_on": "report", "data_files": files, "versions": versions(),
               "command": sys.argv, "n_llm_evaluations": result["n_evaluations"]}
     export(methods, loaded, chosen, base, config.out / "checkpoint", common, config)
-    if config.export_all:
-        for c in candidates:
-            for name in c["best_of"]:
-                if name in methods or name == STACK:
-                    export(methods, loaded, c, base, config.out / "checkpoints" / name, common, config)
+    if config.export_all:  # several methods: their sequences are the methods and the stacks
+        for name, c in bests_of(candidates).items():
+            export(methods, loaded, c, base, config.out / "checkpoints" / name, common, config)
     failpoints.reached("export")
     if len(methods) > 1:
         from repair.costs import measure_costs
@@ -206,12 +204,12 @@ def _print_summary(config, objectives, base, chosen, report, result, methods) ->
     print(describe_chosen(methods, chosen))
     if len(methods) > 1:
         print("each method's best (chosen on the select split), on the report split:")
-        for c in result["candidates"]:
-            for name in c["best_of"]:
-                if name in methods or name == STACK:
-                    fair = format_change(((c["changes"] or {}).get("report") or {}).get("fairness"))
-                    util = format_change(((c["changes"] or {}).get("report") or {}).get("utility"))
-                    print(f"  {name:<10} fairness {fair}, utility {util}: {describe_chosen(methods, c)}")
+        from repair.runloop import bests_of
+
+        for name, c in bests_of(result["candidates"]).items():
+            changes = (c["changes"] or {}).get("report") or {}
+            print(f"  {name:<10} fairness {format_change(changes.get('fairness'))}, utility "
+                  f"{format_change(changes.get('utility'))}: {describe_chosen(methods, c)}")
     print(f"checkpoint: {config.out / 'checkpoint'}")
     print(f"report:     {report}")
 

@@ -457,6 +457,11 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
             "seconds": time.perf_counter() - started, "timing": timing.seconds, "sequences": sequences}
 
 
+def bests_of(candidates: list[dict]) -> dict[str, dict]:
+    """Each sequence's best candidate (a method's, the stacks', a baseline's), by sequence name."""
+    return {name: c for c in candidates for name in c["best_of"]}
+
+
 def stack_candidates(best: dict[str, str], methods: dict) -> list[str]:
     """Every pair of methods whose best configuration on the select split is a repair (not the
     unrepaired model), applied together."""
