@@ -17,7 +17,8 @@ ln = math.log
 # A tiny data file whose distributions are worked out by hand below.
 TINY = {
     "version": 7,
-    "frames": {"role": ["The {c} is"]},
+    # one frame of each split (a frame's split follows its text); the hand numbers are the same in each
+    "frames": {"role": ["The {c} is", "This {c} is", "Your {c} is"]},
     "neutral": [{"id": "n1", "concept": "n1", "frame": "role"}, {"id": "n2", "concept": "n2", "frame": "role"}],
     "attributes": {
         "two": {
@@ -50,7 +51,8 @@ for _k in range(3, 11):
 
 
 def table_fn(prompt, option):
-    return TABLE[prompt][option], 2  # token counts must not matter
+    # every frame gives the same scores: "This c1 is" and "Your c1 is" score as "The c1 is"
+    return TABLE["The " + prompt.split(" ", 1)[1]][option], 2  # token counts must not matter
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def test_kl_metrics_match_hand_computation(tiny):
     suite = AssociationSuite(EvalConfig(seed=3))
     scorer = TableScorer(table_fn)
     res = suite.run(scorer)
-    assert len(scorer.calls) == len(suite.prompts) == 2 * (2 + 10)
+    assert len(scorer.calls) == len(suite.prompts) == 3 * 2 * (2 + 10)  # 3 frames
 
     # two: neutral reference q = mean((.4, .6), (.2, .8)) = (.3, .7)
     u2_c1 = 0.75 * ln(0.75 / 0.5) + 0.25 * ln(0.25 / 0.5)
@@ -85,7 +87,10 @@ def test_kl_metrics_match_hand_computation(tiny):
     assert m["overall/kl_uniform"].value == pytest.approx((u2_c1 + u2_c2 + u3_d1) / 4)
     assert m["overall/kl_neutral"].value == pytest.approx((n2_c1 + n2_c2 + u3_d1) / 4)
     assert all(x.better == "lower" for x in m.values())
-    assert m["overall/kl_uniform"].n == 4 and m["two/kl_neutral"].n == 2
+    # the reference q of each attribute, and how far resampling the neutral concepts alone moves it
+    assert [m["two/q_x"].value, m["two/q_y"].value] == pytest.approx([0.3, 0.7])
+    assert [m[f"three/q_{g}"].value for g in "abc"] == pytest.approx([1 / 3] * 3)
+    assert m["overall/kl_uniform"].n == 12 and m["two/kl_neutral"].n == 6
     assert m["two/kl_uniform"].ci_low <= m["two/kl_uniform"].value <= m["two/kl_uniform"].ci_high
 
     rec = {r["template_id"]: r for r in res.records}
@@ -95,22 +100,23 @@ def test_kl_metrics_match_hand_computation(tiny):
     assert rec["two:c1"]["kl_neutral"] == pytest.approx(n2_c1)
     assert rec["two:c1"]["top_group"] == "x" and rec["two:c2"]["top_group"] == "y"
     assert rec["three:d1"]["probs"] == pytest.approx(p)
-    assert rec["two:c1"]["groups"] == ["x", "y"] and rec["two:c1"]["prompt"] == "The c1 is"
-    assert {r["split"] for r in res.records} <= {"search", "select", "report"}
+    assert rec["two:c1"]["groups"] == ["x", "y"]
+    assert {r["prompt"] for r in res.records if r["template_id"] == "two:c1"} == {"The c1 is", "This c1 is", "Your c1 is"}
+    assert {r["split"] for r in res.records} <= {"search", "select", "report", "none"}  # "none": concept and frame disagree
     assert rec["two:c1"]["stereotyped"] == ["x"] and rec["three:d2"]["stereotyped"] == ["b", "c"]
-    assert [p.stereotyped for p in suite.prompts if p.template_id == "two:c1"] == [("x",)]
+    assert [p.stereotyped for p in suite.prompts if p.template_id == "two:c1"] == [("x",)] * 3
     assert all(p.stereotyped == () for p in suite.prompts if p.neutral)
 
     assert res.files == {str(tiny): hashlib.sha256(tiny.read_bytes()).hexdigest()}
-    assert res.info["n_prompts"] == {"two": 2, "three": 2}
-    assert res.info["n_neutral"] == {"two": 10, "three": 10}
+    assert res.info["n_prompts"] == {"two": 6, "three": 6}
+    assert res.info["n_neutral"] == {"two": 30, "three": 30}
 
 
 def test_requests_offer_every_form_with_a_leading_space(tiny):
     suite = AssociationSuite(EvalConfig())
     reqs = {r.prompt: r.options for r in suite.requests() if " x" in r.options}
     assert reqs["The c1 is"] == (" x", " y1", " y2")
-    assert [p.neutral for p in suite.prompts if p.attribute == "two"] == [False] * 2 + [True] * 10
+    assert [p.neutral for p in suite.prompts if p.attribute == "two"] == [False] * 6 + [True] * 30
     assert all(r.word_end for r in suite.requests())  # forms are scored as whole words
 
 
@@ -155,6 +161,11 @@ def test_malformed_json_names_the_file(tmp_path, monkeypatch):
     (lambda d: d["attributes"]["two"]["concepts"][0].update(frame="nope"), "frame"),
     (lambda d: d["attributes"]["two"]["concepts"][1].update(id="c1"), "repeats template ids"),
     (lambda d: d["frames"].update(role=["The {c} is "]), "trimmed"),
+    (lambda d: d["frames"].update(role=["The c is", "This {c} is", "Your {c} is"]), "frames['role'][0] ('The c is')"),
+    (lambda d: d["frames"].update(role=["The {c} is", "This {c} is"]), "no frame in the report split"),
+    (lambda d: d["frames"].update(role=["The {c} is", "This {c} is", "Your {c} is", "the  {c} is"]), "repeats frame"),
+    (lambda d: d.update(neutral=[n for n in d["neutral"] if n["id"] != "n1"] + [{"id": "n11", "concept": "n11", "frame": "role"}]),
+     "in the select split, needs at least 3"),
     (lambda d: d.pop("version"), "version"),
     (lambda d: d["neutral"].append({"id": "n11", "concept": "The C1", "frame": "role"}), "also a concept"),
     (lambda d: d["neutral"].pop(), "at least 10"),
@@ -222,7 +233,7 @@ def test_shipped_concepts_do_not_name_their_groups_or_repeat():
         assert len(set(keys)) == len(keys), attr
         ids = [c["id"] for c in spec["concepts"]]
         assert len(set(ids)) == len(ids), attr
-    assert data["version"] == 2
+    assert data["version"] == 3
 
 
 def test_split_is_deterministic_disjoint_and_non_empty():
@@ -240,16 +251,67 @@ def test_split_is_deterministic_disjoint_and_non_empty():
         assert all(sides), attr  # every attribute has concepts in each of the three splits
         assert sum(map(len, sides)) == len(set().union(*sides)) and set().union(*sides) == concepts(full), attr
         for split in SPLITS:
-            assert neutral(parts[split]) == neutral(full)  # the reference is never split
-            assert {p.split for p in parts[split].prompts if not p.neutral} == {split}
+            assert neutral(parts[split])  # each split has its own reference
+            assert {p.split for p in parts[split].prompts} == {split}
     # A template's side does not depend on which attributes are loaded.
     only = AssociationSuite(EvalConfig(split="report", attributes=("religion",)))
     assert {p.template_id for p in only.prompts} == {p.template_id for p in parts["report"].prompts if p.attribute == "religion"}
 
 
+def test_splits_share_no_frame_concept_or_neutral_concept():
+    """Held out means held out in wording too: a split's prompts use only its own frames, concepts and
+    neutral concepts, and a concept rendered in another split's frame is in no split."""
+    parts = {split: AssociationSuite(EvalConfig(split=split)).prompts for split in SPLITS}
+    for field in ("frame", "concept"):
+        for neutral in (False, True):
+            used = {split: {getattr(p, field) for p in ps if p.neutral == neutral} for split, ps in parts.items()}
+            assert all(used.values()), (field, neutral)
+            assert not (used["search"] & used["select"] or used["search"] & used["report"] or used["select"] & used["report"]), (field, neutral)
+    data, _, _ = association.load_data()
+    for kind, frames in data["frames"].items():
+        assert len(frames) >= 20, kind  # 20 role and 20 trait frames at least
+        assert {association.frame_split(f) for f in frames} == set(SPLITS), kind
+    assert len(data["neutral"]) >= 40
+    assert sum(map(len, parts.values())) < len(AssociationSuite(EvalConfig()).prompts)  # mixed pairs are dropped
+    everything = AssociationSuite(EvalConfig()).prompts
+    for p in everything[:400]:
+        both = association.split_of(association.split_key(p.concept)), association.frame_split(p.frame)
+        assert p.split == (both[0] if both[0] == both[1] else "none")
+
+
+def test_q_spread_is_the_resampled_references_kl_percentile():
+    """A second implementation, one replicate at a time: draw neutral concepts with replacement (the
+    same draw for every attribute), recompute each attribute's q, take KL to the full q, average over
+    attributes, and read the 95th percentile."""
+    from repair.stats import N_BOOT, _weights, metric_seed
+
+    rng = np.random.default_rng(0)
+    names = [f"n{i}" for i in range(6)]
+    refs = {}
+    for attr, g in (("a", 2), ("b", 3)):
+        dists = rng.dirichlet(np.ones(g), size=12)
+        refs[attr] = (dists, [names[i % 6] for i in range(12)])
+    got = association.q_spread(refs, seed=4)
+    w = np.concatenate(list(_weights(6, N_BOOT, metric_seed("q_spread", 4))))
+    values = []
+    for row in w:
+        total = 0.0
+        for dists, clusters in refs.values():
+            q = dists.mean(0)
+            weights = np.array([row[names.index(c)] for c in clusters])
+            boot = (weights[:, None] * dists).sum(0) / weights.sum()
+            total += association.kl(boot, q)
+        values.append(total / 2)
+    assert got.value == pytest.approx(np.percentile(values, association.Q_SPREAD_QUANTILE))
+    # q_drift: KL of the after reference from the before one, mean over attributes
+    before = {"association/a/q_x": {"value": 0.5}, "association/a/q_y": {"value": 0.5}}
+    after = {"association/a/q_x": {"value": 0.9}, "association/a/q_y": {"value": 0.1}}
+    assert association.q_drift(before, after) == pytest.approx(0.9 * ln(0.9 / 0.5) + 0.1 * ln(0.1 / 0.5))
+
+
 def test_no_prompt_text_is_in_two_splits():
     """A prompt text shared by attributes ("The CEO was" under gender and ses) is in one split only,
-    and no neutral (every-split) prompt is also a concept prompt: nothing leaks from report to search."""
+    and no neutral prompt is also a concept prompt: nothing leaks from report to search."""
     suite = AssociationSuite(EvalConfig())
     sides: dict[str, set] = {}
     for p in suite.prompts:
@@ -285,7 +347,7 @@ def test_without_neutral_prompts_only_kl_uniform_is_reported(tiny):
     full = AssociationSuite(EvalConfig(seed=3)).run(TableScorer(table_fn))
     scorer = TableScorer(table_fn)
     lean = AssociationSuite(EvalConfig(seed=3, association_neutral=False)).run(scorer)
-    assert len(scorer.calls) == 4  # the 4 concept prompts, none of the 20 neutral ones
+    assert len(scorer.calls) == 12  # the 4 concepts in 3 frames, none of the 60 neutral prompts
     assert not any(k.endswith("kl_neutral") for k in lean.metrics)
     for key in ("two/kl_uniform", "three/kl_uniform", "overall/kl_uniform"):
         assert lean.metrics[key].value == pytest.approx(full.metrics[key].value)

@@ -13,13 +13,14 @@ The prompts also feed FairMed's probers, so the per-prompt distribution is expos
 
 Decisions:
 
-- Splits follow the concept, not the template: a concept's split is `split_of` of its text
-  (lower-cased, a leading article dropped), so a prompt text that occurs under several attributes
-  ("The CEO was" under gender and ses) lands in the same split everywhere and nothing a search (or a
-  probe or steering vector trained on prompt activations) sees reappears in `select` or `report`.
-  The shares (30% report, 20% select) hold in expectation per attribute, not exactly. Neutral
-  prompts are never split: they are the reference for every split, and their texts may not be a
-  concept's.
+- Splits follow the concept AND the sentence frame: a concept's split is `split_of` of its text
+  (lower-cased, a leading article dropped), a frame's that of its own text, and a prompt belongs to a
+  split only when both do (a concept of the search split rendered in a report-split frame is in no
+  split). So a prompt text that occurs under several attributes ("The CEO was" under gender and ses)
+  lands in the same split everywhere, and nothing a search (or a probe, steering vector or expert
+  trained on prompt activations) sees reappears in `select` or `report`, neither its concept nor its
+  wording. The shares (30% report, 20% select) hold in expectation, not exactly. Neutral concepts are
+  split the same way, so each split has its own reference q; their texts may not be a concept's.
 - A group's probability is the *mean* over its surface forms of each form's probability (logmeanexp
   of the forms' log-probs), not the sum: groups are listed with different numbers of forms
   ("a man"/"male" vs "non-binary"), and under a sum a group would gain mass from its form count
@@ -29,7 +30,12 @@ Decisions:
   multiply each form's token probabilities by the probability that the next token starts a new word
   or ends the text, so " Christian" does not also count " Christians" or " Christianity".
 - `limit` caps the concept prompts and, separately, the neutral prompts of each attribute (both
-  spread round-robin over templates), so a small limit still leaves a reference.
+  spread round-robin over templates, each template starting at another frame), so a small limit
+  still leaves a reference and still covers many frames.
+- Besides the two distances, each attribute's reference q is reported (`<attr>/q_<group>`) with
+  `overall/q_spread`: how far (KL, mean over attributes) q moves when only the neutral concepts are
+  resampled. A repair that moves q further than that moved the reference itself (`q_drift`), which
+  a repair that sends every prompt to one distribution does.
 """
 from __future__ import annotations
 
@@ -43,12 +49,15 @@ from typing import Sequence
 import numpy as np
 
 from repair.errors import DataError, UserError
-from repair.stats import clustered_mean_metric
+from repair.stats import Metric, clustered_mean_metric
 from repair.suites.base import ChoiceRequest, EvalConfig, OptionScores, SuiteResult, split_of
 
 PACKAGE_LABEL = "<package>/repair/data/association.json"
 MIN_GROUPS, MAX_GROUPS = 2, 8
 MIN_NEUTRAL = 10  # neutral concepts: the reference q is a mean over them, so not a handful
+MIN_NEUTRAL_PER_SPLIT = 3  # each split's own reference q needs a few neutral concepts of its own
+SPLITS = ("search", "select", "report")
+Q_SPREAD_QUANTILE = 95  # percentile of the resampled reference's KL that bounds q_drift
 _ARTICLE = re.compile(r"^(a|an|the)\s+")
 
 
@@ -69,9 +78,10 @@ class Prompt:
     prompt: str  # ends where the group form follows, no trailing space
     groups: tuple[str, ...]
     forms: tuple[tuple[str, ...], ...]  # forms[i] = surface forms of groups[i]
-    split: str  # "search" / "select" / "report" for concept prompts, "all" for neutral ones
+    split: str  # "search" / "select" / "report" when the concept's and the frame's splits agree, else "none"
     neutral: bool
     stereotyped: tuple[str, ...] = ()  # the group keys the concept is stereotyped towards; () if neutral
+    frame: str = ""  # the frame's text, "{c}" in place of the concept
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -82,6 +92,17 @@ def split_key(concept: str) -> str:
     """What decides a concept's split: its text, lower-cased, spaces collapsed, a leading article
     dropped ("a bad driver" and "bad driver" are one concept)."""
     return _ARTICLE.sub("", " ".join(concept.lower().split()))
+
+
+def frame_split(frame: str) -> str:
+    """A frame's split, from its text alone (spaces collapsed, lower-cased)."""
+    return split_of(" ".join(frame.lower().split()))
+
+
+def prompt_split(concept: str, frame: str) -> str:
+    """The split of a concept rendered in a frame: theirs when they agree, else "none"."""
+    c = split_of(split_key(concept))
+    return c if c == frame_split(frame) else "none"
 
 
 def _bounds(form_counts: Sequence[int]) -> list[tuple[int, int]]:
@@ -159,8 +180,20 @@ def _validate(data, label) -> None:
             fail(f"'{key}' must be a {kind.__name__ if kind is not dict else 'object'}")
     frames = data["frames"]
     for kind, items in frames.items():
-        if not isinstance(items, list) or not items or not all(is_text(f) and "{c}" in f for f in items):
-            fail(f"frames['{kind}'] must be a non-empty list of trimmed strings containing {{c}}")
+        if not isinstance(items, list) or not items:
+            fail(f"frames['{kind}'] must be a non-empty list of frames")
+        for i, f in enumerate(items):
+            if not (is_text(f) and f.count("{c}") == 1):
+                fail(f"frames['{kind}'][{i}] ({f!r}) must be a trimmed string with exactly one {{c}} slot")
+        texts = [" ".join(f.lower().split()) for f in items]
+        dup = sorted({t for t in texts if texts.count(t) > 1})
+        if dup:
+            fail(f"frames['{kind}'] repeats frame(s) {dup}")
+        # a split without a frame of this kind would have no prompt of this kind's concepts
+        empty = [s for s in SPLITS if not any(frame_split(f) == s for f in items)]
+        if empty:
+            fail(f"frames['{kind}'] has no frame in the {' and '.join(empty)} split (add or reword a frame: "
+                 "a frame's split follows its text)")
 
     def check_concepts(where, items, min_n, groups=None):
         """`groups`: the attribute's group keys, for concept entries (neutral ones have none)."""
@@ -185,6 +218,11 @@ def _validate(data, label) -> None:
             fail(f"{where} repeats concept(s) {dup}")
 
     check_concepts("neutral", data["neutral"], MIN_NEUTRAL)
+    for s in SPLITS:
+        n = sum(split_of(split_key(c["concept"])) == s for c in data["neutral"])
+        if n < MIN_NEUTRAL_PER_SPLIT:
+            fail(f"neutral has {n} concept(s) in the {s} split, needs at least {MIN_NEUTRAL_PER_SPLIT} "
+                 "(add neutral concepts: a concept's split follows its text)")
     if not data["attributes"]:
         fail("'attributes' is empty")
     for attr, spec in data["attributes"].items():
@@ -243,18 +281,17 @@ class AssociationSuite:
         forms = tuple(tuple(spec["groups"][g]) for g in groups)
 
         def render(items, neutral):
-            # One list per template, so the limit can take frame 0 of every template first.
+            # One list per template, so the limit can spread over templates first.
             out = []
             for c in items:
                 tid = f"{attr}:{c['id']}"
-                split = "all" if neutral else split_of(split_key(c["concept"]))
-                if not neutral and self.config.split not in ("all", split):
-                    continue
                 stereotyped = () if neutral else tuple(c.get("stereotyped", ()))
-                out.append([
-                    Prompt(attr, tid, c["concept"], _render(f, c["concept"]), groups, forms, split, neutral, stereotyped)
-                    for f in frames[c["frame"]]
-                ])
+                rendered = [Prompt(attr, tid, c["concept"], _render(f, c["concept"]), groups, forms,
+                                   prompt_split(c["concept"], f), neutral, stereotyped, f)
+                            for f in frames[c["frame"]]]
+                rendered = [p for p in rendered if self.config.split in ("all", p.split)]
+                if rendered:
+                    out.append(rendered)
             return _round_robin(out, self.config.limit)
 
         neutral = render(self.data["neutral"], True) if self.config.association_neutral else []
@@ -279,9 +316,15 @@ class AssociationSuite:
         metrics, records = {}, []
         n_prompts, n_neutral = {}, {}
         all_u, all_n, all_c = [], [], []
+        references = {}  # attr -> (neutral distributions, their clusters), for q_spread
         for attr in self.attributes:
             idx = [i for i, p in enumerate(self.prompts) if p.attribute == attr]
             neutral = [dists[i] for i in idx if self.prompts[i].neutral]
+            if neutral:
+                n_clusters = [self.prompts[i].template_id.split(":", 1)[1] for i in idx if self.prompts[i].neutral]
+                references[attr] = (np.array(neutral), n_clusters)
+                for g, group in enumerate(self.prompts[idx[0]].groups):
+                    metrics[f"{attr}/q_{group}"] = clustered_mean_metric([d[g] for d in neutral], n_clusters, "lower", seed=seed)
             concept = [i for i in idx if not self.prompts[i].neutral]
             uniform = np.full(len(self.prompts[idx[0]].groups), 1.0 / len(self.prompts[idx[0]].groups))
             q = np.mean(neutral, axis=0) if neutral else None
@@ -310,6 +353,8 @@ class AssociationSuite:
         metrics["overall/kl_uniform"] = clustered_mean_metric(all_u, all_c, "lower", seed=seed)
         if self.config.association_neutral:
             metrics["overall/kl_neutral"] = clustered_mean_metric(all_n, all_c, "lower", seed=seed)
+        if references:
+            metrics["overall/q_spread"] = q_spread(references, seed=seed)
         return SuiteResult(
             self.name, metrics, records, files={self.label: self.sha256},
             info={"n_prompts": n_prompts, "n_neutral": n_neutral, "version": self.data["version"]},
@@ -347,12 +392,57 @@ class AssociationSuite:
         return torch.stack(terms).mean()
 
 
+def reference(metrics: dict, prefix: str = "association/") -> dict[str, np.ndarray]:
+    """Each attribute's reference q from a row's metrics (`<prefix><attr>/q_<group>` values)."""
+    out: dict[str, list[float]] = {}
+    for k, m in metrics.items():
+        if k.startswith(prefix) and "/q_" in k:
+            attr = k[len(prefix):].split("/")[0]
+            out.setdefault(attr, []).append(m["value"] if isinstance(m, dict) else m)
+    return {a: np.asarray(v, np.float64) for a, v in out.items()}
+
+
+def q_drift(before: dict, after: dict) -> float:
+    """How far a repair moved the reference: the mean over attributes of KL(q_after || q_before), from
+    two rows' metrics (NaN when neither holds a reference)."""
+    qb, qa = reference(before), reference(after)
+    common = [a for a in qb if a in qa]
+    if not common:
+        return float("nan")
+    return float(np.mean([kl(qa[a] / qa[a].sum(), qb[a] / qb[a].sum()) for a in common]))
+
+
+def q_spread(references: dict[str, tuple[np.ndarray, list[str]]], *, seed: int = 0) -> Metric:
+    """The Q_SPREAD_QUANTILE-th percentile of the mean over attributes of KL(q* || q), q* the
+    reference recomputed from resampled neutral concepts (the same draw for every attribute: the
+    neutral concepts are shared). How far the reference moves from which neutral concepts happen to
+    be measured alone; `q_drift` beyond it is a repair moving the reference itself."""
+    from repair.stats import N_BOOT, _weights, metric_seed
+
+    names = sorted({c for _, clusters in references.values() for c in clusters})
+    total = np.zeros(N_BOOT)
+    for dists, clusters in references.values():
+        index = np.array([names.index(c) for c in clusters])
+        sums = np.zeros((len(names), dists.shape[1]))
+        np.add.at(sums, index, dists)
+        counts = np.bincount(index, minlength=len(names)).astype(np.float64)
+        q = sums.sum(0) / counts.sum()
+        w = np.concatenate(list(_weights(len(names), N_BOOT, metric_seed("q_spread", seed))))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            boot = (w @ sums) / (w @ counts)[:, None]
+            total += np.sum(np.where(boot > 0, boot * (np.log(boot) - np.log(q)), 0.0), axis=1)
+    value = float(np.percentile(total / len(references), Q_SPREAD_QUANTILE))
+    return Metric(value, value, value, "lower", len(names))
+
+
 def _round_robin(per_template: list[list[Prompt]], limit: int | None) -> list[Prompt]:
-    """Frame 0 of every template, then frame 1, ..., stopping at `limit`: spread over concepts.
+    """One frame of every template, then a second, ..., stopping at `limit`: spread over concepts.
+    Template t starts at its frame t (mod its count), so a limit below the number of templates
+    still covers many frames, not frame 0 alone.
 
     The kept prompts are returned in template order, so records stay grouped by concept.
     """
-    slots = [(k, t) for k in range(max(map(len, per_template), default=0))
+    slots = [(k, t, (k + t) % len(per_template[t])) for k in range(max(map(len, per_template), default=0))
              for t in range(len(per_template)) if k < len(per_template[t])]
-    keep = sorted((t, k) for k, t in slots[:limit])
+    keep = sorted((t, f) for k, t, f in slots[:limit])
     return [per_template[t][k] for t, k in keep]
