@@ -168,6 +168,8 @@ def cmd_run(args) -> int:
         per_round=args.per_round, max_prune=args.max_prune, max_layers=args.max_layers, target=args.target,
         steer_labels=args.steer_labels, expert_base=args.expert_base,
         max_utility_loss=args.max_utility_loss,
+        max_kl_uniform_rise=args.max_kl_uniform_rise,
+        max_q_drift=args.max_q_drift,
         knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
         search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
         report_ppl_tokens=args.report_ppl_tokens,
@@ -352,9 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "tokenizer (default: the target itself); a smaller one makes generation cheaper")
     rn.add_argument("--max-utility-loss", type=float, default=0.05,
                     help="allowed utility loss: perplexity at most x(1+L), accuracy at least x(1-L) of the unrepaired model")
+    rn.add_argument("--max-kl-uniform-rise", type=float, default=0.02,
+                    help="guard: a repair is chosen only if the upper end of kl_uniform's paired 95%% interval (relative "
+                         "change on the select split) is at most this (default 0.02: +2%%)")
+    rn.add_argument("--max-q-drift", type=float, default=None,
+                    help="guard: a repair is chosen only if the neutral reference moves at most this far, KL(q_repaired || "
+                         "q_base) in nats (default: the unrepaired model's own spread over its neutral concepts)")
     rn.add_argument("--knockouts", action="store_true", help="also evaluate every single-head knockout")
     rn.add_argument("--baselines", type=_csv, default=(), help="random,knockout: baselines with the same LLM-evaluation budget, verified and reported alike (off by default; prune takes both, fairsteer random)")
-    rn.add_argument("--search-limit", type=int, default=6, help="prompts per attribute (items per category) in the search split")
+    rn.add_argument("--search-limit", type=int, default=24, help="prompts per attribute (items per category) in the search split")
     rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
     rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the held-out select and report splits (default: all)")
     rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the select and report splits")

@@ -182,6 +182,12 @@ def _check_reload(loaded: LoadedModel, expected, folder: Path) -> None:
 
 
 def _what_was_done(manifest: dict) -> list[str]:
+    if manifest["key"] == "base":
+        excluded = manifest.get("excluded_on_select") or []
+        return ["fairness-repair kept the **unrepaired model**: no repaired configuration passed the guards on the",
+                "held-out select split (utility bound, kl_uniform not rising, the neutral reference in place), so this",
+                "checkpoint is the model as it was." + (" The finalists and the guards each failed:" if excluded else ""),
+                *[f"- {r['config']}: {'; '.join(r['failed'])}" for r in excluded]]
     if "pruned_heads" in manifest:
         return [f"Made by fairness-repair (`{manifest['method']}`): {len(manifest['pruned_heads'])} attention heads",
                 "pruned (their slices of the attention output projection are zero). Loads with plain",

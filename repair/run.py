@@ -65,6 +65,10 @@ def validate(config: RunConfig) -> Objectives:
         raise UserError(f"--target must be neutral or uniform, got {config.target!r}")
     if not 0 < config.max_utility_loss < 1:
         raise UserError(f"--max-utility-loss must be a fraction between 0 and 1, got {config.max_utility_loss}")
+    if not config.max_kl_uniform_rise >= 0:
+        raise UserError(f"--max-kl-uniform-rise must be a fraction of 0 or more, got {config.max_kl_uniform_rise}")
+    if config.max_q_drift is not None and not config.max_q_drift > 0:
+        raise UserError(f"--max-q-drift must be a positive KL in nats, got {config.max_q_drift}")
     if config.rounds < 0 or config.per_round < 1 or config.verify_top < 1:
         raise UserError("--rounds must be >= 0, --per-round and --verify-top >= 1")
     if config.heartbeat < 1:
@@ -118,6 +122,8 @@ def run(config: RunConfig) -> int:
     chosen = next(c for c in candidates if c["chosen"])
     base = candidates[0]
     common = {"model": loaded.describe(), "objectives": objectives.describe(), "max_utility_loss": config.max_utility_loss,
+              "guards": {"max_kl_uniform_rise": config.max_kl_uniform_rise, "max_q_drift": config.max_q_drift or "q_spread"},
+              "excluded_on_select": excluded_rows(candidates),
               "chosen_on": "select", "reported_on": "report", "data_files": files, "versions": versions(),
               "command": sys.argv, "n_llm_evaluations": result["n_evaluations"]}
     export(methods, loaded, chosen, base, config.out / "checkpoint", common, config)
@@ -183,6 +189,14 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
     return rows
 
 
+def excluded_rows(candidates: list[dict]) -> list[dict]:
+    """The verified configurations the guards refused on the select split: key, description, failed guards."""
+    from reports.records import describe_config
+
+    return [{"key": c["key"], "config": describe_config(c), "failed": c["excluded_by"]}
+            for c in candidates if c.get("excluded_by")]
+
+
 def describe_chosen(methods: dict, candidate: dict) -> str:
     """The method's own summary line of a configuration; each part's for a stack."""
     config = candidate["config"]
@@ -193,8 +207,15 @@ def describe_chosen(methods: dict, candidate: dict) -> str:
 
 def _print_summary(config, objectives, base, chosen, report, result, methods) -> None:
     print(f"\nLLM evaluations: {result['n_evaluations']} in {result['seconds'] / 60:.1f} min")
+    excluded = excluded_rows(result["candidates"])
     if chosen is base:
-        print("no repaired configuration kept utility within the limit on the select split: the checkpoint is the unrepaired model")
+        print("no repaired configuration passed the guards on the select split: the checkpoint is the unrepaired model")
+    if excluded:
+        print(f"excluded on the select split by the guards: {len(excluded)} of {len(result['candidates']) - 1} verified")
+        for row in excluded[:6]:
+            print(f"  {row['config']}: {row['failed'][0]}" + (f" (+{len(row['failed']) - 1} more)" if len(row["failed"]) > 1 else ""))
+        if len(excluded) > 6:
+            print(f"  ... {len(excluded) - 6} more in the report")
     print("chosen on the select split; measured on the report split, which no choice has seen")
     rows = summary_rows(objectives, base, chosen, "report")
     width = max(len(r[0]) for r in rows)
@@ -286,7 +307,8 @@ def write_run_report(run_dir: Path) -> Path:
     return write_report(run_dir / "report", points, objectives={k: {"name": v["name"], "better": v["better"]} for k, v in desc.items()},
                         fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta,
                         probes=probes, select_points=select_points if several else None, costs=costs,
-                        bests=best_rows(candidates, names) if several else None)
+                        bests=best_rows(candidates, names) if several else None,
+                        excluded=excluded_rows(candidates) if all("excluded_by" in c for c in candidates) else None)
 
 
 def best_rows(candidates: list[dict], names: tuple[str, ...]) -> list[dict]:

@@ -36,9 +36,11 @@ class RunConfig:
     steer_labels: str = "association"  # fairsteer: what labels prompts biased for its probes (or "bbq")
     expert_base: str | None = None  # experts: the model the experts start from (None: the target itself)
     max_utility_loss: float = 0.05
+    max_kl_uniform_rise: float = 0.02  # guard: kl_uniform's paired relative change may not end above this
+    max_q_drift: float | None = None  # guard: KL(q_repaired || q_base) bound (None: the unrepaired model's q_spread)
     knockouts: bool = False
     baselines: tuple[str, ...] = ()
-    search_limit: int = 6  # prompts per attribute / items per category in the search split
+    search_limit: int = 24  # prompts per attribute / items per category in the search split (several frames)
     search_ppl_tokens: int = 512
     report_limit: int | None = None  # None: every item of the held-out split
     report_ppl_tokens: int = 2048

@@ -7,7 +7,8 @@ choose, report on the report split.
    beyond its bits), inside a trust region around evaluated configurations; the most promising new
    ones are evaluated for real; refit; repeat for `rounds`;
 4. the best configurations and the unrepaired model are verified on the held-out `select` split; the
-   fairest one that keeps utility within the allowed loss there is chosen; only then are the
+   fairest one that keeps utility within the allowed loss there and passes the guards (`repair.guards`:
+   kl_uniform does not rise, the neutral reference does not move) is chosen; only then are the
    unrepaired model, the chosen configuration, each method's best and the select split's front
    measured on the `report` split, which nothing ever chooses by.
 Every LLM evaluation is a trial in an Optuna study keyed by method and configuration
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from repair import failpoints
 from repair.errors import UserError
 from repair.evaluator import Evaluator
+from repair.guards import Guards
 from repair.io import write_json_atomic
 from repair.models import LoadedModel
 from repair.objectives import SHOWN_SUITES, ConfigEvaluator, Objectives, paired_changes
@@ -159,8 +161,8 @@ class Search:
 
     # ---- surrogates and annealing, in rounds -----------------------------------------------
     def training_data(self, before_round: int | None = None):
-        """This method's stored configurations (and the unrepaired model) with their objectives,
-        sorted by key (not by when each was evaluated, so a resumed or distributed run sees the same
+        """This method's stored configurations (and the unrepaired model) with their objectives (fairness
+        as the guards leave it: `Guards.guarded`), sorted by key (not by when each was evaluated, so a resumed or distributed run sees the same
         rows). With `before_round`, only what the search itself had evaluated before that round (no
         baseline's evaluations)."""
         done = self.records.completed()
@@ -168,7 +170,10 @@ class Search:
         keys = sorted(k for k, t in done.items() if method_of(k) in (None, self.method.name)
                       and (before_round is None or t.user_attrs["phase"] in phases))
         X = np.stack([self.space.features(k) for k in keys]).astype(np.float64)
-        f = np.array([done[k].values[0] for k in keys])
+        # the guards, from point values: a configuration past them is worth no more than the unrepaired model
+        base, guards = done[BASE], guards_of(self.config)
+        f = np.array([guards.guarded(done[k].values[0], base.values[0], base.user_attrs["metrics"], done[k].user_attrs["metrics"])
+                      for k in keys])
         u = np.array([done[k].values[1] for k in keys])
         return keys, X, f, u
 
@@ -327,12 +332,23 @@ def verify(config: RunConfig, scorer: Scorer, keys: list[str], split: str) -> di
     return {k: {a: done[k].user_attrs.get(a) for a in ("fairness", "utility", "metrics", "units")} for k in keys}
 
 
-def choose(objectives: Objectives, selected: dict[str, dict], base_key: str, allowed: list[str], max_loss: float) -> str:
-    """The fairest of `allowed` whose utility on the select split stays within `max_loss` of the
-    unrepaired model's there; the unrepaired model when none does. Reads select-split records only."""
-    bound = objectives.utility_bound(selected[base_key]["utility"], max_loss)
-    meeting = [k for k in allowed if k in selected and k != base_key and objectives.meets(selected[k]["utility"], bound)]
-    return min(meeting, key=lambda k: (selected[k]["fairness"], k)) if meeting else base_key
+def guards_of(config: RunConfig) -> Guards:
+    return Guards(config.max_kl_uniform_rise, config.max_q_drift)
+
+
+def exclusions(config: RunConfig, objectives: Objectives, selected: dict[str, dict], base_key: str) -> dict[str, list[str]]:
+    """Each verified configuration's failed guards on the select split (utility bound included); []
+    for those that may be chosen."""
+    guards, base = guards_of(config), selected[base_key]
+    return {k: guards.failures(objectives, base, row, config.max_utility_loss, seed=config.seed) if k != base_key else []
+            for k, row in selected.items()}
+
+
+def choose(selected: dict[str, dict], base_key: str, allowed: list[str], excluded: dict[str, list[str]]) -> str:
+    """The fairest of `allowed` that passes every guard on the select split (`exclusions`); the
+    unrepaired model when none does. Reads select-split records only."""
+    eligible = [k for k in allowed if k in selected and k != base_key and not excluded[k]]
+    return min(eligible, key=lambda k: (selected[k]["fairness"], k)) if eligible else base_key
 
 
 def select_front(objectives: Objectives, selected: dict[str, dict]) -> list[str]:
@@ -411,19 +427,21 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
         with timing("held-out"):
             to_select = list(dict.fromkeys([BASE] + [k for keys in finalists.values() for k in keys]))
             selected = verify(config, scorer, to_select, "select")
-            best = {m: choose(objectives, selected, BASE, keys, config.max_utility_loss) for m, keys in finalists.items()}
+            excluded = exclusions(config, objectives, selected, BASE)
+            best = {m: choose(selected, BASE, keys, excluded) for m, keys in finalists.items()}
         if several and config.stack:
             stacks = stack_candidates(best, methods)
             with timing(STACK):
                 evaluate_search(config, scorer, records, [(k, STACK) for k in stacks], "stacks: best configurations in pairs")
             with timing("held-out"):
                 selected.update(verify(config, scorer, stacks, "select"))
+            excluded = exclusions(config, objectives, selected, BASE)
             finalists[STACK], owner[STACK] = stacks, None
             sequences[STACK] = [BASE, *stacks]
-            best[STACK] = choose(objectives, selected, BASE, stacks, config.max_utility_loss)
+            best[STACK] = choose(selected, BASE, stacks, excluded)
             to_select += stacks
         allowed = [k for seq_name, keys in finalists.items() if seq_name in methods or seq_name == STACK for k in keys]
-        chosen = choose(objectives, selected, BASE, allowed, config.max_utility_loss)
+        chosen = choose(selected, BASE, allowed, excluded)
         # only now, after every choice, the report split: what the user is shown (every stack, so the report
         # shows whether stacking beats its parts)
         with timing("held-out"):
@@ -441,6 +459,7 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
         "methods": [m for m, keys in finalists.items() if k in keys], "chosen": k == chosen,
         "best_of": [m for m, b in best.items() if b == k and k != BASE],
         "meets_constraint_on_select": objectives.meets(selected[k]["utility"], bound),
+        "excluded_by": excluded[k],  # the guards it failed on the select split (utility included); [] if eligible
         "search": _numbers(done[k].user_attrs),
         **{split: _numbers(rows[k]) if k in rows else None for split, rows in measured.items()},
         # against the unrepaired model on the same split, with paired intervals

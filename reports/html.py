@@ -101,13 +101,15 @@ def build_report(
     select_points: Sequence[Mapping] | None = None,
     costs: Mapping | None = None,
     bests: Sequence[Mapping] | None = None,
+    excluded: Sequence[Mapping] | None = None,
 ) -> dict[str, str]:
     """The report's files as {"index.html": ..., "pareto.csv": ..., "pareto.json": ...}. `probes`: the
     FairMed probers' held-out scores, one record per layer and attribute (`repair probe` writes them),
     or FairSteer's probe scores (one per layer, `kind` "fairsteer"). A run of several methods adds
     `select_points` (every verified configuration on the select split, what the choice saw) and
     `costs` (repair.costs: each method's evaluations, time, generation slowdown, extra parameters) and
-    `bests` (each method's best and each stack with their changes, already formatted)."""
+    `bests` (each method's best and each stack with their changes, already formatted). `excluded`: the
+    finalists the guards refused on the select split, each with its configuration and failed guards."""
     objectives = check_objectives(objectives)
     pts = check_points(points)
     fit_records = check_fits(fits)
@@ -116,7 +118,7 @@ def build_report(
     title = str(title or DEFAULT_TITLE)
     front = choose_front(pts, objectives)
     select = check_points(select_points) if select_points else []
-    extra = [_bests(bests), _select_view(select, objectives), _costs(costs)]
+    extra = [_excluded(excluded), _bests(bests), _select_view(select, objectives), _costs(costs)]
     return {
         "index.html": render_html(pts, front, objectives, fit_records, title=title, meta=meta, probes=probe_records,
                                   extra=extra),
@@ -137,6 +139,7 @@ def write_report(
     select_points: Sequence[Mapping] | None = None,
     costs: Mapping | None = None,
     bests: Sequence[Mapping] | None = None,
+    excluded: Sequence[Mapping] | None = None,
 ) -> Path:
     """Write out_dir/index.html, pareto.csv and pareto.json all at once; return the index.html path.
 
@@ -145,7 +148,7 @@ def write_report(
     reports.atomic.publish_dir). Raises ValueError, naming the record, on malformed input.
     """
     files = build_report(points, objectives=objectives, fits=fits, title=title, meta=meta, probes=probes,
-                         select_points=select_points, costs=costs, bests=bests)
+                         select_points=select_points, costs=costs, bests=bests, excluded=excluded)
     return publish_dir(Path(out_dir), files) / "index.html"
 
 
@@ -199,6 +202,24 @@ def _select_view(points, objectives) -> str:
     return ('<section id="select"><h2>Select split: every verified configuration</h2>'
             f'<figure id="fig-select">{front_figure(points, front, objectives, element_id="fig-select-svg")}'
             f"<figcaption>{esc(caption)}</figcaption></figure></section>")
+
+
+def _excluded(rows) -> str:
+    """The finalists the guards refused on the select split, and why: a repair that games kl_neutral (by
+    raising kl_uniform or moving the neutral reference) is listed here, not chosen."""
+    if rows is None:
+        return ""
+    if not rows:
+        return ('<section id="excluded"><h2>Excluded by the guards (select split)</h2><p class="note">Every verified '
+                'finalist passed the guards: utility within its bound, kl_uniform not rising, the neutral reference in '
+                'place.</p></section>')
+    body = "".join(f'<tr><td>{esc(r["config"])}</td><td>{esc("; ".join(r["failed"]))}</td></tr>' for r in rows)
+    return ('<section id="excluded"><h2>Excluded by the guards (select split)</h2><table><thead><tr><th>Configuration'
+            f'</th><th>Failed guards</th></tr></thead><tbody>{body}</tbody></table><p class="note">A finalist is chosen '
+            'only if, on the select split, its utility stays within the bound, the upper end of kl_uniform\'s paired '
+            'interval does not rise past the allowance and the neutral reference q moves no further than the '
+            'unrepaired model\'s own spread: kl_neutral can be won by sending every prompt to one distribution, '
+            'which these guards refuse.</p></section>')
 
 
 def _bests(rows) -> str:

@@ -35,7 +35,7 @@ def test_the_choice_reads_select_records_before_any_report_evaluation(model_dir,
     calls = []
     original = runloop.choose
 
-    def spy(objectives, selected, base_key, allowed, max_loss):
+    def spy(selected, base_key, allowed, excluded):
         name = f"repair-{out.name}"
         try:
             report_trials = study_trials(storage, f"{name}-report")
@@ -44,7 +44,7 @@ def test_the_choice_reads_select_records_before_any_report_evaluation(model_dir,
         select = {t.user_attrs["key"]: t.user_attrs for t in study_trials(storage, f"{name}-select")}
         calls.append((len(report_trials), {k: (v["fairness"], v["utility"]) for k, v in selected.items()},
                       {k: (select[k]["fairness"], select[k]["utility"]) for k in selected}))
-        return original(objectives, selected, base_key, allowed, max_loss)
+        return original(selected, base_key, allowed, excluded)
 
     monkeypatch.setattr(runloop, "choose", spy)
     assert main(["run", "--model", str(model_dir), "--out", str(out), *SMALL]) == 0

@@ -420,6 +420,8 @@ def q_spread(references: dict[str, tuple[np.ndarray, list[str]]], *, seed: int =
     from repair.stats import N_BOOT, _weights, metric_seed
 
     names = sorted({c for _, clusters in references.values() for c in clusters})
+    if len(names) < 2:  # one neutral concept: no spread to measure (the guard it bounds is not applied)
+        return Metric(float("nan"), float("nan"), float("nan"), "lower", len(names))
     total = np.zeros(N_BOOT)
     for dists, clusters in references.values():
         index = np.array([names.index(c) for c in clusters])
