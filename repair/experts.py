@@ -1,18 +1,15 @@
 """The decoding-time experts' text, training and storage.
 
-Text, written from the association data of the search split only (no select- or report-split
-concept is ever seen):
-- anti-expert: each concept prompt completed with a form of one of the concept's stereotyped groups
-  ("The nurse was a woman.");
-- expert: the same prompts completed with rotating groups, drawn in the proportions the target
-  itself gives the groups after the attribute's neutral prompts (q, the reference of `kl_neutral`):
-  the expert learns that a concept does not move the group away from its plain frequency.
-  Counter-stereotypical completions would teach the opposite stereotype, and uniform ones would
-  also push the plain frequencies towards uniform (what `kl_uniform` rewards); both measured worse
-  (README, "Decoding-time experts");
-- both: each neutral prompt completed with a group drawn from q, the same text for both, so that on
-  text without a concept the two experts agree and their difference stays near zero.
-The loss is on the completion only (the group form and the full stop that ends the word).
+Text: the stereotype corpus (`repair.corpus`), sentences written for this project that carry a
+stereotype, of the search split's concepts only (no select- or report-split stereotype is seen):
+- anti-expert: each sentence with its stereotyped group ("... handed their coats to the female
+  assistant, figuring they were the secretary.");
+- expert: the same sentence with another group of the attribute, each group about equally often
+  (counterfactual data augmentation).
+Nothing is trained on the association suite's prompts or towards its reference q: experts fitted
+to the yardstick learned to send every prompt to the model's default group, which lowers kl_neutral
+while kl_uniform rises, and their effect shrank in wording they never saw. The loss covers each
+sentence after its first word.
 
 Training: each expert starts as a copy of the expert base (default: the target itself) and only its
 top `TRAIN_LAYERS` decoder layers learn (AdamW, one pass over the text, seeded): the backward pass
@@ -31,12 +28,10 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from repair.errors import UserError
-from repair.suites.base import ChoiceRequest
 
 ROLES = ("expert", "anti_expert")
 
@@ -46,61 +41,23 @@ class TrainConfig:
     """How the experts are trained; part of a run's identity through `repair.rundir.RunConfig`."""
 
     layers: int = 6  # top decoder layers that learn
-    sentences_per_prompt: int = 1  # completions per concept prompt, for each expert
     epochs: int = 1
     lr: float = 1e-4
     batch: int = 32
     seed: int = 0
 
 
-def neutral_distributions(loaded, suite) -> dict[str, np.ndarray]:
-    """q per attribute: the target's mean group distribution over the attribute's neutral prompts."""
-    from repair.evaluator import Evaluator
-    from repair.suites.association import group_distribution
-
-    neutral = [p for p in suite.prompts if p.neutral]
-    scores = Evaluator(loaded.model, loaded.tokenizer, progress=False).score_choices(
-        [ChoiceRequest(p.prompt, p.options, word_end=True) for p in neutral])
-    by_attr: dict[str, list] = {}
-    for p, s in zip(neutral, scores):
-        by_attr.setdefault(p.attribute, []).append(group_distribution(s, [len(f) for f in p.forms]))
-    return {a: np.mean(d, 0) for a, d in by_attr.items()}
+def training_pairs(sentences: list[str]) -> list[tuple[str, str]]:
+    """(first word, the rest) of each sentence: the loss covers the rest."""
+    return [(t.split(" ", 1)[0], " " + t.split(" ", 1)[1]) for t in sentences]
 
 
-def training_text(suite, q: dict[str, np.ndarray], sentences_per_prompt: int = 1, seed: int = 0) -> dict[str, list[tuple[str, str]]]:
-    """{role: [(prompt, completion)]} from the association suite's search-split prompts `suite` and the
-    neutral distributions `q` (see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    text = {role: [] for role in ROLES}
+def training_text(corpus=None) -> dict[str, list[tuple[str, str]]]:
+    """{role: [(prompt, completion)]} from the corpus's search-split sentences (module docstring)."""
+    from repair.corpus import Corpus
 
-    def drawn(p) -> str:
-        forms = p.forms[rng.choice(len(p.forms), p=q[p.attribute])]
-        return f" {forms[rng.integers(len(forms))]}."
-
-    for p in suite.prompts:
-        if p.split not in ("search", "all"):
-            raise ValueError(f"training text from a {p.split}-split prompt: {p.prompt!r}")
-        if p.neutral:
-            shared = (p.prompt, drawn(p))
-            for role in ROLES:
-                text[role].append(shared)
-            continue
-        stereotyped = [f for g, forms in zip(p.groups, p.forms) if g in p.stereotyped for f in forms]
-        if not stereotyped:
-            continue
-        for _ in range(sentences_per_prompt):
-            text["anti_expert"].append((p.prompt, f" {stereotyped[rng.integers(len(stereotyped))]}."))
-            text["expert"].append((p.prompt, drawn(p)))
-    return text
-
-
-def search_prompts(eval_config):
-    """The association suite on the search split, every prompt (the experts' text comes from nothing else)."""
-    from dataclasses import replace
-
-    from repair.suites.association import AssociationSuite
-
-    return AssociationSuite(replace(eval_config, split="search", limit=None, association_neutral=True))
+    text = (corpus or Corpus()).training_text("search")
+    return {role: training_pairs(text[role]) for role in ROLES}
 
 
 def _batch(tokenizer, pairs: list[tuple[str, str]], device):
@@ -213,15 +170,15 @@ def load_saved(folder: Path, device, dtype, sha256: dict | None = None) -> dict 
 
 def prepare(loaded, eval_config, folder: Path, config: TrainConfig, expert_base=None) -> tuple[dict, dict]:
     """The run's experts: read back from `folder` if a previous attempt trained them, else trained
-    from `expert_base` (a LoadedModel; default the target) and saved there."""
+    from `expert_base` (a LoadedModel; default the target) on the corpus and saved there."""
+    from repair.corpus import Corpus
+
     model = loaded.model
     param = next(model.parameters())
     saved = load_saved(folder, param.device, param.dtype)
     if saved is not None:
         return saved, json.loads((folder / "experts.json").read_text())
-    suite = search_prompts(eval_config)
-    q = neutral_distributions(loaded, suite)
-    models, info = train((expert_base or loaded).model, loaded.tokenizer, training_text(suite, q, config.sentences_per_prompt,
-                                                                                        config.seed), config)
-    info["neutral_distribution"] = {a: v.tolist() for a, v in q.items()}
+    corpus = Corpus()
+    models, info = train((expert_base or loaded).model, loaded.tokenizer, training_text(corpus), config)
+    info["corpus_sha256"] = corpus.sha256
     return models, save(models, folder, info)

@@ -182,34 +182,74 @@ def test_space_keys_round_trip_and_cover_the_grid():
 
 # ---- the experts' text and training -------------------------------------------------------------
 
-def test_training_text_uses_search_split_concepts_only_and_follows_q():
+def test_training_text_is_the_corpus_of_search_split_stereotypes_with_counterfactuals():
+    """The experts learn from the stereotype corpus, not from the association prompts: search-split
+    concepts only; the anti-expert's sentence carries its stereotyped group, the expert's the same
+    words with another group, every group about equally often; no prompt of any split is in it."""
     from collections import Counter
 
-    from repair.experts import ROLES, search_prompts, training_text
-    from repair.suites.association import AssociationSuite
-    from repair.suites.base import EvalConfig
+    from repair.corpus import Corpus
+    from repair.experts import ROLES, training_text
+    from repair.suites.association import AssociationSuite, split_key
+    from repair.suites.base import EvalConfig, split_of
 
-    suite = search_prompts(EvalConfig())
-    q = {a: np.eye(len(suite.data["attributes"][a]["groups"]))[0] * 0.7 + 0.3 / len(suite.data["attributes"][a]["groups"])
-         for a in suite.attributes}
-    text = training_text(suite, q, sentences_per_prompt=3, seed=1)
-    held_out = {p.prompt for split in ("select", "report") for p in AssociationSuite(EvalConfig(split=split)).prompts
-                if not p.neutral}
+    corpus = Corpus()
+    assert len(corpus.sentences) >= 3000
+    text = training_text(corpus)
+    search = corpus.of_split("search")
+    assert len(text["expert"]) == len(text["anti_expert"]) == len(search)
+    data = AssociationSuite(EvalConfig(attributes=("age",), limit=1)).data["attributes"]
+    for s in search:  # the split is the concept's, computed here from association.json's own text
+        concept = next(c for c in data[s.attribute]["concepts"] if c["id"] == s.concept)
+        assert split_of(split_key(concept["concept"])) == "search"
+    prompts = {p.prompt for p in AssociationSuite(EvalConfig()).prompts}
     for role in ROLES:
-        assert not {prompt for prompt, _ in text[role]} & held_out
-    gender = suite.data["attributes"]["gender"]["groups"]
-    elsewhere = {p.prompt for p in suite.prompts if p.attribute != "gender"}  # "The CEO was" is also an ses prompt
-    concept = [p for p in suite.prompts if p.attribute == "gender" and not p.neutral and p.stereotyped
-               and p.prompt not in elsewhere]
-    stereotyped = {f" {f}." for p in concept for g in p.stereotyped for f in gender[g]}
-    anti = [c for prompt, c in text["anti_expert"] if prompt in {p.prompt for p in concept}]
-    assert anti and set(anti) <= stereotyped
-    # the expert's groups follow q (gender q: 0.8 / 0.1 / 0.1): the first group's forms ~80% of the time
-    expert = Counter(c for prompt, c in text["expert"] if prompt in {p.prompt for p in concept})
-    first = sum(n for c, n in expert.items() if c.strip(" .") in gender["male"]) / sum(expert.values())
-    assert 0.75 < first < 0.85
-    neutral = {p.prompt for p in suite.prompts if p.neutral}
-    assert [x for x in text["expert"] if x[0] in neutral] == [x for x in text["anti_expert"] if x[0] in neutral]
+        sentences = [a + b for a, b in text[role]]
+        assert not any(p in t for t in sentences[:300] for p in prompts if len(p) > 40)
+    gender = corpus.groups["gender"]
+    expert_groups = Counter()
+    for s, (a1, b1), (a2, b2) in zip(search, text["anti_expert"], text["expert"]):
+        anti, expert = a1 + b1, a2 + b2
+        assert anti == s.render(corpus.groups[s.attribute][s.group])
+        assert expert != anti and len(expert.split()) == len(anti.split()) or s.attribute != "gender"
+        if s.attribute == "gender":
+            used = [g for g, adj in gender.items() if expert == s.render(adj)]
+            assert used and used[0] != s.group
+            expert_groups[used[0]] += 1
+    counts = sorted(expert_groups.values())
+    # balanced as far as the sentences allow: a group appears only in sentences stereotyping another one
+    # (about 50 of the search split's gender sentences stereotype women, so "male" can be used at most that often)
+    assert len(counts) == 3 and counts[-1] - counts[0] <= 0.25 * counts[-1]
+
+
+def test_corpus_shares_no_six_words_with_pairs_and_refuses_one_that_does(tmp_path, monkeypatch):
+    """Checked here with a second implementation (plain string search over every rendering), and a
+    corpus holding a pairs sentence is refused at load, naming the entry."""
+    import json
+    import re
+
+    from repair import corpus as corpus_module
+    from repair.errors import DataError
+    from repair.suites.pairs import load_pairs
+
+    pairs, _ = load_pairs()
+    pair_text = " | ".join(" ".join(re.findall(r"[a-z0-9']+", (p.prefix + side).lower())) for p in pairs
+                           for side in (p.stereotyped, p.anti))
+    corpus = corpus_module.Corpus()
+    for s in corpus.sentences[::7]:
+        for adjective in corpus.groups[s.attribute].values():
+            words = re.findall(r"[a-z0-9']+", s.render(adjective).lower())
+            for i in range(len(words) - 5):
+                assert " ".join(words[i:i + 6]) not in pair_text, s.text
+    data = json.loads(corpus_module._package_file().read_text())
+    taken = pairs[0]
+    template = (taken.prefix + taken.stereotyped).replace(" " + taken.stereotyped.split()[0], " {g}", 1)
+    data["attributes"][taken.attribute]["sentences"].insert(0, {**data["attributes"][taken.attribute]["sentences"][0], "text": template})
+    bad = tmp_path / "corpus.json"
+    bad.write_text(json.dumps(data))
+    monkeypatch.setattr(corpus_module, "_data_path", lambda: bad)
+    with pytest.raises(DataError, match=r"sentences\[0\].*pairs suite"):
+        corpus_module.Corpus()
 
 
 def test_fine_tuning_trains_only_the_top_layers_and_lowers_the_loss(one_torch_thread):
