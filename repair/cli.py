@@ -170,6 +170,7 @@ def cmd_run(args) -> int:
         max_utility_loss=args.max_utility_loss,
         max_kl_uniform_rise=args.max_kl_uniform_rise,
         max_q_drift=args.max_q_drift,
+        panel_bbq_limit=args.panel_bbq_limit,
         knockouts=args.knockouts, baselines=args.baselines, search_limit=args.search_limit,
         search_ppl_tokens=args.search_ppl_tokens, report_limit=args.report_limit,
         report_ppl_tokens=args.report_ppl_tokens,
@@ -366,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--search-ppl-tokens", type=int, default=512, help="tokens scored for perplexity during the search")
     rn.add_argument("--report-limit", type=int, default=None, help="items per attribute/category on the held-out select and report splits (default: all)")
     rn.add_argument("--report-ppl-tokens", type=int, default=2048, help="tokens scored for perplexity on the select and report splits")
+    rn.add_argument("--panel-bbq-limit", type=int, default=60,
+                    help="BBQ items per category on the report split's transfer panel, when --data-dir holds bbq/ (never "
+                         "fitted on or chosen by)")
     rn.add_argument("--verify-top", type=int, default=None,
                     help="finalists per method verified on the held-out select split (default 6 for one method, whose "
                          "built-in comparisons, e.g. fairmed's top-k rule, get half as many; 2 each for several)")

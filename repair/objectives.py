@@ -136,11 +136,13 @@ class ConfigEvaluator:
     `Evaluator` whose `on_rows` routes each batch row to its variant.
     """
 
-    def __init__(self, objectives: Objectives, config: EvalConfig, tokenizer, shown: tuple[str, ...] = ()):
+    def __init__(self, objectives: Objectives, config: EvalConfig, tokenizer, shown: dict[str, EvalConfig] | None = None):
         self.objectives = objectives
         self.config = config
-        names = list(dict.fromkeys([*objectives.suites, *shown]))  # `shown`: scored and kept, never an objective
-        self.suites = {name: build_suite(name, config, tokenizer) for name in names}
+        # `shown`: suites scored and kept, never an objective, each with its own limits (the transfer panel)
+        self.suites = {name: build_suite(name, config, tokenizer) for name in objectives.suites}
+        for name, own in (shown or {}).items():
+            self.suites.setdefault(name, build_suite(name, own, tokenizer))
         self._prepared = {}
         for name, suite in self.suites.items():
             if hasattr(suite, "requests"):
@@ -243,8 +245,9 @@ def utility_interval(objectives: Objectives, metrics: dict) -> tuple[float, floa
 # flattening the group words, kl_neutral (the stereotype part) is what repairs are judged on. The pairs
 # suite, which nothing optimises, is shown wherever it was measured (a run's report split).
 ALWAYS_SHOWN = ("association/overall/kl_neutral", "association/overall/kl_uniform",
-                "pairs/overall/stereotype_preferred", "pairs/overall/mean_gap")
-SHOWN_SUITES = ("pairs",)  # scored on the report split beside the objectives' suites
+                "pairs/overall/stereotype_preferred", "pairs/overall/mean_gap",
+                "pairs/overall/cond_stereotype_preferred", "pairs/overall/cond_mean_gap",
+                "bbq/overall/acc_ambig", "bbq/overall/acc_disambig", "bbq/overall/s_amb", "bbq/overall/s_dis")
 
 
 def shown_label(key: str, better: str) -> str:

@@ -80,7 +80,7 @@ def validate(config: RunConfig) -> Objectives:
         raise UserError(f"--budget-evals {config.budget_evals} leaves {n_sample} sampled masks after "
                         f"{config.rounds} rounds x {config.per_round}; the surrogates need at least {MIN_SAMPLES} "
                         f"(raise --budget-evals to {MIN_SAMPLES + config.rounds * config.per_round} or more)")
-    for name in ("search_limit", "report_limit"):
+    for name in ("search_limit", "report_limit", "panel_bbq_limit"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -124,6 +124,7 @@ def run(config: RunConfig) -> int:
     common = {"model": loaded.describe(), "objectives": objectives.describe(), "max_utility_loss": config.max_utility_loss,
               "guards": {"max_kl_uniform_rise": config.max_kl_uniform_rise, "max_q_drift": config.max_q_drift or "q_spread"},
               "excluded_on_select": excluded_rows(candidates),
+              "search_select_spearman": result["search_select_spearman"],
               "chosen_on": "select", "reported_on": "report", "data_files": files, "versions": versions(),
               "command": sys.argv, "n_llm_evaluations": result["n_evaluations"]}
     export(methods, loaded, chosen, base, config.out / "checkpoint", common, config)
@@ -186,6 +187,10 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
         if key in b["metrics"] and key in c["metrics"]:
             rows.append((shown_label(key, b["metrics"][key]["better"]), b["metrics"][key]["value"],
                          c["metrics"][key]["value"], format_change(changes["metrics"].get(key))))
+    drift = (chosen.get("q_drift") or {}).get(split)
+    if drift and drift["value"] == drift["value"]:  # not NaN: the split measured a reference
+        spread = f"the unrepaired model's own spread: {drift['spread']:.4f}" if drift.get("spread") is not None else ""
+        rows.append(("q drift: KL(q_repaired || q_base) (association, lower is better)", 0.0, drift["value"], spread))
     return rows
 
 
@@ -217,6 +222,9 @@ def _print_summary(config, objectives, base, chosen, report, result, methods) ->
         if len(excluded) > 6:
             print(f"  ... {len(excluded) - 6} more in the report")
     print("chosen on the select split; measured on the report split, which no choice has seen")
+    rho = result["search_select_spearman"]
+    print(f"search vs select fairness of the {rho['n']} verified configurations: Spearman {rho['spearman']:.2f} "
+          "(does the search's ranking hold on concepts and frames it never saw)")
     rows = summary_rows(objectives, base, chosen, "report")
     width = max(len(r[0]) for r in rows)
     print(f"{'report split'.ljust(width)}  unrepaired    repaired  change [paired 95% CI] (* excludes 0)")
@@ -294,6 +302,11 @@ def write_run_report(run_dir: Path) -> Path:
             "command": " ".join(saved.get("command", [])), "versions": json.dumps(saved.get("versions", {})),
             "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             **({"compare": "../compare.html"} if (run_dir / "compare.html").is_file() else {})}
+    from repair.runloop import search_select_correlation
+
+    rho = search_select_correlation(candidates)
+    meta["search vs select"] = (f"Spearman {rho['spearman']:.2f} between the search-split and the select-split fairness of "
+                                f"the {rho['n']} verified configurations (does the search's ranking hold on held-out wording)")
     probes = None
     scores = run_dir / "fairmed" / "probe-scores.json"  # FairMed's probers: the layer x attribute heat map
     steer_scores = run_dir / "fairsteer" / "steering.json"  # FairSteer's probes: one row of it

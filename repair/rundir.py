@@ -44,6 +44,7 @@ class RunConfig:
     search_ppl_tokens: int = 512
     report_limit: int | None = None  # None: every item of the held-out split
     report_ppl_tokens: int = 2048
+    panel_bbq_limit: int = 60  # BBQ items per category on the report split's transfer panel (with --data-dir)
     verify_top: int = 6
     bbq_mode: str = "cloze"
     batch_masks: int = 8

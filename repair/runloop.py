@@ -21,6 +21,7 @@ import json
 import time
 from contextlib import contextmanager
 from itertools import combinations
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,14 @@ from tqdm.auto import tqdm
 from repair import failpoints
 from repair.errors import UserError
 from repair.evaluator import Evaluator
-from repair.guards import Guards
+from repair.guards import Q_SPREAD, Guards
 from repair.io import write_json_atomic
 from repair.models import LoadedModel
-from repair.objectives import SHOWN_SUITES, ConfigEvaluator, Objectives, paired_changes
+from repair.objectives import ConfigEvaluator, Objectives, paired_changes
 from repair.records import Records, open_study
 from repair.rundir import RunConfig
 from repair.space import BASE, STACK, method_of, parts, stack_key
+from repair.suites.association import q_drift
 from repair.suites.base import EvalConfig
 from search import TrustRegion, pareto_front, sweep
 from surrogate import ChecksumError, fit_surrogate, joint_predictor, load, save
@@ -61,13 +63,23 @@ def eval_config(config: RunConfig, split: str) -> EvalConfig:
     )
 
 
+def panel(report: EvalConfig, bbq_limit: int) -> dict[str, EvalConfig]:
+    """The transfer panel's suites and their limits, never fitted on or chosen by: the pairs (every pair)
+    and, where the data folder holds BBQ, `bbq_limit` report-split BBQ items per category."""
+    out = {"pairs": replace(report, limit=None)}
+    if report.data_dir is not None and (Path(report.data_dir) / "bbq").is_dir():
+        out["bbq"] = replace(report, limit=bbq_limit, categories=None)
+    return out
+
+
 class Scorer:
     """Evaluates batches of configuration keys of any of `methods`, many per batched forward, on any
     split: each method's intervention gets, for every key of the batch, its configuration (the
     identity for keys of other methods and for `base`). An intervention that transforms the outputs
     (the experts) is the evaluator's transform: keys that differ only in its setting share a forward."""
 
-    def __init__(self, loaded: LoadedModel, objectives: Objectives, splits: dict[str, EvalConfig], methods: dict):
+    def __init__(self, loaded: LoadedModel, objectives: Objectives, splits: dict[str, EvalConfig], methods: dict,
+                 panel_bbq_limit: int = 60):
         self.methods = methods
         self.hooks = {}
         try:
@@ -79,9 +91,9 @@ class Scorer:
             long_batches = any(getattr(m, "keys_per_batch", 0) for m in methods.values())
             self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=long_batches,
                                        transform=self.transform)
-            # the report split also scores the suites only shown (pairs), for every configuration it measures
+            # the report split also scores the transfer panel (suites only shown), for every configuration it measures
             self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer,
-                                                      SHOWN_SUITES if split == "report" else ())
+                                                      panel(cfg, panel_bbq_limit) if split == "report" else None)
                                for split, cfg in splits.items()}
         except BaseException:
             self.close()
@@ -401,7 +413,7 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
     for name, method in methods.items():
         with timing(name):
             method.prepare(loaded, method.config)
-    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods)
+    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods, config.panel_bbq_limit)
     several = len(methods) > 1
     try:
         searches = {name: Search(m.config, objectives, scorer, m, records) for name, m in methods.items()}
@@ -460,6 +472,10 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
         "best_of": [m for m, b in best.items() if b == k and k != BASE],
         "meets_constraint_on_select": objectives.meets(selected[k]["utility"], bound),
         "excluded_by": excluded[k],  # the guards it failed on the select split (utility included); [] if eligible
+        # how far the neutral reference moved, KL(q || q_base), on each held-out split, and the unrepaired model's own spread
+        "q_drift": {split: {"value": q_drift(rows[BASE]["metrics"], rows[k]["metrics"]),
+                            "spread": (rows[BASE]["metrics"].get(Q_SPREAD) or {}).get("value")} if k in rows else None
+                    for split, rows in measured.items()},
         "search": _numbers(done[k].user_attrs),
         **{split: _numbers(rows[k]) if k in rows else None for split, rows in measured.items()},
         # against the unrepaired model on the same split, with paired intervals
@@ -469,11 +485,26 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
     from repair.io import write_text_atomic
 
     write_text_atomic(config.out / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
+    correlation = search_select_correlation(candidates)
     write_json_atomic(config.out / "methods.json", {
         name: {"evaluations": len(seq), "best": best_verified(seq, candidates, name)} for name, seq in sequences.items()
     })
     return {"candidates": candidates, "fits": [f for s in searches.values() for f in s.fits], "n_evaluations": len(done),
+            "search_select_spearman": correlation,
             "seconds": time.perf_counter() - started, "timing": timing.seconds, "sequences": sequences}
+
+
+def search_select_correlation(candidates: list[dict]) -> dict:
+    """Spearman's rank correlation between the search-split and the select-split fairness of the
+    verified configurations (the unrepaired model included): whether the search's ranking holds on
+    concepts and frames it never saw. NaN with fewer than 3."""
+    from scipy.stats import spearmanr
+
+    pairs = [(c["search"]["fairness"], c["select"]["fairness"]) for c in candidates if c.get("select")]
+    if len(pairs) < 3 or len({p[0] for p in pairs}) < 2 or len({p[1] for p in pairs}) < 2:
+        return {"spearman": float("nan"), "n": len(pairs)}
+    rho = spearmanr(*zip(*pairs)).statistic
+    return {"spearman": float(rho), "n": len(pairs)}
 
 
 def bests_of(candidates: list[dict]) -> dict[str, dict]:

@@ -85,7 +85,8 @@ def run_worker(worker: WorkerConfig) -> int:
     methods = build(config, loaded.model)  # every method of the run: workers take evaluations of any of them
     for method in methods.values():
         method.load_artifacts(search_study.user_attrs)  # e.g. FairMed's probers: the run's, not fitted again here
-    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods)
+    scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods,
+                    config.panel_bbq_limit)
     try:
         if sorted(scorer.files().values()) != search_study.user_attrs["run"]["data_sha256"]:
             raise UserError("this worker's data files differ from the run's (their sha256 do not match): "

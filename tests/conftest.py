@@ -115,7 +115,8 @@ def rescore_as_a_worker(run: Path, method_name: str, n: int = 3):
     from repair.runloop import SPLITS, Scorer, eval_config
 
     config, loaded, methods, study = as_a_worker(run)
-    scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility), {s: eval_config(config, s) for s in SPLITS}, methods)
+    scorer = Scorer(loaded, Objectives.parse(config.fairness, config.utility), {s: eval_config(config, s) for s in SPLITS}, methods,
+                    config.panel_bbq_limit)
     try:
         done = [t for t in study.trials if t.state.name == "COMPLETE" and t.user_attrs["key"].startswith(f"{method_name}:")][:n]
         return done, scorer.scorer("search")([t.user_attrs["key"] for t in done])

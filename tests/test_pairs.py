@@ -32,8 +32,14 @@ def test_every_attribute_has_at_least_50_pairs_that_differ_only_in_the_group():
 def test_metrics_from_hand_made_scores():
     suite = PairsSuite(EvalConfig(attributes=("age",), limit=4))
     gaps = [1.5, -0.5, 0.0, 2.0]  # preferred: 1, 0, 1/2, 1
-    outputs = [OptionScores(np.array([g - 3.0, -3.0]), np.array([2, 2])) for g in gaps]
+    conds = [-1.0, 0.25, 0.0, -2.0]  # preferred: 0, 1, 1/2, 0
+    outputs = [o for g, c in zip(gaps, conds) for o in (
+        OptionScores(np.array([g - 3.0, -3.0]), np.array([2, 2])),
+        OptionScores(np.array([c - 5.0]), np.array([3])), OptionScores(np.array([-5.0]), np.array([3])))]
     result = suite.score(outputs)
+    assert result.metrics["overall/cond_stereotype_preferred"].value == pytest.approx(1.5 / 4)
+    assert result.metrics["age/cond_mean_gap"].value == pytest.approx(np.mean(conds))
+    assert [r["cond_gap"] for r in result.records] == pytest.approx(conds)
     assert result.metrics["overall/stereotype_preferred"].value == pytest.approx(2.5 / 4)
     assert result.metrics["age/mean_gap"].value == pytest.approx(np.mean(gaps))
     assert result.metrics["overall/stereotype_preferred"].better == "closer-to-half"
@@ -54,8 +60,12 @@ def test_gaps_are_sentence_log_likelihood_differences_from_plain_forwards(one_to
             lp = torch.log_softmax(model(ids).logits[0].double(), -1)
         return float(lp[torch.arange(ids.shape[1] - 1), ids[0, 1:]].sum())
 
-    for record in result.records:
+    for record, pair in zip(result.records, suite.pairs):
         assert record["gap"] == pytest.approx(loglik(record["stereotyped"]) - loglik(record["anti"]), abs=1e-3)
+        # conditional: the sentence's log-likelihood minus that of its words up to the group, per side
+        heads = [f"{pair.prefix} {t}" for t in pair.texts]
+        expected = (loglik(heads[0] + pair.rest) - loglik(heads[0])) - (loglik(heads[1] + pair.rest) - loglik(heads[1]))
+        assert record["cond_gap"] == pytest.approx(expected, abs=1e-3)
 
 
 def test_no_search_may_optimise_the_pairs():
