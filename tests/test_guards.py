@@ -95,3 +95,28 @@ def test_the_q_drift_bound_defaults_to_the_unrepaired_models_spread_and_can_be_s
     assert Guards(max_q_drift=100.0).q_bound(base["metrics"]) == 100.0
     loose = Guards(max_kl_uniform_rise=100.0, max_q_drift=100.0)
     assert loose.failures(OBJ, base, gamed, 0.05) == []  # both guards switched off: only utility is left
+
+
+def test_a_run_whose_guards_exclude_every_finalist_keeps_and_exports_the_unrepaired_model(model_dir, tmp_path_factory, capsys):
+    """--max-q-drift 1e-12: any repair moves the reference further, so every finalist is excluded; the
+    run keeps the unrepaired model, names the guard each failed, and its card says so."""
+    import json
+
+    from conftest import small_run
+
+    out = small_run(model_dir, tmp_path_factory, "guarded", "--max-q-drift", "1e-12")
+    printed = capsys.readouterr().out
+    candidates = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+    assert candidates[0]["key"] == "base" and candidates[0]["chosen"]
+    repaired = candidates[1:]
+    assert repaired and all(any(r.startswith("neutral reference moved") and "--max-q-drift" in r for r in c["excluded_by"])
+                            for c in repaired)
+    assert "no repaired configuration passed the guards" in printed
+    assert f"excluded on the select split by the guards: {len(repaired)} of {len(repaired)} verified" in printed
+    manifest = json.loads((out / "checkpoint" / "repair_manifest.json").read_text())
+    assert manifest["key"] == "base" and len(manifest["excluded_on_select"]) == len(repaired)
+    card = (out / "checkpoint" / "README.md").read_text()
+    assert "kept the **unrepaired model**" in card and "neutral reference moved" in card
+    report = (out / "report" / "index.html").read_text()
+    assert 'id="excluded"' in report and "neutral reference moved" in report
+    assert "Spearman" in printed and "search vs select" in report
