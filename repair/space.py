@@ -154,7 +154,11 @@ class LayerSubsetSpace:
 
 
 ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)  # steering strength, a fraction of the layer's mean activation norm
-THRESHOLDS = (None, 0.3, 0.5, 0.7, 0.9)  # the gate's probability threshold; None: always on
+# the gate's level, a quantile of the probe's P(biased) on the search prompts at the steered layer (so it
+# fires on about 75%, 50%, 25% or 10% of them whatever the probe's calibration); None: always on. Fixed
+# probabilities (0.7, 0.9) never fired on a probe whose scores stayed below them.
+GATE_QUANTILES = (None, 0.25, 0.5, 0.75, 0.9)
+THRESHOLDS = GATE_QUANTILES  # the name the grid had when its levels were probabilities
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,8 @@ class SteerLayerSpace:
 
     n_layers: int
     method: str = "fairsteer"
+    # per layer, the probe's P(biased) at each GATE_QUANTILES level but None (`Steering.gates`); known once fitted
+    gates: tuple[tuple[float, ...], ...] | None = None
     max_changed = 1
 
     @property
@@ -173,7 +179,7 @@ class SteerLayerSpace:
 
     @property
     def settings(self) -> tuple[tuple[float, float | None], ...]:
-        return tuple((a, t) for a in ALPHAS for t in THRESHOLDS)
+        return tuple((a, t) for a in ALPHAS for t in GATE_QUANTILES)
 
     def key(self, bits: np.ndarray, setting) -> str:
         layers = np.nonzero(~np.asarray(bits, dtype=bool))[0]
@@ -181,8 +187,8 @@ class SteerLayerSpace:
             return BASE
         if len(layers) > 1:
             raise ValueError(f"FairSteer steers one layer, got {len(layers)}")
-        alpha, threshold = setting
-        gate = "always" if threshold is None else f"threshold={threshold:g}"
+        alpha, level = setting
+        gate = "always" if level is None else f"gate=q{level:g}"
         return f"{self.method}:{int(layers[0])}/alpha={alpha:g}/{gate}"
 
     def config(self, key: str):
@@ -190,24 +196,32 @@ class SteerLayerSpace:
 
         if key == BASE:
             return SteerSetting()
-        layer, alpha, gate = key.partition(":")[2].split("/")
-        threshold = None if gate == "always" else float(gate.partition("=")[2])
+        layer, alpha, _ = key.partition(":")[2].split("/")
+        level = self.level(key)
+        if level is not None and self.gates is None:
+            raise ValueError("the gate's quantiles are not known before the probes are fitted")
+        threshold = None if level is None else self.gates[int(layer)][GATE_QUANTILES.index(level) - 1]
         return SteerSetting(int(layer), float(alpha.partition("=")[2]), threshold)
+
+    @staticmethod
+    def level(key: str) -> float | None:
+        """The gate's quantile level of a key (None: always on)."""
+        gate = key.rpartition("/")[2]
+        return None if gate == "always" else float(gate.partition("=q")[2])
 
     def bits(self, key: str) -> np.ndarray:
         bits = np.ones(self.n_layers, bool)
         if key != BASE:
-            bits[self.config(key).layer] = False
+            bits[int(key.partition(":")[2].split("/")[0])] = False
         return bits
 
     def setting(self, key: str) -> tuple[float, float | None]:
-        s = self.config(key)
-        return (s.alpha, s.threshold)
+        return (float(key.split("/")[1].partition("=")[2]), self.level(key))
 
     def setting_features(self, setting) -> np.ndarray:
-        """alpha, the threshold (0 when always on) and an always-on flag."""
-        alpha, threshold = setting
-        return np.array([alpha, 0.0 if threshold is None else threshold, float(threshold is None)])
+        """alpha, the gate's quantile level (0 when always on) and an always-on flag."""
+        alpha, level = setting
+        return np.array([alpha, 0.0 if level is None else level, float(level is None)])
 
     def features(self, key: str) -> np.ndarray:
         setting = self.setting(key) if key != BASE else (0.0, 1.0)
@@ -224,7 +238,8 @@ class SteerLayerSpace:
 
     def describe(self, key: str) -> dict:
         s = self.config(key)
-        return {"layer": s.layer, "alpha": s.alpha, "threshold": s.threshold, "gated": s.threshold is not None}
+        return {"layer": s.layer, "alpha": s.alpha, "threshold": s.threshold, "gated": s.threshold is not None,
+                "quantile": None if key == BASE else self.level(key)}
 
 
 # the experts' strength per combination rule: a logit difference and a probability difference live on

@@ -33,6 +33,7 @@ import torch
 
 from repair.errors import UserError
 from repair.probers import DIMS, FOLDS, L2_GRID, ProbeData, _features, _macro_f1, _softmax_regression
+from repair.space import GATE_QUANTILES
 
 MARGIN = 0.05  # excess mass on the stereotyped groups over the neutral distribution that labels "biased"
 BBQ_PER_CATEGORY = 100  # BBQ items per category labelled (search split): ~1,100 prompts, like the association suite's
@@ -77,6 +78,13 @@ class Steering:
     b: torch.Tensor
     direction: torch.Tensor
     scale: torch.Tensor
+    gates: torch.Tensor | None = None  # (L, levels): the probe's P(biased) quantiles on the fitting prompts (space.GATE_QUANTILES)
+
+    def gate_table(self) -> tuple[tuple[float, ...], ...]:
+        """Per layer, the P(biased) at each gate level: what a quantile-level key resolves to."""
+        if self.gates is None:
+            raise UserError("these FairSteer vectors predate quantile gates (refit them: delete the run's fairsteer/ folder)")
+        return tuple(tuple(float(x) for x in row) for row in self.gates.tolist())
 
     @property
     def n_layers(self) -> int:
@@ -87,12 +95,17 @@ class Steering:
         return self.w.shape[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"steering.w": self.w.contiguous(), "steering.b": self.b.contiguous(),
-                "steering.direction": self.direction.contiguous(), "steering.scale": self.scale.contiguous()}
+        out = {"steering.w": self.w.contiguous(), "steering.b": self.b.contiguous(),
+               "steering.direction": self.direction.contiguous(), "steering.scale": self.scale.contiguous()}
+        if self.gates is not None:
+            out["steering.gates"] = self.gates.contiguous()
+        return out
 
     @classmethod
     def from_tensors(cls, tensors: dict) -> "Steering":
-        return cls(*(tensors[f"steering.{k}"].float() for k in ("w", "b", "direction", "scale")))
+        gates = tensors.get("steering.gates")
+        return cls(*(tensors[f"steering.{k}"].float() for k in ("w", "b", "direction", "scale")),
+                   None if gates is None else gates.float())
 
     def to_bytes(self) -> bytes:
         from safetensors.torch import save
@@ -155,8 +168,11 @@ def fit(activations: np.ndarray, label: np.ndarray, concepts, *, dims: int | Non
                        "l2": float(l2[r]), "vector_norm_ratio": float(np.linalg.norm(diff[layer]) / norms[layer]),
                        "n_prompts": int(n), "n_biased": int(y.sum()), "n_concepts": int(len(set(concepts)))})
     direction = diff / np.maximum(np.linalg.norm(diff, axis=-1, keepdims=True), 1e-12)
+    # the gate's levels: quantiles of the final probe's P(biased) over the fitting prompts, per layer
+    p = 1 / (1 + np.exp(-(np.einsum("nld,ld->ln", X, w) + b_raw[:, None])))
+    gates = np.quantile(p, [q for q in GATE_QUANTILES if q is not None], axis=1).T  # (L, levels)
     steering = Steering(torch.from_numpy(w).float(), torch.from_numpy(b_raw).float(),
-                        torch.from_numpy(direction).float(), torch.from_numpy(norms).float())
+                        torch.from_numpy(direction).float(), torch.from_numpy(norms).float(), torch.from_numpy(gates).float())
     return steering, scores
 
 

@@ -228,7 +228,8 @@ def describe_config(point: Mapping) -> str:
     if "layer" in c:
         if c["layer"] is None:
             return "no layer steered"
-        gate = "always on" if c["threshold"] is None else f"threshold {c['threshold']:g}"
+        gate = ("always on" if c["threshold"] is None else f"threshold {c['threshold']:.3g}"
+                + (f" (q{c['quantile']:g})" if c.get("quantile") is not None else ""))
         return f"layer {c['layer']} steered, alpha {c['alpha']:g}, {gate}"
     if "rule" in c:
         return f"experts' shift: alpha {c['alpha']:g}, rule {c['rule']}" if c["alpha"] else "experts off"

@@ -87,7 +87,7 @@ def test_budget_shares_default_and_given_are_normalised_over_the_methods_run(tmp
 
 
 def test_stack_keys_list_their_parts_in_the_methods_order():
-    a, b = "prune:ff0f", "fairsteer:3/alpha=0.3/threshold=0.5"
+    a, b = "prune:ff0f", "fairsteer:3/alpha=0.3/gate=q0.5"
     key = stack_key([b, a], METHODS)
     assert key == stack_key([a, b], METHODS) == f"stack:{a}+{b}"
     assert method_of(key) == STACK and parts(key) == {"prune": a, "fairsteer": b}

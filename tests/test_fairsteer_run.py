@@ -59,10 +59,40 @@ def test_run_exports_a_hooked_checkpoint_with_its_manifest(fairsteer_run):
     assert "FairSteer probes" in (fairsteer_run / "report" / "index.html").read_text()
 
 
+def test_gate_levels_are_quantiles_of_the_probes_scores_on_the_fitting_prompts(fairsteer_run):
+    """A key's gate level resolves to the probe's P(biased) at that quantile, recomputed here from the
+    stored probe and the search prompts' activations at the steered layer."""
+    from repair.models import load_model, ModelSpec
+    from repair.probers import collect
+    from repair.space import GATE_QUANTILES
+    from repair.steering import Steering, residual_modules
+    from repair.suites.association import AssociationSuite
+    from repair.suites.base import EvalConfig
+
+    steering = Steering.from_bytes((fairsteer_run / "fairsteer" / "steering.safetensors").read_bytes())
+    assert steering.gates.shape == (3, len(GATE_QUANTILES) - 1)
+    assert (np.diff(steering.gates.numpy(), axis=1) >= 0).all()  # higher level, higher threshold
+    config = json.loads((fairsteer_run / "config.json").read_text())["identity"]
+    loaded = load_model(ModelSpec(model=config["model"]["model"]))
+    prompts = [p.prompt for p in AssociationSuite(EvalConfig(split="search")).prompts]
+    acts = collect(loaded.model, loaded.tokenizer, prompts, modules=residual_modules(loaded.model))
+    layer = 1
+    p = 1 / (1 + np.exp(-(acts[:, layer].astype(np.float64) @ steering.w[layer].double().numpy() + float(steering.b[layer]))))
+    # the probe was fitted on the labelled prompts only: their scores lie within the whole set's range
+    assert p.min() - 1e-4 <= float(steering.gates[layer, 0]) and float(steering.gates[layer, -1]) <= p.max() + 1e-4
+    from repair.methods import artifacts
+    from repair.methods.fairsteer import ARTIFACT, FairSteer
+    from repair.rundir import RunConfig
+
+    method = FairSteer(RunConfig(out=fairsteer_run), loaded.model)
+    method.load_artifacts({f"artifact:{ARTIFACT}": artifacts.pack(steering.to_bytes())})  # as a worker does
+    assert method.space.config(f"fairsteer:{layer}/alpha=0.3/gate=q0.75").threshold == pytest.approx(float(steering.gates[layer, 2]))
+
+
 def test_layer_sweep_and_always_on_sequences(fairsteer_run):
     trials = _trials(fairsteer_run)
     sweep = sorted(t.user_attrs["key"] for t in trials if t.user_attrs["phase"] == "layer-sweep")
-    assert sweep == [f"fairsteer:{l}/alpha=0.3/threshold=0.5" for l in range(3)]
+    assert sweep == [f"fairsteer:{l}/alpha=0.3/gate=q0.5" for l in range(3)]
     methods = json.loads((fairsteer_run / "methods.json").read_text())
     assert set(methods) == {"fairsteer", "layer-sweep", "always-on"}
     always = [t.user_attrs["key"] for t in trials if t.user_attrs["key"].endswith("/always")]
@@ -73,7 +103,7 @@ def test_layer_sweep_and_always_on_sequences(fairsteer_run):
 def test_each_round_evaluates_the_best_predicted_configurations_of_the_whole_grid(fairsteer_run):
     """No annealing for this space: recompute every configuration's prediction from the saved
     surrogates and check the round evaluated the top ones, in order."""
-    from repair.space import ALPHAS, THRESHOLDS
+    from repair.space import ALPHAS, GATE_QUANTILES
     from surrogate import joint_predictor, load
 
     folder = fairsteer_run / "fairsteer" / "surrogates"
@@ -83,10 +113,10 @@ def test_each_round_evaluates_the_best_predicted_configurations_of_the_whole_gri
     keys, rows = [], []
     for layer in range(3):
         for a in ALPHAS:
-            for t in THRESHOLDS:
+            for t in GATE_QUANTILES:
                 bits = np.ones(3)
                 bits[layer] = 0
-                keys.append(f"fairsteer:{layer}/alpha={a:g}/" + ("always" if t is None else f"threshold={t:g}"))
+                keys.append(f"fairsteer:{layer}/alpha={a:g}/" + ("always" if t is None else f"gate=q{t:g}"))
                 rows.append([*bits, a, 0.0 if t is None else t, float(t is None)])
     fm, fs, um, us = joint_predictor(*models)(np.array(rows))
     trials = {t.user_attrs["key"]: t for t in _trials(fairsteer_run)}

@@ -6,12 +6,14 @@ The published rule, a sweep over layers at one setting (the paper picks its laye
 seed's first part and is kept as its own sequence, `layer-sweep`; the always-on configurations the
 search evaluated form the sequence `always-on`. Both are verified and reported like the search, so
 the report shows whether the search beats the sweep and whether the gate beats steering everywhere.
-The space is layers x ALPHAS x THRESHOLDS (900 configurations on a 30-layer model): the surrogates
-score every one of them each round instead of annealing.
+The space is layers x ALPHAS x GATE_QUANTILES (900 configurations on a 30-layer model): the surrogates
+score every one of them each round instead of annealing. A gate level is a quantile of the probe's
+P(biased) on the search prompts at its layer, so every level fires on a known share of them.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from repair.interventions.steerer import SteerSetting, Steerer
 from repair.space import BASE, MIN_SAMPLES, SteerLayerSpace
 from repair.steering import Steering, residual_modules
 
-SWEEP_SETTING = (0.3, 0.5)  # the layer sweep's (alpha, threshold): the pilot's gated steering
+SWEEP_SETTING = (0.3, 0.5)  # the layer sweep's (alpha, gate quantile): the pilot's gated steering, firing on half the prompts
 ARTIFACT = "fairsteer/steering"
 
 
@@ -48,6 +50,7 @@ class FairSteer:
 
         self.steering, self.scores = steering.prepare(loaded, eval_config(config, "search"), config.out / "fairsteer",
                                                       config.steer_labels)
+        self.space = replace(self.space, gates=self.steering.gate_table())
         best = sorted(self.scores, key=lambda s: -s["macro_f1"])[:3]
         print("FairSteer probes (held-out macro-F1, majority label %.3f): " % best[0]["majority_f1"]
               + ", ".join(f"layer {s['layer']} {s['macro_f1']:.3f}" for s in best), file=sys.stderr)
@@ -57,6 +60,7 @@ class FairSteer:
 
     def load_artifacts(self, attrs: dict) -> None:
         self.steering = Steering.from_bytes(artifacts.unpack(attrs, ARTIFACT, "FairSteer vectors"))
+        self.space = replace(self.space, gates=self.steering.gate_table())
 
     def intervention(self, model) -> Steerer:
         try:
@@ -125,7 +129,8 @@ class FairSteer:
         c = candidate["config"]
         if c["layer"] is None:
             return "steered layer: none"
-        gate = f"where the probe's P(biased) > {c['threshold']:g}" if c["gated"] else "at every position (always on)"
+        gate = (f"where the probe's P(biased) > {c['threshold']:.3g}, its {c['quantile']:.0%} quantile on the search prompts"
+                if c["gated"] else "at every position (always on)")
         return f"steered layer: {c['layer']} (alpha {c['alpha']:g} x the layer's mean activation norm, {gate})"
 
 
