@@ -12,8 +12,11 @@ each replicate draws one set of prompt indices and uses it for both sides (`repa
 on the metrics' units); unpaired: one set each. Per prompt, a side's kl_neutral uses that side's own
 neutral reference q (as `score` does; q is not resampled). The last column resamples whole concepts
 (all frames of one concept together, paired), the more honest unit when a concept's frames are
-correlated. Half-widths are (97.5th - 2.5th percentile) / 2 of the relative change, in % of the base; the last
-column scales the paired one to the number of report prompts a +-3% half-width would need (1/sqrt(n)).
+correlated; the one after it resamples concepts and sentence frames at once, each independently (a
+prompt weighs as much as its concept's draws times its frame's), since a split's frames are held out
+too and the frames' own effect is shared by every concept rendered in them. Half-widths are (97.5th -
+2.5th percentile) / 2 of the relative change, in % of the base; the last column scales the paired one
+to the number of report prompts a +-3% half-width would need (1/sqrt(n)).
 
     .venv/bin/python benchmarks/association_power.py [--model smollm2-135m] [--device cpu|cuda]
 """
@@ -59,6 +62,22 @@ def clustered_paired_half_width(before, after, clusters, *, n_boot: int = 1000, 
     return half_width(np.percentile(rel, [2.5, 97.5]))
 
 
+def crossed_paired_half_width(before, after, concepts, frames, *, n_boot: int = 1000, seed: int = 0) -> float:
+    """Paired half-width of mean(after) / mean(before) - 1, resampling concepts and frames independently
+    (a crossed two-way cluster bootstrap): a prompt's weight is its concept's count times its frame's."""
+    _, c = np.unique(concepts, return_inverse=True)
+    _, f = np.unique(frames, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    wc = np.zeros((n_boot, c.max() + 1))
+    wf = np.zeros((n_boot, f.max() + 1))
+    np.add.at(wc, (np.repeat(np.arange(n_boot), wc.shape[1]), rng.integers(0, wc.shape[1], size=wc.size)), 1.0)
+    np.add.at(wf, (np.repeat(np.arange(n_boot), wf.shape[1]), rng.integers(0, wf.shape[1], size=wf.size)), 1.0)
+    w = wc[:, c] * wf[:, f]  # (n_boot, prompts)
+    before, after = np.asarray(before, np.float64), np.asarray(after, np.float64)
+    rel = (w @ after) / (w @ before) - 1
+    return half_width(np.percentile(rel[np.isfinite(rel)], [2.5, 97.5]))
+
+
 def search_gradient(evaluator, masker, layout, suite, metric, chunk: int = 128) -> np.ndarray:
     """d metric / d head mask over the whole search split, in two passes so that memory holds one
     chunk's graph, not the split's (one graph over ~2,000 prompts needs more than 20 GB on CPU):
@@ -85,7 +104,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--k", type=int, default=4, help="heads pruned by each repair")
     parser.add_argument("--grad-limit", type=int, default=24,
-                        help="search prompts per attribute for the gradient (a prune run uses --search-limit, 6)")
+                        help="search prompts per attribute for the gradient (a prune run uses --search-limit, 24)")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -122,7 +141,8 @@ def main() -> None:
     concepts = [r["template_id"] for r in base.records]
     print(f"\n{args.n_boot} bootstrap replicates; half-widths of the relative change, in % of the base value")
     print(f"{'repair':<44} {'metric':<11} {'base':>7} {'after':>7} {'change':>8} "
-          f"{'paired +-':>10} {'unpaired +-':>12} {'by concept +-':>14} {'prompts for +-3%':>17}")
+          f"{'paired +-':>10} {'unpaired +-':>12} {'by concept +-':>14} {'concept x frame +-':>19} {'prompts for +-3%':>17}")
+    frames = [r["frame"] for r in base.records]
     for (name, _), res in zip(masks, results[1:]):
         for metric in METRICS:
             b, a = base.metrics[f"overall/{metric}"], res.metrics[f"overall/{metric}"]
@@ -132,8 +152,11 @@ def main() -> None:
                                               replicates(a.units.statistic, a.n, n_boot=args.n_boot, seed=args.seed + 1))
             by_concept = clustered_paired_half_width([r[metric] for r in base.records], [r[metric] for r in res.records],
                                                      concepts, n_boot=args.n_boot, seed=args.seed)
+            crossed = crossed_paired_half_width([r[metric] for r in base.records], [r[metric] for r in res.records],
+                                                concepts, frames, n_boot=args.n_boot, seed=args.seed)
             print(f"{name:<44} {metric:<11} {b.value:7.4f} {a.value:7.4f} {paired.relative:+8.2%} "
                   f"{half_width(paired.relative_ci):10.2%} {half_width(unpaired.relative_ci):12.2%} {by_concept:14.2%} "
+                  f"{crossed:19.2%} "
                   f"{b.n * (half_width(paired.relative_ci) / 0.03) ** 2:17.0f}")
     for metric in METRICS:
         m = base.metrics[f"overall/{metric}"]

@@ -37,9 +37,8 @@ class Guards:
         """The q drift allowed against this unrepaired row; None where the split has no reference."""
         if self.max_q_drift is not None:
             return self.max_q_drift
-        spread = base_metrics.get(Q_SPREAD)
-        value = None if spread is None else _value(spread)
-        return None if value is None or math.isnan(value) else value  # NaN: one neutral concept, no spread
+        spread = base_metrics.get(Q_SPREAD)  # absent: a split with one neutral concept has no spread to bound by
+        return None if spread is None else _value(spread)
 
     def failures(self, objectives: Objectives, base: dict, row: dict, max_loss: float, *, seed: int = 0) -> list[str]:
         """Each guard `row` fails against `base` (two held-out rows of one split, with units), in words;

@@ -157,19 +157,18 @@ ALPHAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7)  # steering strength, a fraction of the 
 # the gate's level, a quantile of the probe's P(biased) on the search prompts at the steered layer (so it
 # fires on about 75%, 50%, 25% or 10% of them whatever the probe's calibration); None: always on. Fixed
 # probabilities (0.7, 0.9) never fired on a probe whose scores stayed below them.
-GATE_QUANTILES = (None, 0.25, 0.5, 0.75, 0.9)
-THRESHOLDS = GATE_QUANTILES  # the name the grid had when its levels were probabilities
+STEER_GATES = (None, 0.25, 0.5, 0.75, 0.9)
 
 
 @dataclass(frozen=True)
 class SteerLayerSpace:
     """FairSteer: one bit per layer (1 = not steered, at most one steered) and a setting (alpha,
-    threshold) from a small grid. Small enough (layers x settings) for the surrogates to score every
+    gate quantile level) from a small grid. Small enough (layers x settings) for the surrogates to score every
     configuration: `enumerate` replaces annealing."""
 
     n_layers: int
     method: str = "fairsteer"
-    # per layer, the probe's P(biased) at each GATE_QUANTILES level but None (`Steering.gates`); known once fitted
+    # per layer, the probe's P(biased) at each STEER_GATES level but None (`Steering.gates`); known once fitted
     gates: tuple[tuple[float, ...], ...] | None = None
     max_changed = 1
 
@@ -179,7 +178,7 @@ class SteerLayerSpace:
 
     @property
     def settings(self) -> tuple[tuple[float, float | None], ...]:
-        return tuple((a, t) for a in ALPHAS for t in GATE_QUANTILES)
+        return tuple((a, t) for a in ALPHAS for t in STEER_GATES)
 
     def key(self, bits: np.ndarray, setting) -> str:
         layers = np.nonzero(~np.asarray(bits, dtype=bool))[0]
@@ -200,7 +199,7 @@ class SteerLayerSpace:
         level = self.level(key)
         if level is not None and self.gates is None:
             raise ValueError("the gate's quantiles are not known before the probes are fitted")
-        threshold = None if level is None else self.gates[int(layer)][GATE_QUANTILES.index(level) - 1]
+        threshold = None if level is None else self.gates[int(layer)][STEER_GATES.index(level) - 1]
         return SteerSetting(int(layer), float(alpha.partition("=")[2]), threshold)
 
     @staticmethod

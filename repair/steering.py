@@ -33,7 +33,7 @@ import torch
 
 from repair.errors import UserError
 from repair.probers import DIMS, FOLDS, L2_GRID, ProbeData, _features, _macro_f1, _softmax_regression
-from repair.space import GATE_QUANTILES
+from repair.space import STEER_GATES
 
 MARGIN = 0.05  # excess mass on the stereotyped groups over the neutral distribution that labels "biased"
 BBQ_PER_CATEGORY = 100  # BBQ items per category labelled (search split): ~1,100 prompts, like the association suite's
@@ -78,7 +78,7 @@ class Steering:
     b: torch.Tensor
     direction: torch.Tensor
     scale: torch.Tensor
-    gates: torch.Tensor | None = None  # (L, levels): the probe's P(biased) quantiles on the fitting prompts (space.GATE_QUANTILES)
+    gates: torch.Tensor | None = None  # (L, levels): the probe's P(biased) quantiles on the fitting prompts (space.STEER_GATES)
 
     def gate_table(self) -> tuple[tuple[float, ...], ...]:
         """Per layer, the P(biased) at each gate level: what a quantile-level key resolves to."""
@@ -170,7 +170,7 @@ def fit(activations: np.ndarray, label: np.ndarray, concepts, *, dims: int | Non
     direction = diff / np.maximum(np.linalg.norm(diff, axis=-1, keepdims=True), 1e-12)
     # the gate's levels: quantiles of the final probe's P(biased) over the fitting prompts, per layer
     p = 1 / (1 + np.exp(-(np.einsum("nld,ld->ln", X, w) + b_raw[:, None])))
-    gates = np.quantile(p, [q for q in GATE_QUANTILES if q is not None], axis=1).T  # (L, levels)
+    gates = np.quantile(p, [q for q in STEER_GATES if q is not None], axis=1).T  # (L, levels)
     steering = Steering(torch.from_numpy(w).float(), torch.from_numpy(b_raw).float(),
                         torch.from_numpy(direction).float(), torch.from_numpy(norms).float(), torch.from_numpy(gates).float())
     return steering, scores

@@ -64,13 +64,13 @@ def test_gate_levels_are_quantiles_of_the_probes_scores_on_the_fitting_prompts(f
     stored probe and the search prompts' activations at the steered layer."""
     from repair.models import load_model, ModelSpec
     from repair.probers import collect
-    from repair.space import GATE_QUANTILES
+    from repair.space import STEER_GATES
     from repair.steering import Steering, residual_modules
     from repair.suites.association import AssociationSuite
     from repair.suites.base import EvalConfig
 
     steering = Steering.from_bytes((fairsteer_run / "fairsteer" / "steering.safetensors").read_bytes())
-    assert steering.gates.shape == (3, len(GATE_QUANTILES) - 1)
+    assert steering.gates.shape == (3, len(STEER_GATES) - 1)
     assert (np.diff(steering.gates.numpy(), axis=1) >= 0).all()  # higher level, higher threshold
     config = json.loads((fairsteer_run / "config.json").read_text())["identity"]
     loaded = load_model(ModelSpec(model=config["model"]["model"]))
@@ -103,7 +103,7 @@ def test_layer_sweep_and_always_on_sequences(fairsteer_run):
 def test_each_round_evaluates_the_best_predicted_configurations_of_the_whole_grid(fairsteer_run):
     """No annealing for this space: recompute every configuration's prediction from the saved
     surrogates and check the round evaluated the top ones, in order."""
-    from repair.space import ALPHAS, GATE_QUANTILES
+    from repair.space import ALPHAS, STEER_GATES
     from surrogate import joint_predictor, load
 
     folder = fairsteer_run / "fairsteer" / "surrogates"
@@ -113,7 +113,7 @@ def test_each_round_evaluates_the_best_predicted_configurations_of_the_whole_gri
     keys, rows = [], []
     for layer in range(3):
         for a in ALPHAS:
-            for t in GATE_QUANTILES:
+            for t in STEER_GATES:
                 bits = np.ones(3)
                 bits[layer] = 0
                 keys.append(f"fairsteer:{layer}/alpha={a:g}/" + ("always" if t is None else f"gate=q{t:g}"))

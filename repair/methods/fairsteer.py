@@ -6,7 +6,7 @@ The published rule, a sweep over layers at one setting (the paper picks its laye
 seed's first part and is kept as its own sequence, `layer-sweep`; the always-on configurations the
 search evaluated form the sequence `always-on`. Both are verified and reported like the search, so
 the report shows whether the search beats the sweep and whether the gate beats steering everywhere.
-The space is layers x ALPHAS x GATE_QUANTILES (900 configurations on a 30-layer model): the surrogates
+The space is layers x ALPHAS x STEER_GATES (900 configurations on a 30-layer model): the surrogates
 score every one of them each round instead of annealing. A gate level is a quantile of the probe's
 P(biased) on the search prompts at its layer, so every level fires on a known share of them.
 """

@@ -336,7 +336,7 @@ class AssociationSuite:
                 kn.append(kl(d, q) if q is not None else float("nan"))
                 records.append({
                     "attribute": attr, "template_id": p.template_id, "concept": p.concept,
-                    "prompt": p.prompt, "split": p.split, "groups": list(p.groups),
+                    "prompt": p.prompt, "frame": p.frame, "split": p.split, "groups": list(p.groups),
                     "stereotyped": list(p.stereotyped),
                     "probs": [float(x) for x in d], "kl_uniform": ku[-1],
                     **({"kl_neutral": kn[-1]} if q is not None else {}),
@@ -353,8 +353,9 @@ class AssociationSuite:
         metrics["overall/kl_uniform"] = clustered_mean_metric(all_u, all_c, "lower", seed=seed)
         if self.config.association_neutral:
             metrics["overall/kl_neutral"] = clustered_mean_metric(all_n, all_c, "lower", seed=seed)
-        if references:
-            metrics["overall/q_spread"] = q_spread(references, seed=seed)
+        spread = q_spread(references, seed=seed) if references else None
+        if spread is not None:  # None: a single neutral concept, no spread to measure (the guard is not applied)
+            metrics["overall/q_spread"] = spread
         return SuiteResult(
             self.name, metrics, records, files={self.label: self.sha256},
             info={"n_prompts": n_prompts, "n_neutral": n_neutral, "version": self.data["version"]},
@@ -412,7 +413,7 @@ def q_drift(before: dict, after: dict) -> float:
     return float(np.mean([kl(qa[a] / qa[a].sum(), qb[a] / qb[a].sum()) for a in common]))
 
 
-def q_spread(references: dict[str, tuple[np.ndarray, list[str]]], *, seed: int = 0) -> Metric:
+def q_spread(references: dict[str, tuple[np.ndarray, list[str]]], *, seed: int = 0) -> Metric | None:
     """The Q_SPREAD_QUANTILE-th percentile of the mean over attributes of KL(q* || q), q* the
     reference recomputed from resampled neutral concepts (the same draw for every attribute: the
     neutral concepts are shared). How far the reference moves from which neutral concepts happen to
@@ -420,8 +421,8 @@ def q_spread(references: dict[str, tuple[np.ndarray, list[str]]], *, seed: int =
     from repair.stats import N_BOOT, _weights, metric_seed
 
     names = sorted({c for _, clusters in references.values() for c in clusters})
-    if len(names) < 2:  # one neutral concept: no spread to measure (the guard it bounds is not applied)
-        return Metric(float("nan"), float("nan"), float("nan"), "lower", len(names))
+    if len(names) < 2:  # one neutral concept: no spread to measure
+        return None
     total = np.zeros(N_BOOT)
     for dists, clusters in references.values():
         index = np.array([names.index(c) for c in clusters])
