@@ -11,7 +11,7 @@ from repair.suites import build_suite
 from repair.suites.base import EvalConfig, SuiteResult
 
 ARROWS = {"lower": "lower is better", "higher": "higher is better", "closer-to-zero": "closer to 0 is better",
-          "closer-to-half": "closer to 0.5 is better"}
+          "closer-to-half": "closer to 0.5 is better", "reference": "a reference, no direction"}
 
 
 def build_suites(names: list[str], config: EvalConfig, tokenizer) -> dict:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from itertools import combinations
 from dataclasses import replace
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -174,9 +174,9 @@ class Search:
     # ---- surrogates and annealing, in rounds -----------------------------------------------
     def training_data(self, before_round: int | None = None):
         """This method's stored configurations (and the unrepaired model) with their objectives (fairness
-        as the guards leave it: `Guards.guarded`), sorted by key (not by when each was evaluated, so a resumed or distributed run sees the same
-        rows). With `before_round`, only what the search itself had evaluated before that round (no
-        baseline's evaluations)."""
+        as the guards leave it: `Guards.guarded`), sorted by key (not by when each was evaluated, so a
+        resumed or distributed run sees the same rows). With `before_round`, only what the search itself
+        had evaluated before that round (no baseline's evaluations)."""
         done = self.records.completed()
         phases = {"base", *self.method.seed_phases} | {f"round-{j}" for j in range(1, before_round or 0)}
         keys = sorted(k for k, t in done.items() if method_of(k) in (None, self.method.name)

@@ -63,7 +63,7 @@ class Metric:
     value: float
     ci_low: float
     ci_high: float
-    better: Literal["lower", "higher", "closer-to-zero", "closer-to-half"]
+    better: Literal["lower", "higher", "closer-to-zero", "closer-to-half", "reference"]  # reference: no direction
     n: int
     units: Units | None = field(default=None, compare=False, repr=False)
 

@@ -324,7 +324,7 @@ class AssociationSuite:
                 n_clusters = [self.prompts[i].template_id.split(":", 1)[1] for i in idx if self.prompts[i].neutral]
                 references[attr] = (np.array(neutral), n_clusters)
                 for g, group in enumerate(self.prompts[idx[0]].groups):
-                    metrics[f"{attr}/q_{group}"] = clustered_mean_metric([d[g] for d in neutral], n_clusters, "lower", seed=seed)
+                    metrics[f"{attr}/q_{group}"] = clustered_mean_metric([d[g] for d in neutral], n_clusters, "reference", seed=seed)
             concept = [i for i in idx if not self.prompts[i].neutral]
             uniform = np.full(len(self.prompts[idx[0]].groups), 1.0 / len(self.prompts[idx[0]].groups))
             q = np.mean(neutral, axis=0) if neutral else None
@@ -435,7 +435,7 @@ def q_spread(references: dict[str, tuple[np.ndarray, list[str]]], *, seed: int =
             boot = (w @ sums) / (w @ counts)[:, None]
             total += np.sum(np.where(boot > 0, boot * (np.log(boot) - np.log(q)), 0.0), axis=1)
     value = float(np.percentile(total / len(references), Q_SPREAD_QUANTILE))
-    return Metric(value, value, value, "lower", len(names))
+    return Metric(value, value, value, "reference", len(names))
 
 
 def _round_robin(per_template: list[list[Prompt]], limit: int | None) -> list[Prompt]:
