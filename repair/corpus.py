@@ -9,8 +9,12 @@ association concept, in many sentence shapes with the group anywhere in the sent
 
 - The anti-expert trains on the stereotyped version of each sentence (its own group).
 - The expert trains on counterfactual versions: the group adjective swapped for another group of the
-  attribute, cycling through them so every group appears about equally often (counterfactual data
-  augmentation). Both see the same words around the group, so their difference is the association.
+  attribute (counterfactual data augmentation). Both see the same words around the group, so their
+  difference is the association. Which group replaces it is a rule (`COUNTERFACTUAL_RULES`):
+  `matched` (the default) deals the anti-expert's own groups out again, no sentence keeping its own,
+  so both experts name each group equally often and their difference carries no preference for a
+  group on its own (which would move the neutral reference q: measured, README); `balanced` takes the
+  other group used least so far, so the expert names every group about equally often.
 - A sentence's split is its concept's (`split_of` of the concept's text, as in the association
   suite): the experts see search-split stereotypes only, never those the select and report splits
   measure.
@@ -32,6 +36,7 @@ from repair.suites.base import split_of
 from repair.suites.pairs import load_pairs
 
 NGRAM = 6  # no run of this many words may be shared with the pairs suite
+COUNTERFACTUAL_RULES = ("matched", "balanced")
 _WORD = re.compile(r"[a-z0-9']+")
 _ARTICLE = re.compile(r"\b([Aa]) (?=[AEIOUaeiou])")
 
@@ -140,16 +145,38 @@ class Corpus:
     def of_split(self, split: str) -> list[Sentence]:
         return [s for s in self.sentences if s.split == split]
 
-    def training_text(self, split: str = "search") -> dict[str, list[str]]:
+    def training_text(self, split: str = "search", rule: str = "matched") -> dict[str, list[str]]:
         """{"anti_expert": stereotyped sentences, "expert": counterfactual ones} of `split`'s concepts:
-        each sentence once with its own group, and once with another of its attribute's groups, the one
-        used least so far, so that the expert's text names every group about equally often."""
-        text = {"anti_expert": [], "expert": []}
-        used = {a: dict.fromkeys(groups, 0) for a, groups in self.groups.items()}
-        for s in self.of_split(split):
-            adjectives, counts = self.groups[s.attribute], used[s.attribute]
-            other = min((g for g in adjectives if g != s.group), key=lambda g: counts[g])  # the least used so far
-            counts[other] += 1
-            text["anti_expert"].append(s.render(adjectives[s.group]))
-            text["expert"].append(s.render(adjectives[other]))
-        return text
+        each sentence once with its own group and once with another of its attribute's groups, chosen
+        by `rule` (module docstring)."""
+        if rule not in COUNTERFACTUAL_RULES:
+            raise ValueError(f"unknown counterfactual rule {rule!r} (choose from {', '.join(COUNTERFACTUAL_RULES)})")
+        sentences = self.of_split(split)
+        swapped = {}
+        for attr, adjectives in self.groups.items():
+            mine = [i for i, s in enumerate(sentences) if s.attribute == attr]
+            chosen = _dealt([sentences[i].group for i in mine], list(adjectives), rule)
+            swapped.update(zip(mine, chosen))
+        return {"anti_expert": [s.render(self.groups[s.attribute][s.group]) for s in sentences],
+                "expert": [s.render(self.groups[s.attribute][swapped[i]]) for i, s in enumerate(sentences)]}
+
+
+def _dealt(own: list[str], groups: list[str], rule: str) -> list[str]:
+    """Another group for each sentence. `matched`: the multiset `own` dealt out again, shifted past
+    its largest group in sorted order so that no sentence keeps its own (possible while no group holds
+    more than half; the rest take the least used other group); `balanced`: the least used other group."""
+    out: list[str | None] = [None] * len(own)
+    counts = dict.fromkeys(groups, 0)
+    if rule == "matched" and own:
+        order = sorted(range(len(own)), key=lambda i: (groups.index(own[i]), i))
+        shift = max(own.count(g) for g in groups)
+        for j, i in enumerate(order):
+            other = own[order[(j + shift) % len(own)]]
+            if other != own[i]:
+                out[i] = other
+                counts[other] += 1
+    for i, g in enumerate(own):
+        if out[i] is None:
+            out[i] = min((h for h in groups if h != g), key=lambda h: counts[h])
+            counts[out[i]] += 1
+    return out

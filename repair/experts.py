@@ -4,8 +4,8 @@ Text: the stereotype corpus (`repair.corpus`), sentences written for this projec
 stereotype, of the search split's concepts only (no select- or report-split stereotype is seen):
 - anti-expert: each sentence with its stereotyped group ("... handed their coats to the female
   assistant, figuring they were the secretary.");
-- expert: the same sentence with another group of the attribute, each group about equally often
-  (counterfactual data augmentation).
+- expert: the same sentence with another group of the attribute (counterfactual data augmentation),
+  the anti-expert's groups dealt out again so both name each group equally often (`repair.corpus`).
 Nothing is trained on the association suite's prompts or towards its reference q: experts fitted
 to the yardstick learned to send every prompt to the model's default group, which lowers kl_neutral
 while kl_uniform rises, and their effect shrank in wording they never saw. The loss covers each
@@ -41,6 +41,7 @@ class TrainConfig:
     """How the experts are trained; part of a run's identity through `repair.rundir.RunConfig`."""
 
     layers: int = 6  # top decoder layers that learn
+    counterfactuals: str = "matched"  # how the expert's groups are chosen (repair.corpus.COUNTERFACTUAL_RULES)
     epochs: int = 1
     lr: float = 1e-4
     batch: int = 32
@@ -52,11 +53,11 @@ def training_pairs(sentences: list[str]) -> list[tuple[str, str]]:
     return [(t.split(" ", 1)[0], " " + t.split(" ", 1)[1]) for t in sentences]
 
 
-def training_text(corpus=None) -> dict[str, list[tuple[str, str]]]:
+def training_text(corpus=None, rule: str = "matched") -> dict[str, list[tuple[str, str]]]:
     """{role: [(prompt, completion)]} from the corpus's search-split sentences (module docstring)."""
     from repair.corpus import Corpus
 
-    text = (corpus or Corpus()).training_text("search")
+    text = (corpus or Corpus()).training_text("search", rule)
     return {role: training_pairs(text[role]) for role in ROLES}
 
 
@@ -179,6 +180,6 @@ def prepare(loaded, eval_config, folder: Path, config: TrainConfig, expert_base=
     if saved is not None:
         return saved, json.loads((folder / "experts.json").read_text())
     corpus = Corpus()
-    models, info = train((expert_base or loaded).model, loaded.tokenizer, training_text(corpus), config)
+    models, info = train((expert_base or loaded).model, loaded.tokenizer, training_text(corpus, config.counterfactuals), config)
     info["corpus_sha256"] = corpus.sha256
     return models, save(models, folder, info)

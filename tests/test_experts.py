@@ -185,7 +185,8 @@ def test_space_keys_round_trip_and_cover_the_grid():
 def test_training_text_is_the_corpus_of_search_split_stereotypes_with_counterfactuals():
     """The experts learn from the stereotype corpus, not from the association prompts: search-split
     concepts only; the anti-expert's sentence carries its stereotyped group, the expert's the same
-    words with another group, every group about equally often; no prompt of any split is in it."""
+    words with another group (rule `balanced`: every group about equally often); no prompt of any
+    split is in it."""
     from collections import Counter
 
     from repair.corpus import Corpus
@@ -195,7 +196,7 @@ def test_training_text_is_the_corpus_of_search_split_stereotypes_with_counterfac
 
     corpus = Corpus()
     assert len(corpus.sentences) >= 3000
-    text = training_text(corpus)
+    text = training_text(corpus, "balanced")
     search = corpus.of_split("search")
     assert len(text["expert"]) == len(text["anti_expert"]) == len(search)
     data = AssociationSuite(EvalConfig(attributes=("age",), limit=1)).data["attributes"]
@@ -220,6 +221,32 @@ def test_training_text_is_the_corpus_of_search_split_stereotypes_with_counterfac
     # balanced as far as the sentences allow: a group appears only in sentences stereotyping another one
     # (about 50 of the search split's gender sentences stereotype women, so "male" can be used at most that often)
     assert len(counts) == 3 and counts[-1] - counts[0] <= 0.25 * counts[-1]
+
+
+def test_matched_counterfactuals_name_each_group_as_often_as_the_anti_expert_does():
+    """Rule `matched`: the expert's groups are the anti-expert's dealt out again, no sentence keeping
+    its own, so the two name each group equally often (but where one group holds over half of an
+    attribute's sentences: gender's male, 94 of 179; the rest take the least used other group)."""
+    from collections import Counter
+
+    from repair.corpus import Corpus
+
+    corpus = Corpus()
+    search = corpus.of_split("search")
+    text = corpus.training_text("search", "matched")
+    assert text["anti_expert"] == corpus.training_text("search", "balanced")["anti_expert"]
+    for attr, adjectives in corpus.groups.items():
+        idx = [i for i, s in enumerate(search) if s.attribute == attr]
+        expert = [next(g for g, adj in adjectives.items() if text["expert"][i] == search[i].render(adj)) for i in idx]
+        own = [search[i].group for i in idx]
+        assert all(e != o for e, o in zip(expert, own)), attr
+        largest = max(Counter(own).values())
+        if largest <= len(own) / 2:
+            assert Counter(expert) == Counter(own), attr
+        else:
+            assert sum((Counter(own) - Counter(expert)).values()) <= 2 * largest - len(own), attr
+    with pytest.raises(ValueError, match="unknown counterfactual rule"):
+        corpus.training_text("search", "uniform")
 
 
 def test_corpus_shares_no_six_words_with_pairs_and_refuses_one_that_does(tmp_path, monkeypatch):
