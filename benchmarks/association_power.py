@@ -148,8 +148,8 @@ def main() -> None:
             b, a = base.metrics[f"overall/{metric}"], res.metrics[f"overall/{metric}"]
             paired = paired_change(b.units, a.units, n_boot=args.n_boot, seed=args.seed)
             unpaired = change_from_replicates(b.value, a.value,
-                                              replicates(b.units.statistic, b.n, n_boot=args.n_boot, seed=args.seed),
-                                              replicates(a.units.statistic, a.n, n_boot=args.n_boot, seed=args.seed + 1))
+                                              replicates(b.units.statistic, b.units.n, n_boot=args.n_boot, seed=args.seed),
+                                              replicates(a.units.statistic, a.units.n, n_boot=args.n_boot, seed=args.seed + 1))
             by_concept = clustered_paired_half_width([r[metric] for r in base.records], [r[metric] for r in res.records],
                                                      concepts, n_boot=args.n_boot, seed=args.seed)
             crossed = crossed_paired_half_width([r[metric] for r in base.records], [r[metric] for r in res.records],
