@@ -49,7 +49,7 @@ from typing import Sequence
 import numpy as np
 
 from repair.errors import DataError, UserError
-from repair.stats import Metric, clustered_mean_metric
+from repair.stats import N_BOOT, Metric, _weights, clustered_mean_metric, metric_seed
 from repair.suites.base import ChoiceRequest, EvalConfig, OptionScores, SuiteResult, split_of
 
 PACKAGE_LABEL = "<package>/repair/data/association.json"
@@ -418,19 +418,18 @@ def q_spread(references: dict[str, tuple[np.ndarray, list[str]]], *, seed: int =
     reference recomputed from resampled neutral concepts (the same draw for every attribute: the
     neutral concepts are shared). How far the reference moves from which neutral concepts happen to
     be measured alone; `q_drift` beyond it is a repair moving the reference itself."""
-    from repair.stats import N_BOOT, _weights, metric_seed
-
     names = sorted({c for _, clusters in references.values() for c in clusters})
     if len(names) < 2:  # one neutral concept: no spread to measure
         return None
+    position = {c: i for i, c in enumerate(names)}
+    w = np.concatenate(list(_weights(len(names), N_BOOT, metric_seed("q_spread", seed))))  # one draw for all attributes
     total = np.zeros(N_BOOT)
     for dists, clusters in references.values():
-        index = np.array([names.index(c) for c in clusters])
+        index = np.array([position[c] for c in clusters])
         sums = np.zeros((len(names), dists.shape[1]))
         np.add.at(sums, index, dists)
         counts = np.bincount(index, minlength=len(names)).astype(np.float64)
         q = sums.sum(0) / counts.sum()
-        w = np.concatenate(list(_weights(len(names), N_BOOT, metric_seed("q_spread", seed))))
         with np.errstate(invalid="ignore", divide="ignore"):
             boot = (w @ sums) / (w @ counts)[:, None]
             total += np.sum(np.where(boot > 0, boot * (np.log(boot) - np.log(q)), 0.0), axis=1)
