@@ -1,7 +1,7 @@
 """`repair probe`: fit FairMed's probers for a model, score them, and keep everything in one folder.
 
 The folder is a cache. `activations.npz` holds the probe data (the slow part: every search-split
-association prompt through the model twice), `probers.safetensors` the fitted probers and
+association prompt through the model twice, its MLP outputs read at three positions each), `probers.safetensors` the fitted probers and
 `probe-scores.json` their held-out scores with the sha256 of both files, the fit settings and the
 suite data's sha256. A rerun reuses what still matches:
 
@@ -92,10 +92,14 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
 
 
 def data_key(loaded, eval_config, data_sha: str) -> dict:
-    """What the activations depend on: the model as loaded (not where it runs) and the suite's prompts."""
+    """What the activations depend on: the model as loaded (not where it runs), the suite's prompts and
+    the positions read in each."""
+    from repair.probers import POSITIONS  # torch, through repair.probers: the CLI builds its parser without it
+
     model = {k: v for k, v in loaded.describe().items() if k not in ("device", "spec")}
     attributes = list(eval_config.attributes) if eval_config.attributes else None
-    return {"model": model, "data_sha256": data_sha, "split": eval_config.split, "attributes": attributes}
+    return {"model": model, "data_sha256": data_sha, "split": eval_config.split, "attributes": attributes,
+            "positions": list(POSITIONS)}
 
 
 def _replace_with(path: Path, write) -> str:

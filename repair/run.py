@@ -283,7 +283,7 @@ def write_run_report(run_dir: Path) -> Path:
             "name": name, "method": "base" if i == 0 else c["methods"][0], "best_of": c["best_of"],
             "kind": kind, "split": "report", "fairness": rep["fairness"], "utility": rep["utility"],
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
-            "config": c["config"],
+            "config": c["config"], "excluded_by": c.get("excluded_by"),
             "changes": (c.get("changes") or {}).get("report"),
             "shown": {k: {"value": rep["metrics"][k]["value"], "better": rep["metrics"][k]["better"]}
                       for k in ALWAYS_SHOWN if k in rep["metrics"]},

@@ -157,6 +157,19 @@ def evaluate_search(config: RunConfig, scorer: Scorer, records: Records, items: 
     return [k for k, _ in items]
 
 
+TARGET_DIGITS = 4  # significant digits of the objectives the surrogates are fitted to
+
+
+def _reproducible(values: np.ndarray) -> np.ndarray:
+    """`values` rounded to TARGET_DIGITS significant digits. A configuration evaluated in another batch
+    (after a crash, or by another worker) scores the same to about 1e-7 relative, not bit for bit; fed
+    raw, that noise could steer a refit surrogate's annealing to other candidates."""
+    finite = np.isfinite(values) & (values != 0)
+    safe = np.where(finite, values, 1.0)
+    scale = 10.0 ** (TARGET_DIGITS - 1 - np.floor(np.log10(np.abs(safe))))
+    return np.where(finite, np.round(safe * scale) / scale, values)
+
+
 class Search:
     """One method's search over a loaded model; every phase resumes from the stored records."""
 
@@ -187,7 +200,7 @@ class Search:
         f = np.array([guards.guarded(done[k].values[0], base.values[0], base.user_attrs["metrics"], done[k].user_attrs["metrics"])
                       for k in keys])
         u = np.array([done[k].values[1] for k in keys])
-        return keys, X, f, u
+        return keys, X, _reproducible(f), _reproducible(u)
 
     def base_trial(self):
         return self.records.completed()[BASE]

@@ -1,5 +1,6 @@
 """FairSteer's probes and steering vectors, read off the residual stream (each decoder layer's output)
-at the last token of the search split's association prompts.
+of the search split's association prompts at several positions each (probers.POSITIONS: from the
+concept's last token to the prompt's), since the gate decides at every position of a text it steers.
 
 Labels, on search-split prompts only:
 - `association` (the default): a concept prompt is *biased* when the model puts more mass on the
@@ -182,7 +183,8 @@ def _biased_prob(F: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Ten
 
 
 def association_examples(loaded, eval_config, margin: float = MARGIN, progress: bool = True):
-    """(activations, labels, concepts, excess) from the association suite's search-split prompts."""
+    """(activations, labels, concepts, excess) from the association suite's search-split prompts, one row
+    per (prompt, read position), each labelled as its prompt."""
     from repair.probers import probe_data
 
     data = probe_data(loaded, eval_config, progress=progress, modules=residual_modules(loaded.model))

@@ -72,6 +72,7 @@ td .ci { color: var(--muted); font-size: 12px; }
 td.name { overflow-wrap: anywhere; max-width: 320px; }
 tr.chosen td { background: #fff5f5; }
 tr.base td { background: #f3f4f6; }
+tr.excluded td { color: #57606a; }
 .tag { display: inline-block; padding: 0 6px; border-radius: 10px; font-size: 12px; border: 1px solid var(--line); }
 .tag.chosen { border-color: #c9302c; color: #c9302c; }
 .tag.base { border-color: #57606a; color: #57606a; }
@@ -408,6 +409,7 @@ def _tradeoff(points, front, objectives) -> str:
 def _front_table(points, front, objectives) -> str:
     show_split = len({points[i]["split"] for i in front}) > 1
     shown = list(dict.fromkeys(n for i in front for n in (points[i].get("shown") or {})))
+    guarded = any(points[i].get("excluded_by") is not None for i in front)  # runs since the guards record them
     head = [
         '<th class="num">#</th>', "<th>Name</th>", "<th>Method</th>", "<th>Kind</th>",
         f"<th class=\"num\">Fairness: {esc(objectives['fairness']['name'])} [CI]</th>",
@@ -415,7 +417,7 @@ def _front_table(points, front, objectives) -> str:
         '<th class="num">Fairness change vs unrepaired [paired 95% CI]</th>',
         *[f'<th class="num">{esc(n.split("/")[-1])} ({esc(n.split("/")[0])})</th>' for n in shown],
         '<th class="num">Pruned heads</th>',
-    ] + (["<th>Split</th>"] if show_split else [])
+    ] + (["<th>Guards (select split)</th>"] if guarded else []) + (["<th>Split</th>"] if show_split else [])
     colours = method_colours(points)
     rows = []
     for rank, i in enumerate(front, 1):
@@ -432,8 +434,9 @@ def _front_table(points, front, objectives) -> str:
             f'<td class="num">{_table_change(p)}</td>',
             *[f'<td class="num">{esc(fmt(((p.get("shown") or {}).get(n) or {}).get("value", float("nan"))))}</td>' for n in shown],
             f'<td class="num">{"" if count is None else count}</td>',
-        ] + ([f"<td>{esc(p['split'])}</td>"] if show_split else [])
-        rows.append(f'<tr class="{kind}">{"".join(cells)}</tr>')
+        ] + ([f"<td>{_guards_cell(p)}</td>"] if guarded else []) + ([f"<td>{esc(p['split'])}</td>"] if show_split else [])
+        excluded = " excluded" if p.get("excluded_by") else ""
+        rows.append(f'<tr class="{kind}{excluded}">{"".join(cells)}</tr>')
     if not rows:
         body = f'<tr><td colspan="{len(head)}" class="note">No point could be placed on the front.</td></tr>'
     else:
@@ -443,6 +446,17 @@ def _front_table(points, front, objectives) -> str:
         f'<p class="note">{len(front)} non-dominated configurations, best fairness first.</p>'
         f'<table id="table-front"><thead><tr>{"".join(head)}</tr></thead><tbody>{body}</tbody></table></section>'
     )
+
+
+def _guards_cell(p) -> str:
+    """Whether the guards let a configuration be chosen: a front point can be fairer than the chosen one
+    only because it games kl_neutral, and the table must say so beside it."""
+    failed = p.get("excluded_by")
+    if p["kind"] == "base" or failed is None:
+        return ""
+    if not failed:
+        return "passed"
+    return f'<span class="worse">excluded: {esc("; ".join(failed))}</span>'
 
 
 def _table_change(p) -> str:

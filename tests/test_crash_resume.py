@@ -95,3 +95,16 @@ def test_killed_in_every_phase_resumes_to_the_uninterrupted_result(finished_run,
     candidates = [[json.loads(l) for l in (d / "candidates.jsonl").read_text().splitlines()] for d in (out, finished_run)]
     assert [(c["key"], c["chosen"]) for c in candidates[0]] == [(c["key"], c["chosen"]) for c in candidates[1]]
     assert not list(out.glob(".*tmp*")), "temporary files left behind"
+
+
+def test_surrogate_targets_drop_the_noise_of_another_batch():
+    """The same configuration scored in another batch differs by ~1e-7 relative; the surrogates see
+    both as one value (4 significant digits, known answers), and infinities and zeros pass unchanged."""
+    import numpy as np
+
+    from repair.runloop import _reproducible
+
+    once = np.array([0.0123456789, -2.71828e-5, 14.62043, 0.0, np.inf])
+    again = once * (1 + 1e-7)
+    np.testing.assert_array_equal(_reproducible(once), [0.01235, -2.718e-5, 14.62, 0.0, np.inf])
+    np.testing.assert_array_equal(_reproducible(again), _reproducible(once))

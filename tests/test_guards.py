@@ -1,6 +1,8 @@
 """The guards on the choice: a repair that sends every association prompt to one fixed distribution
 scores kl_neutral ~0, yet is not chosen, and the reason is shown."""
 import hashlib
+import json
+import re
 
 import numpy as np
 import pytest
@@ -100,8 +102,6 @@ def test_the_q_drift_bound_defaults_to_the_unrepaired_models_spread_and_can_be_s
 def test_a_run_whose_guards_exclude_every_finalist_keeps_and_exports_the_unrepaired_model(model_dir, tmp_path_factory, capsys):
     """--max-q-drift 1e-12: any repair moves the reference further, so every finalist is excluded; the
     run keeps the unrepaired model, names the guard each failed, and its card says so."""
-    import json
-
     from conftest import small_run
 
     out = small_run(model_dir, tmp_path_factory, "guarded", "--max-q-drift", "1e-12")
@@ -119,4 +119,13 @@ def test_a_run_whose_guards_exclude_every_finalist_keeps_and_exports_the_unrepai
     assert "kept the **unrepaired model**" in card and "neutral reference moved" in card
     report = (out / "report" / "index.html").read_text()
     assert 'id="excluded"' in report and "neutral reference moved" in report
+    # the front table marks each excluded point beside its numbers, not only in the section below it
+    front = re.search(r'<table id="table-front">(.*?)</table>', report, re.S).group(1)
+    rows = re.findall(r'<tr class="([^"]*)">(.*?)</tr>', front, re.S)
+    assert "<th>Guards (select split)</th>" in front and rows
+    for cls, cells in rows:
+        if cls.split()[0] == "base":
+            assert "excluded" not in cls
+        else:
+            assert "excluded" in cls.split() and "excluded: neutral reference moved" in cells
     assert "Spearman" in printed and "search vs select" in report

@@ -293,3 +293,35 @@ def test_collect_reads_the_last_token_mlp_output():
     # the prompts really differ at the read position (the comparison is not between constants)
     assert np.abs(expect[0] - expect[1]).max() > 1e-4
     assert all(not h for m in P.mlp_modules(model) for h in [m._forward_hooks])  # hooks removed
+
+
+def test_collect_reads_each_requested_position():
+    """With positions, row (prompt, t) is the MLP output at token t: in a causal model, the last-token
+    output of the prompt cut after token t (the byte tokenizer's token t >= 1 is byte t - 1)."""
+    model, tok = tiny_llama(), ByteTokenizer(add_bos=True)
+    at = [[3, 5, 15], [0, 7], [2, 30, 37], [3]]
+    got = collect(model, tok, PROMPTS, batch=3, positions=at)
+    expect = np.stack([_by_hand(model, tok, p[:t]) for p, pos in zip(PROMPTS, at) for t in pos])
+    assert got.shape == (9, 3, 64)
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        collect(model, tok, ["Why"], positions=[[4]])  # BOS + 3 bytes: positions 0..3
+
+
+def test_read_positions_run_from_the_concept_to_the_prompt_end():
+    from repair.evaluator import _Tokens
+    from repair.suites.association import Prompt
+
+    tok = ByteTokenizer(add_bos=True)
+    tokens = _Tokens(tok)
+    frame = "In the story, the {c} who moved in is"
+    prompt = Prompt("gender", "gender:nurse", "nurse", frame.format(c="nurse"), ("f", "m"), (("she",), ("he",)),
+                    "search", False, frame=frame)
+    concept, middle, last = P.positions_of(tokens, prompt)
+    ids = tokens(prompt.prompt, True)
+    assert tok.decode(ids[:concept + 1]) == "In the story, the nurse"
+    assert last == len(ids) - 1 and concept < middle < last and middle == (concept + last) // 2
+    # a concept at the prompt's end: one position, not three copies of it
+    end = Prompt("gender", "gender:nurse", "nurse", "The nurse", ("f", "m"), (("she",), ("he",)), "search", False,
+                 frame="The {c}")
+    assert P.positions_of(tokens, end) == [len(tokens("The nurse", True)) - 1]
