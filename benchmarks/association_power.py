@@ -33,8 +33,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from repair.evaluator import Evaluator  # noqa: E402
-from repair.heads import HeadMasker, head_layout  # noqa: E402
-from repair.masks import ranked_masks  # noqa: E402
+from repair.methods.prune.heads import HeadMasker, head_layout  # noqa: E402
+from repair.methods.prune.masks import ranked_masks  # noqa: E402
 from repair.models import ModelSpec, load_model  # noqa: E402
 from repair.stats import change_from_replicates, paired_change, replicates  # noqa: E402
 from repair.suites.association import AssociationSuite  # noqa: E402

@@ -36,7 +36,7 @@ def tiny(args) -> None:
     """A random Llama target and random experts a tenth of its parameters, sharing a 49,152-token vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from repair.interventions.experts import ExpertSetting, ExpertsTransform
+    from repair.methods.experts.transform import ExpertSetting, ExpertsTransform
     from repair.models import load_model, ModelSpec
 
     tokenizer = load_model(ModelSpec()).tokenizer
@@ -59,7 +59,7 @@ def tiny(args) -> None:
 
 def training(args) -> None:
     """Seconds per step (32 sentences of 16 tokens) of full fine-tuning and of the top layers only."""
-    from repair.experts import TrainConfig
+    from repair.methods.experts.training import TrainConfig
     from repair.models import load_model, ModelSpec
 
     model = load_model(ModelSpec()).model

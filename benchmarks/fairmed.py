@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import repair  # noqa: E402
 from benchmarks.generation_speed import compare  # noqa: E402
-from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting  # noqa: E402
+from repair.methods.fairmed.neutralizer import Neutralizer, NeutralizerSetting  # noqa: E402
 
 
 def main() -> None:

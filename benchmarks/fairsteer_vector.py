@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from repair.methods.fairsteer import FairSteer  # noqa: E402
+from repair.methods.fairsteer.method import FairSteer  # noqa: E402
+from repair.methods.fairsteer.steering import association_examples, fit  # noqa: E402
 from repair.models import ModelSpec, load_model  # noqa: E402
 from repair.objectives import Objectives  # noqa: E402
 from repair.rundir import RunConfig  # noqa: E402
 from repair.runloop import Scorer, eval_config  # noqa: E402
-from repair.steering import association_examples, fit  # noqa: E402
 
 
 def main() -> None:

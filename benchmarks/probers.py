@@ -31,9 +31,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from repair.methods.fairmed.cache import ACTIVATIONS, best_layers, data_key, load_data_file, save_data  # noqa: E402
+from repair.methods.fairmed.probers import L2_GRID, ProbeData, fit, probe_data  # noqa: E402
 from repair.models import ModelSpec, load_model  # noqa: E402
-from repair.probe import ACTIVATIONS, best_layers, data_key, load_data_file, save_data  # noqa: E402
-from repair.probers import L2_GRID, ProbeData, fit, probe_data  # noqa: E402
 from repair.suites.association import load_data  # noqa: E402
 from repair.suites.base import EvalConfig  # noqa: E402
 

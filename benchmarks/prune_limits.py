@@ -20,12 +20,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 import numpy as np  # noqa: E402
 
-from repair.masks import ranked_masks  # noqa: E402
+from repair.methods.prune.masks import ranked_masks  # noqa: E402
+from repair.methods.prune.method import Prune  # noqa: E402
 from repair.models import ModelSpec, load_model  # noqa: E402
 from repair.objectives import Objectives  # noqa: E402
-from repair.methods.prune import Prune  # noqa: E402
-from repair.runloop import Scorer, eval_config  # noqa: E402
 from repair.rundir import RunConfig  # noqa: E402
+from repair.runloop import Scorer, eval_config  # noqa: E402
 from repair.suites.association import AssociationSuite, kl  # noqa: E402
 from repair.suites.base import EvalConfig  # noqa: E402
 

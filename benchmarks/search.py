@@ -133,7 +133,7 @@ def main(argv=None) -> None:
     print(f"\ntruth at the full model: bias={truth.bias(base)[0]:.3f} ppl={np.exp(truth.log_ppl(base)[0]):.2f}; "
           f"constraint ppl <= {np.exp(limit):.2f}")
     common = dict(n_chains=args.chains, n_steps=args.steps, t0=0.02, t_end=2e-4, flips=2,
-                  constraint=limit, weight=50.0, max_pruned=int(0.2 * BITS), seed=args.seed)
+                  constraint=limit, weight=50.0, max_changed=int(0.2 * BITS), seed=args.seed)
     searches = {
         "plain (kappa=0)": dict(kappa=0.0),
         "kappa=1": dict(kappa=1.0),
@@ -142,18 +142,18 @@ def main(argv=None) -> None:
     speeds = []
     for label, extra in searches.items():
         res = anneal(predict, BITS, **common, **extra)
-        speeds.append(res.masks_per_second)
+        speeds.append(res.configs_per_second)
         ok = res.best.feasible
         if not ok.any():
             print(f"  {label:20s} no feasible mask found")
             continue
         i = np.flatnonzero(ok)[np.argmin(res.best_objective[ok])]
-        m = res.best.masks[i : i + 1]
+        m = res.best.configs[i : i + 1]
         tb, tp = truth.bias(m)[0], np.exp(truth.log_ppl(m)[0])
         print(f"  {label:20s} pruned={BITS - m.sum():3d} predicted bias={res.best.fairness[i]:.3f} "
               f"ppl={np.exp(res.best.utility[i]):.2f} | true bias={tb:.3f} ppl={tp:.2f} "
               f"({'meets' if np.log(tp) <= limit else 'BREAKS'} the constraint) "
-              f"{res.masks_per_second:,.0f} masks/s, acceptance {res.acceptance:.2f}")
+              f"{res.configs_per_second:,.0f} masks/s, acceptance {res.acceptance:.2f}")
     # references: annealing on the noiseless truth itself (what a perfect surrogate would find), and the
     # best of the records (what the sample alone gives)
     def oracle(m):
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
 
     res = anneal(oracle, BITS, **{**common, "n_chains": 256, "n_steps": 3 * args.steps})
     i = int(np.argmin(res.best_objective))
-    print(f"  {'oracle (truth)':20s} pruned={BITS - res.best.masks[i].sum():3d} true bias={res.best.fairness[i]:.3f} "
+    print(f"  {'oracle (truth)':20s} pruned={BITS - res.best.configs[i].sum():3d} true bias={res.best.fairness[i]:.3f} "
           f"ppl={np.exp(res.best.utility[i]):.2f}")
     feas = targets["log_ppl"] <= limit
     if feas.any():

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from repair import masks as M  # noqa: E402
+from repair.methods.prune import masks as M  # noqa: E402
 from surrogate import fit_surrogate  # noqa: E402
 
 SAMPLED = ("base", "gradient", "sample")  # what round 1 trains on

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from repair.errors import UserError
+from repair.io import write_text_atomic
 from repair.load import SETTING_FLAGS
 from repair.models import EMBEDDED_ALIAS, ModelSpec
 from repair.suites import REGISTRY
@@ -87,7 +88,7 @@ def model_spec(args) -> ModelSpec:
 
 def cmd_evaluate(args) -> int:
     from repair.io import check_writable, write_json_atomic
-    from repair.masks import parse_head_spec, pruned_heads
+    from repair.methods.prune.masks import parse_head_spec, pruned_heads
     from repair.suites import build_suite
 
     # Everything that can be checked without the model is checked first, without importing torch.
@@ -120,7 +121,7 @@ def cmd_evaluate(args) -> int:
     hook = _attach_checkpoint(loaded, args.model, setting)
     masker = keep = None
     if heads is not None:
-        from repair.heads import HeadMasker, head_layout
+        from repair.methods.prune.heads import HeadMasker, head_layout
 
         n_layers, n_heads, _ = head_layout(loaded.model)
         keep = heads.keep_mask(n_layers, n_heads)
@@ -279,6 +280,40 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    # torch and the methods load only for the subcommand that needs them: the parser builds without them
+    from repair.methods.fairmed.cache import HEATMAP, PROBERS, SCORES, format_scores, probe
+    from repair.models import load_model
+    from reports.heatmap import probe_heatmap, standalone
+
+    if args.seed < 0:
+        raise UserError(f"--seed must be 0 or more, got {args.seed}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file; give a folder")
+    loaded = load_model(model_spec(args))
+    _, scores = probe(loaded, EvalConfig(split="search", seed=args.seed), args.out, seed=args.seed,
+                      progress=not args.no_progress)
+    print(format_scores(scores))
+    heatmap = args.out / HEATMAP
+    write_text_atomic(heatmap, standalone(probe_heatmap(scores)))
+    print(f"\nwrote {args.out / SCORES}, {args.out / PROBERS} and {heatmap}")
+    return 0
+
+
+def add_probe_parser(sub) -> None:
+    """The `probe` subcommand on an argparse subparsers object."""
+    p = sub.add_parser("probe", help="fit FairMed's probers and show where the model encodes group associations",
+                       description="Fit FairMed's probers (one per layer and association attribute) on the search "
+                                   "split, print their held-out scores per layer, and write DIR/probe-scores.json, "
+                                   "DIR/probers.safetensors and DIR/heatmap.svg. DIR also caches the activations: "
+                                   "a rerun reuses them.")
+    add_model_flags(p)
+    p.add_argument("--out", type=Path, default=Path("runs/probe"), help="output and cache folder (default: runs/probe)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the fit and the suite")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_probe)
+
+
 def cmd_report(args) -> int:
     from repair.run import write_run_report
 
@@ -422,8 +457,6 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--html", type=Path, default=None,
                     help="where to write the page (default: RUN_DIR/compare.html for RUN_DIR/checkpoint, else ./compare.html)")
     cp.set_defaults(func=cmd_compare)
-
-    from repair.probe import add_probe_parser
 
     add_probe_parser(sub)
 

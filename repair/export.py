@@ -2,7 +2,7 @@
 code) or hooked (base weights plus the intervention's tensors, re-attached by `repair.load`).
 
 Pruning zeroes the chosen heads' slices of the attention output projection in the saved weights
-(transformers 5 has no physical head pruning that survives a reload, see `repair.heads`). The state
+(transformers 5 has no physical head pruning that survives a reload, see `repair.methods.prune.heads`). The state
 dict saved is the model's own tensors except the projections that get zeroed, which are cloned to
 CPU, so a model on a GPU or sharded by `--device-map` is exported without a second copy of it. Either
 kind is written under a temporary name, reloaded and compared with the repaired model in memory, and
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from repair import failpoints
-from repair.heads import HeadMasker, attention_output, decoder_layers, head_layout, zero_heads
 from repair.io import UMASK, sha256_file
-from repair.stats import format_change
+from repair.methods.prune.heads import HeadMasker, attention_output, decoder_layers, head_layout, zero_heads
 from repair.models import LoadedModel
+from repair.stats import format_change
 
 CHECK_TEXT = "The nurse said that the doctor"
 # Reload check: max |logits diff| <= TOLERANCE[dtype] * max |logits|. Zeroing a weight slice and masking
@@ -64,7 +64,7 @@ def export_pruned(loaded: LoadedModel, mask: np.ndarray, target: Path, manifest:
         with HeadMasker(loaded.model, torch.from_numpy(mask[None].astype(np.float32))):
             return loaded.model(ids).logits
 
-    return _write_checkpoint(loaded, state, dtype, target, manifest, card, None, expected)
+    return write_checkpoint(loaded, state, dtype, target, manifest, card, None, expected)
 
 
 def export_hooked(loaded: LoadedModel, method: str, tensors: dict, meta: dict, target: Path, manifest: dict,
@@ -84,11 +84,11 @@ def export_hooked(loaded: LoadedModel, method: str, tensors: dict, meta: dict, t
             hook.remove()
 
     extra = {INTERVENTIONS: (tensors, {"method": method, **{k: json.dumps(v) for k, v in meta.items()}})}
-    return _write_checkpoint(loaded, loaded.model.state_dict(), None, target, manifest, card, extra, expected or hooked,
+    return write_checkpoint(loaded, loaded.model.state_dict(), None, target, manifest, card, extra, expected or hooked,
                              models)
 
 
-def _write_checkpoint(loaded: LoadedModel, state: dict, dtype, target: Path, manifest: dict, card: str,
+def write_checkpoint(loaded: LoadedModel, state: dict, dtype, target: Path, manifest: dict, card: str,
                       extra: dict | None, expected, models: dict | None = None) -> Path:
     """Write the checkpoint under a temporary name, reload it and compare its logits with `expected`
     (the repaired model in memory), then rename it into place; a crash leaves no half checkpoint."""

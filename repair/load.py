@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from repair.applied import Applied
 from repair.errors import UserError
 
 MANIFEST = "repair_manifest.json"
@@ -30,13 +31,26 @@ def attach(model, method: str, tensors: dict, meta: dict, folder: Path | None = 
     from repair.space import STACK
 
     if method == STACK:  # several methods' interventions, each under its own prefix (repair.stacks)
-        from repair.stacks import attach_saved_stack
-
-        return attach_saved_stack(model, tensors, meta, folder, attach)
+        return attach_saved_stack(model, tensors, meta, folder)
     if method not in METHOD_FLAGS:
         raise ValueError(f"unknown intervention method {method!r}")
     meta = {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items()}
-    return import_module(f"repair.methods.{method}").attach(model, tensors, meta, folder)
+    return import_module(f"repair.methods.{method}.method").attach(model, tensors, meta, folder)
+
+
+def attach_saved_stack(model, tensors: dict, meta: dict, folder) -> Applied:
+    """Re-attach an exported stack's hooked parts, each from the tensors and settings under its prefix."""
+    hooks = []
+    try:
+        for name in json.loads(meta["parts"]) if isinstance(meta["parts"], str) else meta["parts"]:
+            prefix = f"{name}/"
+            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            settings = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+            hooks.append(attach(model, name, own, settings, folder))
+    except BaseException:
+        Applied(model, hooks).remove()
+        raise
+    return Applied(model, hooks)
 
 
 def read_manifest(path: Path) -> dict:
@@ -75,7 +89,7 @@ def parse_setting(layers: str | None = None, lam: float | None = None, steps: in
     """Flags that replace parts of a hooked checkpoint's setting (`--layers 3,7 --lam 0.2 ...`),
     checked for form before any model is loaded; {} when none is given. `threshold` 'always' turns
     FairSteer's gate off."""
-    from repair.probers import GATE_QUANTILES
+    from repair.methods.fairmed.probers import GATE_QUANTILES
 
     out = {}
     if layers is not None:
@@ -169,15 +183,15 @@ def _merged_setting(model, method: str, saved: dict, setting: dict) -> dict:
     merged = {**saved, **setting}
     try:
         if method == "fairmed":
-            from repair.interventions.neutralizer import NeutralizerSetting
+            from repair.methods.fairmed.neutralizer import NeutralizerSetting
 
             NeutralizerSetting(**{**merged, "layers": tuple(merged["layers"])}).check(len(arch.decoder_layers(model)))
         elif method == "experts":
-            from repair.interventions.experts import ExpertSetting
+            from repair.methods.experts.transform import ExpertSetting
 
             ExpertSetting(**merged).check()
         else:
-            from repair.interventions.steerer import SteerSetting
+            from repair.methods.fairsteer.steerer import SteerSetting
 
             SteerSetting(**merged).check(len(arch.decoder_layers(model)))
     except ValueError as exc:

@@ -11,15 +11,14 @@ from repair import failpoints
 from repair.errors import UserError
 from repair.evaluate import versions
 from repair.export import model_card
-from repair.methods import method_names, shares
+from repair.methods import METHODS, method_names, shares
 from repair.models import load_model
 from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, shown_label, utility_interval
 from repair.records import open_study, redact
 from repair.rundir import RunConfig, prepare
-from repair.stats import format_change
-from repair.steering import LABELS
-from repair.suites import build_suite
 from repair.space import MIN_SAMPLES, STACK, method_of, parts
+from repair.stats import format_change
+from repair.suites import build_suite
 
 
 def validate(config: RunConfig) -> Objectives:
@@ -38,31 +37,12 @@ def validate(config: RunConfig) -> Objectives:
         raise UserError(f"--export-all exports each method's best; --method {config.method} runs one, whose best "
                         "is the checkpoint (leave the flag out)")
     shares(config)  # a malformed --budget-shares is refused before anything loads
-    method = names[0]
-    if config.baselines and method in ("fairmed", "experts"):
-        own = "it always evaluates the top-k rule" if method == "fairmed" else "it evaluates its whole grid"
-        raise UserError(f"--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
-                        f"{method} has its own ({own})")
-    if config.expert_base and "experts" not in names:
-        raise UserError(f"--expert-base is the starting model of --method experts' experts; --method {config.method} "
-                        "trains none (leave the flag out)")
-    if "knockout" in config.baselines and method != "prune":
-        raise UserError(f"--baselines knockout knocks out attention heads: a baseline of --method prune, not {method}")
+    for cls in METHODS.values():
+        cls.check_config(config, names)
     unknown = [b for b in config.baselines if b not in ("random", "knockout")]
     if unknown:
         raise UserError(f"unknown baseline {unknown[0]!r} (choose from random, knockout)")
     objectives = Objectives.parse(config.fairness, config.utility)
-    if not 0 < config.max_prune < 1:
-        raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
-    if config.max_layers < 1:
-        raise UserError(f"--max-layers must be at least 1, got {config.max_layers}")
-    if config.steer_labels not in LABELS:
-        raise UserError(f"--steer-labels must be {' or '.join(LABELS)}, got {config.steer_labels!r}")
-    if config.steer_labels == "bbq" and config.data_dir is None:
-        raise UserError("--steer-labels bbq labels BBQ items, which need the benchmark data: pass --data-dir (the folder "
-                        "that holds bbq/) or set $REPAIR_DATA_DIR")
-    if config.target not in ("neutral", "uniform"):
-        raise UserError(f"--target must be neutral or uniform, got {config.target!r}")
     if not 0 < config.max_utility_loss < 1:
         raise UserError(f"--max-utility-loss must be a fraction between 0 and 1, got {config.max_utility_loss}")
     if not config.max_kl_uniform_rise >= 0:
@@ -93,7 +73,7 @@ def run(config: RunConfig) -> int:
 
     names = method_names(config.method)
     files = {}
-    labelling = ("bbq",) if "fairsteer" in names and config.steer_labels == "bbq" else ()
+    labelling = tuple(s for n in names for s in METHODS[n].extra_suites(config))
     for split in ("search", "report"):  # validate every data file before any model or disk work
         for name in (*objectives.suites, *labelling):
             suite = build_suite(name, eval_config(config, split), None)
@@ -107,8 +87,7 @@ def run(config: RunConfig) -> int:
     if len(methods) > 1:
         check_budget(config, methods)
     for method in methods.values():
-        if hasattr(method, "check_inputs"):
-            method.check_inputs(loaded)  # e.g. the experts' base model: loadable, the target's vocabulary
+        method.check_inputs(loaded)  # e.g. the experts' base model: loadable, the target's vocabulary
     resuming = prepare(config, {"storage": redact(config.storage_url), "study": config.study_name,
                                 "versions": versions(), "objectives": objectives.describe()})
     if resuming:
@@ -291,7 +270,7 @@ def write_run_report(run_dir: Path) -> Path:
         })
     fits = []
     for method in names:
-        folder = run_dir / "surrogates" if method == "prune" else run_dir / method / "surrogates"
+        folder = METHODS[method].surrogates_folder(run_dir)
         for plan in sorted(folder.glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1])):
             data = json.loads(plan.read_text())
             for objective, fit in data["fits"].items():
@@ -307,13 +286,7 @@ def write_run_report(run_dir: Path) -> Path:
     rho = search_select_correlation(candidates)
     meta["search vs select"] = (f"Spearman {rho['spearman']:.2f} between the search-split and the select-split fairness of "
                                 f"the {rho['n']} verified configurations (does the search's ranking hold on held-out wording)")
-    probes = None
-    scores = run_dir / "fairmed" / "probe-scores.json"  # FairMed's probers: the layer x attribute heat map
-    steer_scores = run_dir / "fairsteer" / "steering.json"  # FairSteer's probes: one row of it
-    if scores.is_file():
-        probes = json.loads(scores.read_text())["scores"]
-    elif steer_scores.is_file():
-        probes = [{**s, "kind": "fairsteer", "attribute": "biased vs unbiased"} for s in json.loads(steer_scores.read_text())["scores"]]
+    probes = next((p for p in (cls.probe_scores(run_dir) for cls in METHODS.values()) if p is not None), None)
     desc = objectives.describe()
     costs = json.loads((run_dir / "costs.json").read_text()) if (run_dir / "costs.json").is_file() else None
     several = len(names) > 1

@@ -88,7 +88,7 @@ class Scorer:
             self.transform = next((h for h in self.hooks.values() if getattr(h, "transforms_outputs", False)), None)
             # a method that evaluates its whole grid in one batch (minutes on the held-out splits) shows the
             # evaluator's own bars, per suite, under the run's; short batches would only flicker
-            long_batches = any(getattr(m, "keys_per_batch", 0) for m in methods.values())
+            long_batches = any(m.keys_per_batch for m in methods.values())
             self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=long_batches,
                                        transform=self.transform)
             # the report split also scores the transfer panel (suites only shown), for every configuration it measures
@@ -108,7 +108,7 @@ class Scorer:
         """Keys per evaluation batch: --batch-masks, or what a method evaluates at once (the experts'
         grid), of `methods` (default: all of this scorer's)."""
         methods = self.methods.values() if methods is None else methods
-        return max([batch_masks, *(getattr(m, "keys_per_batch", 0) for m in methods)])
+        return max([batch_masks, *(m.keys_per_batch for m in methods)])
 
     def files(self) -> dict[str, str]:
         """Data file -> sha256 of every suite read, to check that workers read the same data."""
@@ -177,7 +177,7 @@ class Search:
         self.config, self.objectives, self.scorer, self.method = config, objectives, scorer, method
         self.space = method.space
         self.records = records
-        self.folder = config.out / "surrogates" if method.name == "prune" else config.out / method.name / "surrogates"
+        self.folder = method.surrogates_folder(config.out)
         self.fits: list[dict] = []
 
     def evaluate(self, items: list[tuple[str, str]], desc: str) -> list[str]:
@@ -303,14 +303,14 @@ class Search:
                 found = sweep(
                     _with_features(predict, extra), n, weights=SWEEP_WEIGHTS, seed=seed + 7 * j, include_final=False,
                     n_chains=chains, n_steps=steps, flips=min(3, n), constraint=self.utility_limit_loss(), kappa=KAPPA,
-                    max_pruned=space.max_changed, trust=TrustRegion(bits, TRUST_RADIUS),
+                    max_changed=space.max_changed, trust=TrustRegion(bits, TRUST_RADIUS),
                     start=bits[np.array(order)[np.arange(chains) % len(order)]],
                     callback=lambda: (bar.update(1), failpoints.reached("annealing")),
                 )
                 # rank in float32 with the key as tie-break: configurations whose predictions differ only by float
                 # noise (e.g. in bits the surrogate ignores) must come out in the same order on every rerun and machine
                 scores += list(np.where(found.feasible, found.fairness + KAPPA * found.fairness_std, np.inf).astype(np.float32))
-                found_keys += [space.key(m, setting) for m in found.masks]
+                found_keys += [space.key(m, setting) for m in found.configs]
         return found_keys, scores
 
     # ---- verification on the held-out split ---------------------------------------------------
@@ -425,7 +425,7 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
     timing = Timing(config.out / "timing.json")
     for name, method in methods.items():
         with timing(name):
-            method.prepare(loaded, method.config)
+            method.prepare(loaded, method.config, eval_config(method.config, "search"))
     scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods, config.panel_bbq_limit)
     several = len(methods) > 1
     try:

@@ -10,29 +10,9 @@ from __future__ import annotations
 
 import json
 
-import torch
 
+from repair.applied import Applied
 from repair.space import STACK, parts
-
-
-class Applied:
-    """Interventions attached to one model at once, removable together. `logits(ids)` is what the
-    repaired model predicts: an output transform's (the experts') combined logits when one is there."""
-
-    def __init__(self, model, hooks: list):
-        self.model, self.hooks = model, hooks
-        self.transform = next((h for h in hooks if getattr(h, "transforms_outputs", False)), None)
-        self.transforms_outputs = self.transform is not None
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.transform.logits(ids) if self.transform is not None else self.model(ids).logits
-
-    def describe(self) -> str:
-        return " + ".join(h.describe() for h in self.hooks if hasattr(h, "describe")) or "no intervention"
-
-    def remove(self) -> None:
-        for hook in reversed(self.hooks):
-            hook.remove()
 
 
 def apply(methods: dict, model, key: str) -> Applied:
@@ -56,7 +36,7 @@ def extra_parameters(methods: dict, key: str) -> tuple[int, int]:
 def export_stack(methods: dict, loaded, key: str, target, manifest: dict, card: str):
     """One checkpoint of a stack: pruned weights if pruning is a part, the hooked parts' tensors and
     settings (names prefixed `METHOD/`) and their models; checked by reloading like any other."""
-    from repair.export import _write_checkpoint, pruned_state_dict
+    from repair.export import pruned_state_dict, write_checkpoint  # export loads the checkpoint back: torch, transformers
     from repair.load import INTERVENTIONS
 
     model = loaded.model
@@ -77,20 +57,4 @@ def export_stack(methods: dict, loaded, key: str, target, manifest: dict, card: 
         finally:
             applied.remove()
 
-    return _write_checkpoint(loaded, state, None, target, manifest, card, {INTERVENTIONS: (tensors, meta)}, expected, models)
-
-
-def attach_saved_stack(model, tensors: dict, meta: dict, folder, attach_one) -> Applied:
-    """Re-attach an exported stack's hooked parts (`attach_one(model, method, tensors, meta, folder)`
-    attaches one method's)."""
-    hooks = []
-    try:
-        for name in json.loads(meta["parts"]) if isinstance(meta["parts"], str) else meta["parts"]:
-            prefix = f"{name}/"
-            own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            settings = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
-            hooks.append(attach_one(model, name, own, settings, folder))
-    except BaseException:
-        Applied(model, hooks).remove()
-        raise
-    return Applied(model, hooks)
+    return write_checkpoint(loaded, state, None, target, manifest, card, {INTERVENTIONS: (tensors, meta)}, expected, models)

@@ -1,15 +1,18 @@
-"""Simulated annealing over head masks, many chains at once, on a surrogate's predictions.
+"""Simulated annealing over configurations (bit vectors), many chains at once, on a surrogate's
+predictions. Every method's space maps its configurations to bits (a kept head, an untreated layer).
 
-Why these pieces: a surrogate fitted on ~300 masks is only trustworthy near them (pilot: annealing over
-an unconstrained MLP returned masks with perplexity in the thousands). So the objective adds, to the
-predicted fairness, (a) a hinge penalty when predicted utility breaks the constraint, (b) optionally
-kappa x the ensemble's spread (pessimism where the members disagree), and (c) optionally a penalty per
-bit of Hamming distance beyond a radius around the nearest evaluated mask. A mask counts as feasible
-only inside the constraint and the radius; each chain keeps the best feasible mask it has evaluated.
+Why these pieces: a surrogate fitted on ~300 configurations is only trustworthy near them (pilot:
+annealing head masks over an unconstrained MLP returned masks with perplexity in the thousands). So the
+objective adds, to the predicted fairness, (a) a hinge penalty when predicted utility breaks the
+constraint, (b) optionally kappa x the ensemble's spread (pessimism where the members disagree), and (c)
+optionally a penalty per bit of Hamming distance beyond a radius around the nearest evaluated
+configuration. A configuration counts as feasible only inside the constraint and the radius; each chain
+keeps the best feasible configuration it has evaluated.
 
-Convention: masks are bool (n, n_bits), True = head kept; fairness and utility are both "lower is
-better" (e.g. |bias score| and log-perplexity); `predict(masks)` takes float32 0/1 masks and returns
-(fairness_mean, fairness_std, utility_mean, utility_std), each of shape (n,).
+Convention: configurations are bool (n, n_bits), True = untouched (the unrepaired model is all ones);
+fairness and utility are both "lower is better" (e.g. |bias score| and log-perplexity);
+`predict(configs)` takes float32 0/1 rows and returns (fairness_mean, fairness_std, utility_mean,
+utility_std), each of shape (n,).
 """
 from __future__ import annotations
 
@@ -24,21 +27,22 @@ Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 @dataclass(frozen=True, eq=False)
 class TrustRegion:
-    """Evaluated masks (n, n_bits) and how far (Hamming bits) from the nearest one a mask may go.
-
-    Beyond `max_distance` each extra bit costs `penalty` objective units and the mask is infeasible.
+    """Evaluated configurations (n, n_bits) and how far (Hamming bits) from the nearest one a
+    configuration may go. Beyond `max_distance` each extra bit costs `penalty` objective units and the
+    configuration is infeasible.
     """
 
-    masks: np.ndarray
+    configs: np.ndarray
     max_distance: int
     penalty: float = 1.0
 
 
 @dataclass(frozen=True, eq=False)
-class ScoredMasks:
-    """Masks with their predicted values; `feasible`: inside the utility constraint and trust region."""
+class ScoredConfigs:
+    """Configurations with their predicted values; `feasible`: inside the utility constraint and trust
+    region."""
 
-    masks: np.ndarray  # (k, n_bits) bool
+    configs: np.ndarray  # (k, n_bits) bool
     fairness: np.ndarray  # (k,) predicted mean
     fairness_std: np.ndarray
     utility: np.ndarray
@@ -46,23 +50,23 @@ class ScoredMasks:
     feasible: np.ndarray  # (k,) bool
 
     def __len__(self) -> int:
-        return len(self.masks)
+        return len(self.configs)
 
 
 @dataclass(frozen=True, eq=False)
 class AnnealResult:
-    """`best`: per chain, the best feasible mask it evaluated (its final state where it found none,
+    """`best`: per chain, the best feasible configuration it evaluated (its final state where it found none,
     with feasible=False); `final`: where each chain ended."""
 
-    best: ScoredMasks
+    best: ScoredConfigs
     best_objective: np.ndarray  # (C,) fairness + kappa * fairness_std at best (inf where none feasible)
-    final: ScoredMasks
+    final: ScoredConfigs
     acceptance: float  # fraction of proposals accepted, over all steps and chains
-    n_evaluated: int  # masks sent to `predict` while annealing
+    n_evaluated: int  # configurations sent to `predict` while annealing
     seconds: float
 
     @property
-    def masks_per_second(self) -> float:
+    def configs_per_second(self) -> float:
         return self.n_evaluated / self.seconds if self.seconds > 0 else float("inf")
 
 
@@ -85,8 +89,8 @@ class _Objective:
     kappa: float
     trust: TrustRegion | None = None
 
-    def __call__(self, masks: np.ndarray, dist: np.ndarray | None) -> _Eval:
-        f, fs, u, us = (np.asarray(a, dtype=np.float64) for a in self.predict(masks.astype(np.float32)))
+    def __call__(self, configs: np.ndarray, dist: np.ndarray | None) -> _Eval:
+        f, fs, u, us = (np.asarray(a, dtype=np.float64) for a in self.predict(configs.astype(np.float32)))
         score = f + self.kappa * fs
         excess = u + self.kappa * us - self.constraint
         feasible = excess <= 0
@@ -115,18 +119,19 @@ def anneal(
     weight: float = 10.0,
     kappa: float = 1.0,
     start: np.ndarray | None = None,
-    max_pruned: int | None = None,
+    max_changed: int | None = None,
     trust: TrustRegion | tuple | None = None,
     seed: int = 0,
 ) -> AnnealResult:
     """Minimise f + kappa*f_std + weight * max(0, u + kappa*u_std - constraint) (+ trust penalty).
 
-    Each step proposes, for every chain, flipping 1..`flips` distinct random bits; proposals that prune
-    more than `max_pruned` bits are rejected; others are accepted by Metropolis at a temperature that
-    falls geometrically from `t0` to `t_end` (objective units). `start`: one mask or one per chain
-    (default: all heads kept). `weight=inf` makes the utility constraint hard. `kappa` defaults to 1:
-    on the synthetic benchmark (3 seeds) the best mask broke the true "+5% perplexity" constraint in
-    3/3 runs with kappa=0 and 1/3 with kappa=1 (+6.1%): re-evaluate candidates on the model anyway.
+    Each step proposes, for every chain, flipping 1..`flips` distinct random bits; proposals with more
+    than `max_changed` bits at 0 are rejected; others are accepted by Metropolis at a temperature that
+    falls geometrically from `t0` to `t_end` (objective units). `start`: one configuration or one per
+    chain (default: all ones, the unrepaired model). `weight=inf` makes the utility constraint hard.
+    `kappa` defaults to 1: on the synthetic benchmark (3 seeds) the best head mask broke the true "+5%
+    perplexity" constraint in 3/3 runs with kappa=0 and 1/3 with kappa=1 (+6.1%): re-evaluate
+    candidates on the model anyway.
     """
     if n_chains < 1 or n_steps < 0 or not 1 <= flips <= n_bits:
         raise ValueError("need n_chains >= 1, n_steps >= 0 and 1 <= flips <= n_bits")
@@ -136,16 +141,16 @@ def anneal(
         trust = TrustRegion(*trust)
     rng = np.random.default_rng(seed)
     cur = _start(start, n_chains, n_bits)
-    cap = n_bits if max_pruned is None else int(max_pruned)
+    cap = n_bits if max_changed is None else int(max_changed)
     if (n_bits - cur.sum(1) > cap).any():
-        raise ValueError(f"start prunes more than max_pruned={cap} bits")
+        raise ValueError(f"start changes more than max_changed={cap} bits")
     objective = _Objective(predict, float(constraint), float(weight), float(kappa), trust)
 
     began = time.perf_counter()
     if trust is not None:
-        evaluated = np.asarray(trust.masks, dtype=bool).reshape(-1, n_bits)
+        evaluated = np.asarray(trust.configs, dtype=bool).reshape(-1, n_bits)
         if len(evaluated) == 0:
-            raise ValueError("trust region holds no evaluated masks")
+            raise ValueError("trust region holds no evaluated configurations")
         t_cols = np.ascontiguousarray(evaluated.T)  # (n_bits, N)
         dmat = _hamming(cur, evaluated)  # (C, N), updated incrementally below
         c = objective(cur, dmat.min(1))
@@ -196,13 +201,13 @@ def anneal(
 
     seconds = time.perf_counter() - began
     last = objective(cur, None if dmat is None else dmat.min(1))
-    final = ScoredMasks(cur, last.f, last.fs, last.u, last.us, last.feasible)
+    final = ScoredConfigs(cur, last.f, last.fs, last.u, last.us, last.feasible)
     found = np.isfinite(best_score)
-    best[~found] = cur[~found]  # chains that never saw a feasible mask report their final state
+    best[~found] = cur[~found]  # chains that never saw a feasible configuration report their final state
     for keep, new in zip(best_vals, (last.f, last.fs, last.u, last.us)):
         keep[~found] = new[~found]
     return AnnealResult(
-        best=ScoredMasks(best, *best_vals, found),
+        best=ScoredConfigs(best, *best_vals, found),
         best_objective=best_score,
         final=final,
         acceptance=n_accept / max(n_chains * n_steps, 1),
@@ -212,8 +217,8 @@ def anneal(
 
 
 @dataclass(frozen=True, eq=False)
-class Candidates(ScoredMasks):
-    """Deduplicated masks pooled from a sweep; `weight`: the first trade-off weight that produced each."""
+class Candidates(ScoredConfigs):
+    """Deduplicated configurations pooled from a sweep; `weight`: the first trade-off weight that produced each."""
 
     weight: np.ndarray
 
@@ -228,10 +233,10 @@ def sweep(
     callback: Callable[[], object] | None = None,
     **anneal_kwargs,
 ) -> Candidates:
-    """Anneal once per trade-off weight and pool the chains' masks as candidates for a front.
+    """Anneal once per trade-off weight and pool the chains' configurations as candidates for a front.
 
     Large weights keep predicted utility inside the constraint; small ones let chains trade utility for
-    fairness, so with `include_final` the chains' final (possibly infeasible) masks are pooled too,
+    fairness, so with `include_final` the chains' final (possibly infeasible) ones are pooled too,
     flagged by `feasible`. Pass the candidates' (fairness, utility) to `search.pareto.pareto_front`.
     """
     seen: set[bytes] = set()
@@ -242,17 +247,17 @@ def sweep(
             callback()
         for sm in (res.best, res.final) if include_final else (res.best,):
             for j in range(len(sm)):
-                key = np.packbits(sm.masks[j]).tobytes()
+                key = np.packbits(sm.configs[j]).tobytes()
                 if key not in seen:
                     seen.add(key)
-                    rows.append((sm.masks[j], sm.fairness[j], sm.fairness_std[j], sm.utility[j],
+                    rows.append((sm.configs[j], sm.fairness[j], sm.fairness_std[j], sm.utility[j],
                                  sm.utility_std[j], bool(sm.feasible[j]), float(w)))
     if not rows:
         e = np.zeros(0)
         return Candidates(np.zeros((0, n_bits), bool), e, e, e, e, np.zeros(0, bool), e)
     cols = list(zip(*rows))
     return Candidates(
-        masks=np.stack(cols[0]),
+        configs=np.stack(cols[0]),
         fairness=np.array(cols[1], float),
         fairness_std=np.array(cols[2], float),
         utility=np.array(cols[3], float),

@@ -1,6 +1,6 @@
 """Non-dominated points for two objectives, each minimised or maximised.
 
-Used to turn the pooled annealing candidates (and, later, the re-evaluated masks) into the front the
+Used to turn the pooled annealing candidates (and, later, the re-evaluated configurations) into the front the
 report shows. O(n log n): sort by the first objective, sweep the second.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Surrogate models mask -> objective. Numpy/torch only: no import of `repair`."""
+"""Surrogate models configuration (bit vector, plus a method's setting features) -> objective. Numpy/torch only: no import of `repair`."""
 from surrogate.fit import DEFAULT_CANDIDATES, FitScores, fit_surrogate
 from surrogate.metrics import mae, r2, rankdata, spearman
 from surrogate.mlp import EnsembleWeights, MLPEnsemble

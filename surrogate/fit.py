@@ -1,6 +1,6 @@
 """Fit a surrogate with model choice by cross-validation, and score it on records it never saw.
 
-Why: with ~300 evaluated masks, the right amount of regularisation and whether an MLP part helps at all
+Why: with ~300 evaluated configurations, the right amount of regularisation and whether an MLP part helps at all
 differ between objectives (pilot: log-perplexity was predictable, fairness barely), so each objective
 gets its own choice among a few settings, judged on out-of-fold predictions of the training 80%; the
 held-out fifth is touched once, for the reported scores.
@@ -81,7 +81,7 @@ def fit_surrogate(
     refit the winner on the whole training part and score it on the held-out part.
 
     `select_by` is "r2" (values matter: the utility constraint is absolute) or "spearman" (only the
-    ranking matters). With `group_size` (heads per layer) every candidate is also tried with layer
+    ranking matters). With `group_size` (bits per group, e.g. a layer's heads) every candidate is also tried with layer
     aggregate features. `base_params` go to every candidate (e.g. n_members). The model gets
     `cv_results_` (one dict per candidate) and `selected_params_`.
     """

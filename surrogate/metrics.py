@@ -1,6 +1,6 @@
 """Fit scores for surrogates, in plain numpy (scipy may be absent).
 
-Spearman's rho is the one that matters most for annealing (it only needs the ranking of masks to be
+Spearman's rho is the one that matters most for annealing (it only needs the ranking of configurations to be
 right); R^2 and MAE say whether the predicted *values* can be trusted against an absolute constraint.
 """
 from __future__ import annotations

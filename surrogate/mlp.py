@@ -1,4 +1,4 @@
-"""An ensemble of small MLPs with a linear skip, mask -> objective.
+"""An ensemble of small MLPs with a linear skip, configuration bits -> objective.
 
 Why this shape: with a few hundred evaluated masks over a few hundred heads, a plain MLP on raw bits
 learns nothing (pilot: Spearman 0.0). Single-head effects are roughly additive, so a member is a ridge
@@ -26,7 +26,7 @@ from sklearn.exceptions import NotFittedError
 @dataclass(frozen=True, eq=False)
 class EnsembleWeights:
     """Fitted weights in original units: member m predicts
-    relu(x @ w1[m] + b1[m]) @ w2[m] + x @ skip[m] + b2[m] for a 0/1 mask x."""
+    relu(x @ w1[m] + b1[m]) @ w2[m] + x @ skip[m] + b2[m] for a 0/1 configuration x."""
 
     w1: np.ndarray  # (M, d, h), h may be 0
     b1: np.ndarray  # (M, h)
@@ -217,7 +217,7 @@ class MLPEnsemble(RegressorMixin, BaseEstimator):
         return out
 
     def predict_torch(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fast path for annealing: float32 (B, d) masks -> (mean, std) float32 tensors.
+        """Fast path for annealing: float32 (B, d) configurations -> (mean, std) float32 tensors.
 
         One fused matmul for all members' hidden units and skips; no input checks.
         """
@@ -269,7 +269,7 @@ class _FusedEnsemble:
         return mean, std
 
 
-# Spread (std over the training masks) of the prior input: larger shrinks its coefficient less than the bits'.
+# Spread (std over the training configurations) of the prior input: larger shrinks its coefficient less than the bits'.
 PRIOR_SPREAD = 3.0  # CV Spearman on the default run's 104 records: 1 -> 0.69-0.73, 3 -> 0.72-0.74, 10 -> 0.72-0.74
 
 
@@ -292,7 +292,7 @@ def _ridge(xt: torch.Tensor, yt: torch.Tensor, decay: float):
 
 
 def _feature_map(d: int, group_size: int | None) -> np.ndarray:
-    """(d, d_aug) linear map from mask bits to model inputs: the bits, then (with group_size) the kept
+    """(d, d_aug) linear map from configuration bits to model inputs: the bits, then (with group_size) the kept
     count of each consecutive group of bits (a layer's heads) and the total kept count.
 
     Aggregates let the penalty shrink a head's effect towards its layer's and the global mean effect
@@ -329,5 +329,5 @@ def _torch_threads(n: int):
 def _as_matrix(X) -> np.ndarray:
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2:
-        raise ValueError(f"X must be 2-D (n_masks, n_heads), got shape {X.shape}")
+        raise ValueError(f"X must be 2-D (n_configurations, n_bits), got shape {X.shape}")
     return X

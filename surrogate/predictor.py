@@ -1,6 +1,6 @@
 """The batch callable that annealing needs, built from two fitted ensembles.
 
-Why a separate adapter: `search/` only knows `predict(masks) -> (f_mean, f_std, u_mean, u_std)` on numpy
+Why a separate adapter: `search/` only knows `predict(configs) -> (f_mean, f_std, u_mean, u_std)` on numpy
 arrays, so it can run on any model; this one feeds both ensembles through their fused torch fast path.
 """
 from __future__ import annotations
@@ -16,16 +16,16 @@ Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
 
 
 def joint_predictor(fairness: MLPEnsemble, utility: MLPEnsemble, *, threads: int = 1) -> Predict:
-    """(n, d) 0/1 masks (bool or float) -> float32 arrays (fairness mean, std, utility mean, std).
+    """(n, d) 0/1 configurations (bool or float) -> float32 arrays (fairness mean, std, utility mean, std).
 
-    Runs torch on `threads` threads (restored after each call): for a few thousand masks per call one
-    thread measured ~0.45M masks/s on this 2-core machine under load, two threads 0.03M.
+    Runs torch on `threads` threads (restored after each call): for a few thousand configurations per call one
+    thread measured ~0.45M head masks/s on this 2-core machine under load, two threads 0.03M.
     """
     fairness.export_weights()
     utility.export_weights()
 
-    def predict(masks: np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.float32))
+    def predict(configs: np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(configs, dtype=np.float32))
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:

@@ -13,8 +13,9 @@ import torch
 from conftest import SMALL, as_a_worker, rescore_as_a_worker, stored
 from repair.errors import UserError
 from repair.methods import DEFAULT_SHARES, METHODS, method_configs, method_names, shares
+from repair.methods.experts.space import ExpertSpace
 from repair.rundir import RunConfig
-from repair.space import BASE, STACK, ExpertSpace, method_of, parts, stack_key
+from repair.space import BASE, STACK, method_of, parts, stack_key
 
 BUDGET = 100
 ALL = ["--method", "all", "--budget-shares", "prune=1,fairmed=1,fairsteer=1,experts=1", "--export-all"]

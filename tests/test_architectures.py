@@ -20,7 +20,7 @@ from torch import nn
 from repair import arch
 from repair.errors import UserError
 from repair.evaluator import Evaluator
-from repair.heads import HeadMasker, head_layout
+from repair.methods.prune.heads import HeadMasker, head_layout
 from repair.suites.base import ChoiceRequest
 from tiny import FAMILIES, ByteTokenizer, tiny_causal_lm, tiny_llama
 

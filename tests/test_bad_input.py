@@ -194,7 +194,7 @@ def hooked_checkpoint(w) -> Path:
 
     from repair.export import export_hooked
     from repair.models import ModelSpec, load_model
-    from repair.probers import Probers
+    from repair.methods.fairmed.probers import Probers
 
     torch.manual_seed(0)
     gate = torch.zeros(2, 3, 4)
@@ -240,7 +240,7 @@ def steered_checkpoint(w, width_factor: int = 1) -> Path:
     from repair.export import export_hooked
     from repair.io import sha256_file
     from repair.models import ModelSpec, load_model
-    from repair.steering import Steering
+    from repair.methods.fairsteer.steering import Steering
 
     torch.manual_seed(0)
     steering = Steering(torch.randn(3, 64), torch.zeros(3), torch.randn(3, 64), torch.ones(3))
@@ -264,7 +264,7 @@ def experts_bundle(w, damage: str | None = None) -> Path:
     experts` exports it; `damage` "altered" flips one bit of the expert's weights, "missing" deletes
     the anti-expert's."""
     from repair.export import export_hooked
-    from repair.interventions.experts import ExpertSetting, ExpertsTransform
+    from repair.methods.experts.transform import ExpertSetting, ExpertsTransform
     from repair.models import ModelSpec, load_model
     from tiny import tiny_llama
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import run_cli
 from repair.errors import UserError
-from repair.masks import parse_head_spec
+from repair.methods.prune.masks import parse_head_spec
 from tiny import tiny_checkpoint
 
 HEADS = [[0, 1], [1, 0], [1, 3], [2, 2]]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from repair.evaluator import Evaluator
-from repair.interventions.experts import ExpertSetting, ExpertsTransform, vocab_problem
-from repair.space import EXPERT_ALPHAS, ExpertSpace
+from repair.methods.experts.space import EXPERT_ALPHAS, ExpertSpace
+from repair.methods.experts.transform import ExpertSetting, ExpertsTransform, vocab_problem
 from repair.suites.base import ChoiceRequest
 from tiny import ByteTokenizer, tiny_llama
 
@@ -189,8 +189,8 @@ def test_training_text_is_the_corpus_of_search_split_stereotypes_with_counterfac
     split is in it."""
     from collections import Counter
 
-    from repair.corpus import Corpus
-    from repair.experts import ROLES, training_text
+    from repair.methods.experts.corpus import Corpus
+    from repair.methods.experts.training import ROLES, training_text
     from repair.suites.association import AssociationSuite, split_key
     from repair.suites.base import EvalConfig, split_of
 
@@ -229,7 +229,7 @@ def test_matched_counterfactuals_name_each_group_as_often_as_the_anti_expert_doe
     attribute's sentences: gender's male, 94 of 179; the rest take the least used other group)."""
     from collections import Counter
 
-    from repair.corpus import Corpus
+    from repair.methods.experts.corpus import Corpus
 
     corpus = Corpus()
     search = corpus.of_split("search")
@@ -255,7 +255,7 @@ def test_corpus_shares_no_six_words_with_pairs_and_refuses_one_that_does(tmp_pat
     import json
     import re
 
-    from repair import corpus as corpus_module
+    from repair.methods.experts import corpus as corpus_module
     from repair.errors import DataError
     from repair.suites.pairs import load_pairs
 
@@ -282,7 +282,7 @@ def test_corpus_shares_no_six_words_with_pairs_and_refuses_one_that_does(tmp_pat
 def test_fine_tuning_trains_only_the_top_layers_and_lowers_the_loss(one_torch_thread):
     import copy
 
-    from repair.experts import TrainConfig, fine_tune
+    from repair.methods.experts.training import TrainConfig, fine_tune
 
     model = tiny_llama(4)
     before = copy.deepcopy(model)
@@ -297,7 +297,7 @@ def test_a_batch_mixing_forwards_scores_each_variant_as_by_hand(trio, one_torch_
     """Rows of two forwards in one batch (a head mask and none), each read with and without the
     experts: a stack's rows (mask + experts) and the experts' rows get the formula on their own
     forward's logits, the experts running once per distinct text, and no variant reads another's rows."""
-    from repair.heads import HeadMasker, head_layout
+    from repair.methods.prune.heads import HeadMasker, head_layout
 
     tok = ByteTokenizer()
     target = trio[0]

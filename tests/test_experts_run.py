@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import SMALL, rescore_as_a_worker, run_cli, small_run, stored
-from repair.experts import load_saved
-from repair.interventions.experts import ExpertSetting, ExpertsTransform
-from repair.space import ExpertSpace
+from repair.methods.experts.space import ExpertSpace
+from repair.methods.experts.training import load_saved
+from repair.methods.experts.transform import ExpertSetting, ExpertsTransform
 
 EXPERTS = ["--method", "experts"]
 
@@ -37,7 +37,7 @@ def test_the_whole_grid_is_the_seed_and_no_surrogate_is_fitted(experts_run):
 def test_experts_are_kept_with_their_sha256_and_a_rerun_does_not_train_again(experts_run, model_dir):
     record = json.loads((experts_run / "experts" / "experts.json").read_text())
     assert set(record["sha256"]) == {"expert", "anti_expert"} and record["sentences"]["expert"] > 0
-    from repair.corpus import Corpus
+    from repair.methods.experts.corpus import Corpus
 
     corpus = Corpus()  # trained on the corpus's search split, nothing else
     assert record["corpus_sha256"] == corpus.sha256 and record["sentences"]["expert"] == len(corpus.of_split("search"))

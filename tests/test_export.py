@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 import repair.export as export
 from conftest import ROOT
-from repair.heads import attention_output, decoder_layers
+from repair.methods.prune.heads import attention_output, decoder_layers
 from repair.models import ModelSpec, load_model
 
 MASK = np.array([[1, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 0]])  # the tiny models' 3 layers x 4 heads
@@ -24,7 +24,7 @@ def manifest():
 
 
 def masked_logits(model, ids):
-    from repair.heads import HeadMasker
+    from repair.methods.prune.heads import HeadMasker
 
     with torch.inference_mode(), HeadMasker(model, torch.from_numpy(MASK[None].astype(np.float32))):
         return model(ids).logits.float()

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import rescore_as_a_worker, run_cli, small_run
 from repair.errors import UserError
-from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting
-from repair.probers import Probers
+from repair.methods.fairmed.neutralizer import Neutralizer, NeutralizerSetting
+from repair.methods.fairmed.probers import Probers
 
 FAIRMED = ["--method", "fairmed", "--max-layers", "3"]
 IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 7, 100, 3]])

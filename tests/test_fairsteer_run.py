@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from conftest import SMALL, rescore_as_a_worker, run_cli, small_run
 from repair.cli import main
 from repair.errors import UserError
-from repair.interventions.steerer import SteerSetting, Steerer
-from repair.steering import Steering
+from repair.methods.fairsteer.steerer import SteerSetting, Steerer
+from repair.methods.fairsteer.steering import Steering
 
 FAIRSTEER = ["--method", "fairsteer"]
 IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 7, 100, 3]])
@@ -63,9 +63,9 @@ def test_gate_levels_are_quantiles_of_the_probes_scores_on_the_fitting_prompts(f
     """A key's gate level resolves to the probe's P(biased) at that quantile, recomputed here from the
     stored probe and the search prompts' activations at the steered layer."""
     from repair.models import load_model, ModelSpec
-    from repair.probers import collect
-    from repair.space import STEER_GATES
-    from repair.steering import Steering, residual_modules
+    from repair.methods.fairmed.probers import collect
+    from repair.methods.fairsteer.space import STEER_GATES
+    from repair.methods.fairsteer.steering import Steering, residual_modules
     from repair.suites.association import AssociationSuite
     from repair.suites.base import EvalConfig
 
@@ -81,7 +81,7 @@ def test_gate_levels_are_quantiles_of_the_probes_scores_on_the_fitting_prompts(f
     # the probe was fitted on the labelled prompts only: their scores lie within the whole set's range
     assert p.min() - 1e-4 <= float(steering.gates[layer, 0]) and float(steering.gates[layer, -1]) <= p.max() + 1e-4
     from repair.methods import artifacts
-    from repair.methods.fairsteer import ARTIFACT, FairSteer
+    from repair.methods.fairsteer.method import ARTIFACT, FairSteer
     from repair.rundir import RunConfig
 
     method = FairSteer(RunConfig(out=fairsteer_run), loaded.model)
@@ -103,7 +103,7 @@ def test_layer_sweep_and_always_on_sequences(fairsteer_run):
 def test_each_round_evaluates_the_best_predicted_configurations_of_the_whole_grid(fairsteer_run):
     """No annealing for this space: recompute every configuration's prediction from the saved
     surrogates and check the round evaluated the top ones, in order."""
-    from repair.space import ALPHAS, STEER_GATES
+    from repair.methods.fairsteer.space import ALPHAS, STEER_GATES
     from surrogate import joint_predictor, load
 
     folder = fairsteer_run / "fairsteer" / "surrogates"

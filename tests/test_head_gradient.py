@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from repair.evaluator import Evaluator
-from repair.heads import HeadMasker, head_layout
-from repair.masks import ranked_masks
+from repair.methods.prune.heads import HeadMasker, head_layout
+from repair.methods.prune.masks import ranked_masks
 from repair.objectives import ConfigEvaluator, Objectives
 from repair.suites.association import AssociationSuite
 from repair.suites.base import EvalConfig

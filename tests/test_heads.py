@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from repair.errors import UserError
-from repair.heads import HeadMasker, attention_output, decoder_layers, head_layout, prune_checkpoint
+from repair.methods.prune.heads import HeadMasker, attention_output, decoder_layers, head_layout, prune_checkpoint
 from tiny import tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -31,7 +31,7 @@ def logits(model, input_ids):
 
 def zeroed_copy(model, heads):
     """Reference: a deep copy with each (layer, head)'s slice of the output projection weight zeroed,
-    written out per architecture by hand (not through repair.heads)."""
+    written out per architecture by hand (not through repair.methods.prune.heads)."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         if hasattr(ref, "transformer"):  # GPT-2: Conv1D weight is [in, out], so heads are rows

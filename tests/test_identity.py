@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-import repair.models as models
 from repair.errors import UserError
 from repair.models import ModelSpec, check_transformers, model_numbers
 from repair.rundir import RunConfig, prepare
 from repair.worker import WorkerConfig, run_config_from_study
+import repair.models as models
 from tiny import tiny_checkpoint
 
 

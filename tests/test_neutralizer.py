@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting as S
-from repair.probers import GATE_QUANTILES, TARGETS, Probers
+from repair.methods.fairmed.neutralizer import Neutralizer, NeutralizerSetting as S
+from repair.methods.fairmed.probers import GATE_QUANTILES, TARGETS, Probers
 from tiny import ByteTokenizer, tiny_llama
 
 SIZES = (2, 3)

@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from repair import masks as M
 from repair.errors import UserError
+from repair.methods.prune import masks as M
 from repair.objectives import Objectives, fairness_interval
 
 

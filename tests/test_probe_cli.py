@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-import repair.probers
+from repair.cli import add_probe_parser
 from repair.errors import UserError
 from repair.io import sha256_file
+from repair.methods.fairmed.cache import format_scores, load_data_file, probe, save_data
 from repair.models import ModelSpec, load_model
-from repair.probe import add_probe_parser, format_scores, load_data_file, probe, save_data
 from repair.suites.association import load_data
 from repair.suites.base import EvalConfig
+import repair.methods.fairmed.probers
 from reports import build_report, write_report
 from reports.heatmap import probe_heatmap, standalone
 
@@ -73,9 +74,9 @@ def test_probe_writes_the_files_with_their_hashes_and_settings(probed, loaded):
 
 def test_rerun_reuses_activations_and_probers(probed, tmp_path, monkeypatch):
     folder = copy_of(probed, tmp_path)
-    monkeypatch.setattr(repair.probers, "collect", no_collect)
-    monkeypatch.setattr(repair.probers, "probe_data", no_collect)
-    monkeypatch.setattr(repair.probers, "fit", no_collect)  # same settings: not even refitted
+    monkeypatch.setattr(repair.methods.fairmed.probers, "collect", no_collect)
+    monkeypatch.setattr(repair.methods.fairmed.probers, "probe_data", no_collect)
+    monkeypatch.setattr(repair.methods.fairmed.probers, "fit", no_collect)  # same settings: not even refitted
     probers, scores = probe(_loaded_stub(probed), ONE, folder, progress=False, fit_settings=QUICK)
     assert scores == probed[2]
     assert torch.equal(probers.A, probed[1].A) and torch.equal(probers.gate_kl, probed[1].gate_kl)
@@ -97,7 +98,7 @@ class _Described:
 def test_new_settings_refit_from_the_cached_activations(probed, tmp_path, monkeypatch):
     folder = copy_of(probed, tmp_path)
     before = sha256_file(folder / "activations.npz")
-    monkeypatch.setattr(repair.probers, "collect", no_collect)
+    monkeypatch.setattr(repair.methods.fairmed.probers, "collect", no_collect)
     _, scores = probe(_loaded_stub(probed), ONE, folder, progress=False, fit_settings={**QUICK, "l2_grid": (10.0,)})
     assert {s["l2"] for s in scores} == {10.0}
     record = json.loads((folder / "probe-scores.json").read_text())
@@ -137,8 +138,8 @@ def test_activations_of_another_model_or_suite_are_refused(probed, tmp_path):
 
 def test_cli_writes_scores_probers_and_heat_map(model_dir, tmp_path, monkeypatch, capsys):
     # The command probes every attribute; one keeps the tiny model quick, and the fit is the default one.
-    real = repair.probers.probe_data
-    monkeypatch.setattr(repair.probers, "probe_data",
+    real = repair.methods.fairmed.probers.probe_data
+    monkeypatch.setattr(repair.methods.fairmed.probers, "probe_data",
                         lambda loaded, config, progress=True: real(loaded, replace(config, attributes=("religion",)), progress))
     parser = argparse.ArgumentParser(prog="repair")
     add_probe_parser(parser.add_subparsers(dest="command", required=True))

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from repair import probers as P
-from repair.probers import GATE_QUANTILES, TARGETS, ProbeData, Probers, collect, fit
+from repair.methods.fairmed import probers as P
+from repair.methods.fairmed.probers import GATE_QUANTILES, TARGETS, ProbeData, Probers, collect, fit
 from tiny import ByteTokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

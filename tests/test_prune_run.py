@@ -137,7 +137,7 @@ def test_baselines_share_budget_and_are_reported(model_dir, tmp_path):
                           "join trial_values v on v.trial_id = t.trial_id join studies s on s.study_id = t.study_id "
                           "where t.state = 'COMPLETE' and s.study_name not like '%-report' "
                           "and s.study_name not like '%-select'").fetchall()
-    from repair.space import HeadMaskSpace
+    from repair.methods.prune.space import HeadMaskSpace
     space = HeadMaskSpace((3, 4), max_prune=6)
     values = {}
     for key, phase, objective, value in rows:

@@ -33,7 +33,7 @@ def mask_pruning(*bits):
 
 def best_chain(res):
     i = int(np.argmin(res.best_objective))
-    return res.best.masks[i], res.best_objective[i]
+    return res.best.configs[i], res.best_objective[i]
 
 
 def test_unconstrained_optimum_prunes_exactly_the_helpful_bits():
@@ -44,12 +44,12 @@ def test_unconstrained_optimum_prunes_exactly_the_helpful_bits():
     assert res.n_evaluated == 32 * 1501 and 0 < res.acceptance < 1
 
 
-def test_max_pruned_is_a_hard_cap():
-    res = anneal(separable(), D, max_pruned=3, **ANNEAL)
+def test_max_changed_is_a_hard_cap():
+    res = anneal(separable(), D, max_changed=3, **ANNEAL)
     mask, obj = best_chain(res)
     np.testing.assert_array_equal(mask, mask_pruning(0, 1, 2))
     assert obj == pytest.approx(-7.5)
-    assert (D - res.best.masks.sum(1) <= 3).all() and (D - res.final.masks.sum(1) <= 3).all()
+    assert (D - res.best.configs.sum(1) <= 3).all() and (D - res.final.configs.sum(1) <= 3).all()
 
 
 @pytest.mark.parametrize("weight", [np.inf, 20.0])
@@ -69,7 +69,7 @@ def test_trust_region_keeps_masks_near_evaluated_ones():
     res = anneal(separable(), D, trust=TrustRegion(evaluated, 2, penalty=10.0), **ANNEAL)
     mask, obj = best_chain(res)
     np.testing.assert_array_equal(mask, mask_pruning(0, 1))
-    assert (D - res.best.masks[res.best.feasible].sum(1) <= 2).all()
+    assert (D - res.best.configs[res.best.feasible].sum(1) <= 2).all()
     # the tuple form is accepted too, and distance to the nearest of several evaluated masks counts
     far = mask_pruning(0, 1, 2, 3, 4, 5)
     res = anneal(separable(), D, trust=(np.stack([evaluated[0], far]), 0), **ANNEAL)
@@ -87,9 +87,9 @@ def test_uncertainty_penalty_avoids_bits_the_ensemble_disagrees_on():
 def test_seeded_runs_repeat_and_bad_starts_are_refused():
     a = anneal(separable(), D, **{**ANNEAL, "n_steps": 50})
     b = anneal(separable(), D, **{**ANNEAL, "n_steps": 50})
-    np.testing.assert_array_equal(a.final.masks, b.final.masks)
+    np.testing.assert_array_equal(a.final.configs, b.final.configs)
     with pytest.raises(ValueError):
-        anneal(separable(), D, start=mask_pruning(0, 1, 2, 3), max_pruned=2, **ANNEAL)
+        anneal(separable(), D, start=mask_pruning(0, 1, 2, 3), max_changed=2, **ANNEAL)
     with pytest.raises(ValueError):
         anneal(separable(), D, start=np.ones((3, D), bool), **ANNEAL)
 
@@ -97,11 +97,11 @@ def test_seeded_runs_repeat_and_bad_starts_are_refused():
 def test_sweep_pools_unique_candidates_including_the_optimum():
     cands = sweep(separable(), D, weights=[0.0, 1.0, np.inf], constraint=1.25,
                   **{k: v for k, v in ANNEAL.items() if k != "seed"})
-    keys = {m.tobytes() for m in cands.masks}
+    keys = {m.tobytes() for m in cands.configs}
     assert len(keys) == len(cands)
     assert set(cands.weight.tolist()) <= {0.0, 1.0, np.inf}
     # weight 0 ignores the constraint: its chains reach the unconstrained optimum, flagged infeasible
-    i = [k for k, m in enumerate(cands.masks) if (m == mask_pruning(0, 1, 2, 3, 4, 5)).all()]
+    i = [k for k, m in enumerate(cands.configs) if (m == mask_pruning(0, 1, 2, 3, 4, 5)).all()]
     assert len(i) == 1 and not cands.feasible[i[0]] and cands.fairness[i[0]] == pytest.approx(-10.5)
     assert cands.fairness[cands.feasible].min() == pytest.approx(-5.0)
     assert (cands.utility[cands.feasible] <= 1.25 + 1e-6).all()

@@ -1,9 +1,11 @@
 """Configuration spaces: keys name the method and round-trip to what the intervention takes."""
 import numpy as np
 
-from repair import masks as M
-from repair.interventions.neutralizer import NeutralizerSetting
-from repair.space import BASE, HeadMaskSpace, LayerSubsetSpace, method_of
+from repair.methods.fairmed.neutralizer import NeutralizerSetting
+from repair.methods.fairmed.space import LayerSubsetSpace
+from repair.methods.prune import masks as M
+from repair.methods.prune.space import HeadMaskSpace
+from repair.space import BASE, method_of
 
 
 def test_head_mask_keys_round_trip_and_the_full_mask_is_the_shared_base():

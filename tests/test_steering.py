@@ -1,5 +1,5 @@
-"""FairSteer's labels, probes and vectors (repair.steering) and its steering hook
-(repair.interventions.steerer) on hand-made data and a tiny random Llama: labels by hand, a probe
+"""FairSteer's labels, probes and vectors (repair.methods.fairsteer.steering) and its steering hook
+(repair.methods.fairsteer.steerer) on hand-made data and a tiny random Llama: labels by hand, a probe
 that finds the layer carrying the signal and not the noise, the hook's arithmetic against an
 independent computation, per-row settings, the gate's exactness, KV-cache generation, bad settings."""
 import numpy as np
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from repair.errors import UserError
-from repair.interventions.steerer import SteerSetting as S, Steerer
-from repair.probers import ProbeData
-from repair.steering import Steering, fit, labels
+from repair.methods.fairmed.probers import ProbeData
+from repair.methods.fairsteer.steerer import SteerSetting as S, Steerer
+from repair.methods.fairsteer.steering import Steering, fit, labels
 from tiny import ByteTokenizer, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -236,7 +236,7 @@ def _bbq_item(label, biased, unknown=2):
     ([-1.0, 0.0, -2.0], _bbq_item(label=2, biased=None), -1),  # no known stereotyped answer: unlabelled
 ])
 def test_bbq_labels_by_hand(scores, item, expected):
-    from repair.steering import bbq_label
+    from repair.methods.fairsteer.steering import bbq_label
 
     assert bbq_label(item, np.array(scores)) == expected
 
@@ -246,7 +246,7 @@ def test_bbq_examples_label_search_split_items_by_template(model, shared_data, m
     and each label follows the model's own pick (recomputed here from its scores)."""
     from types import SimpleNamespace
 
-    from repair import steering
+    from repair.methods.fairsteer import steering
     from repair.evaluator import Evaluator
     from repair.suites.base import EvalConfig
     from repair.suites.bbq import cloze_request, load_items

@@ -1,5 +1,6 @@
-"""One file per repair method: what it fits before searching, which configurations it seeds, its
-intervention, its export. The phases they share are in repair.runloop.
+"""One folder per repair method (`repair/methods/<name>/`): what it fits before searching, its
+configuration space, which configurations it seeds, its intervention, its export. The phases they
+share are in repair.runloop; the helpers they share are `artifacts` and `rows` here.
 
 A run takes one method, a comma list of them or `all`: every method then searches in the same study
 on the same suites and splits, with its share of `--budget-evals` (`DEFAULT_SHARES`, or

@@ -1,11 +1,11 @@
 """The decoding-time experts' text, training and storage.
 
-Text: the stereotype corpus (`repair.corpus`), sentences written for this project that carry a
+Text: the stereotype corpus (`repair.methods.experts.corpus`), sentences written for this project that carry a
 stereotype, of the search split's concepts only (no select- or report-split stereotype is seen):
 - anti-expert: each sentence with its stereotyped group ("... handed their coats to the female
   assistant, figuring they were the secretary.");
 - expert: the same sentence with another group of the attribute (counterfactual data augmentation),
-  the anti-expert's groups dealt out again so both name each group equally often (`repair.corpus`).
+  the anti-expert's groups dealt out again so both name each group equally often (`repair.methods.experts.corpus`).
 Nothing is trained on the association suite's prompts or towards its reference q: experts fitted
 to the yardstick learned to send every prompt to the model's default group, which lowers kl_neutral
 while kl_uniform rises, and their effect shrank in wording they never saw. The loss covers each
@@ -41,7 +41,7 @@ class TrainConfig:
     """How the experts are trained; part of a run's identity through `repair.rundir.RunConfig`."""
 
     layers: int = 6  # top decoder layers that learn
-    counterfactuals: str = "matched"  # how the expert's groups are chosen (repair.corpus.COUNTERFACTUAL_RULES)
+    counterfactuals: str = "matched"  # how the expert's groups are chosen (repair.methods.experts.corpus.COUNTERFACTUAL_RULES)
     epochs: int = 1
     lr: float = 1e-4
     batch: int = 32
@@ -55,7 +55,7 @@ def training_pairs(sentences: list[str]) -> list[tuple[str, str]]:
 
 def training_text(corpus=None, rule: str = "matched") -> dict[str, list[tuple[str, str]]]:
     """{role: [(prompt, completion)]} from the corpus's search-split sentences (module docstring)."""
-    from repair.corpus import Corpus
+    from repair.methods.experts.corpus import Corpus
 
     text = (corpus or Corpus()).training_text("search", rule)
     return {role: training_pairs(text[role]) for role in ROLES}
@@ -172,7 +172,7 @@ def load_saved(folder: Path, device, dtype, sha256: dict | None = None) -> dict 
 def prepare(loaded, eval_config, folder: Path, config: TrainConfig, expert_base=None) -> tuple[dict, dict]:
     """The run's experts: read back from `folder` if a previous attempt trained them, else trained
     from `expert_base` (a LoadedModel; default the target) on the corpus and saved there."""
-    from repair.corpus import Corpus
+    from repair.methods.experts.corpus import Corpus
 
     model = loaded.model
     param = next(model.parameters())

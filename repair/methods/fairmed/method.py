@@ -9,13 +9,19 @@ shows whether searched subsets beat it.
 from __future__ import annotations
 
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from repair.errors import UserError
 from repair.methods import artifacts
-from repair.interventions.neutralizer import Neutralizer, NeutralizerSetting
-from repair.probers import Probers, mlp_modules
-from repair.space import BASE, MIN_SAMPLES, LayerSubsetSpace
+from repair.methods.base import Method
+from repair.methods.fairmed.cache import SCORES, probe
+from repair.methods.fairmed.neutralizer import Neutralizer, NeutralizerSetting
+from repair.methods.fairmed.probers import Probers, mlp_modules
+from repair.methods.fairmed.space import LayerSubsetSpace
+from repair.space import BASE, MIN_SAMPLES
 
 TOPK = 6
 # The top-k rule's settings: the paper's (lambda 0.1, 3 steps, every position) and gated ones.
@@ -24,7 +30,7 @@ ANNEAL_SETTINGS = 6  # settings annealed per round: those of the fairest evaluat
 ARTIFACT = "fairmed/probers"
 
 
-class FairMed:
+class FairMed(Method):
     name = "fairmed"
     seed_phases = ("topk", "sample")
     seed_description = "sampling layer subsets"
@@ -37,17 +43,30 @@ class FairMed:
         self.probers: Probers | None = None
         self.scores: list[dict] = []
 
+    @classmethod
+    def check_config(cls, config, names) -> None:
+        if config.baselines and names[0] == "fairmed":
+            raise UserError("--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
+                            "fairmed has its own (it always evaluates the top-k rule)")
+        if config.max_layers < 1:
+            raise UserError(f"--max-layers must be at least 1, got {config.max_layers}")
+        if config.target not in ("neutral", "uniform"):
+            raise UserError(f"--target must be neutral or uniform, got {config.target!r}")
+
+    @classmethod
+    def probe_scores(cls, run_dir: Path) -> list[dict] | None:
+        """The probers' held-out scores: the layer x attribute heat map."""
+        path = run_dir / "fairmed" / SCORES
+        return json.loads(path.read_text())["scores"] if path.is_file() else None
+
     def min_budget(self) -> int:
         """Seed configurations the surrogates can learn from (the top-k rule's among them), and the rounds."""
         return MIN_SAMPLES + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
-    def prepare(self, loaded, config) -> None:
+    def prepare(self, loaded, config, search) -> None:
         """Probers on the search split, cached in RUN_DIR/fairmed/ (a rerun reuses them)."""
-        from repair.probe import probe
-        from repair.runloop import eval_config
-
-        self.probers, self.scores = probe(loaded, eval_config(config, "search"), config.out / "fairmed", seed=config.seed)
+        self.probers, self.scores = probe(loaded, search, config.out / "fairmed", seed=config.seed)
 
     def artifacts(self) -> dict:
         """The probers, for workers (they evaluate with the coordinator's, not ones of their own)."""

@@ -19,8 +19,8 @@ from typing import Sequence
 
 import torch
 
-from repair.interventions.rows import PerRowHooks, hidden_size
-from repair.steering import Steering, residual_modules
+from repair.methods.fairsteer.steering import Steering, residual_modules
+from repair.methods.rows import PerRowHooks, hidden_size
 
 
 @dataclass(frozen=True)

@@ -3,20 +3,24 @@ a checkpoint with the pruned heads' weight slices zeroed (plain transformers loa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from repair import masks as M
-from repair.heads import HeadMasker, head_layout
+from repair.errors import UserError
 from repair.io import write_json_atomic
-from repair.space import BASE, MIN_SAMPLES, HeadMaskSpace
+from repair.methods.base import Method
+from repair.methods.prune import masks as M
+from repair.methods.prune.heads import HeadMasker, head_layout
+from repair.methods.prune.space import HeadMaskSpace
+from repair.space import BASE, MIN_SAMPLES
 
 # Masks pruning the k heads whose removal the fairness gradient says helps most, evaluated first.
 GRADIENT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
-class Prune:
+class Prune(Method):
     name = "prune"
     seed_phases = ("gradient", "sample", "knockout")
     seed_description = "sampling masks"
@@ -26,19 +30,21 @@ class Prune:
         self.config = config
         self.space = HeadMaskSpace(head_layout(model)[:2], config.max_prune)
 
+    @classmethod
+    def check_config(cls, config, names) -> None:
+        if not 0 < config.max_prune < 1:
+            raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
+
+    @classmethod
+    def surrogates_folder(cls, out: Path) -> Path:
+        return out / "surrogates"  # where runs of one method kept them before there were several
+
     def min_budget(self) -> int:
         """Sampled masks the surrogates can learn from, and the rounds."""
         return MIN_SAMPLES + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
-    def prepare(self, loaded, config) -> None:
-        """Nothing before the scorer exists: the gradient needs its evaluator (see `head_gradient`)."""
-
-    def artifacts(self) -> dict:
-        return {}
-
-    def load_artifacts(self, attrs: dict) -> None:
-        """Workers need nothing of the coordinator's: a mask is the whole configuration."""
+    # prepare: nothing before the scorer exists (the gradient needs its evaluator: `head_gradient`)
 
     def intervention(self, model) -> HeadMasker:
         return HeadMasker(model, np.ones((1, *self.space.layout), dtype=np.float32))
@@ -76,9 +82,6 @@ class Prune:
         grad = self.head_gradient(search)
         group = {"group_size": self.space.layout[1]}
         return {**group, "base_params": None if grad is None else {"prior": grad.ravel()}}, group
-
-    def anneal_settings(self, search, keys, fairness) -> list:
-        return [None]
 
     def baselines(self, search) -> dict[str, list[str]]:
         out = {}

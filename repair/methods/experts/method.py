@@ -1,8 +1,8 @@
 """Decoding-time experts (DExperts; Tong et al.): an expert and an anti-expert, fine-tuned on this
-project's association text (`repair.experts`), shift the target's next-token logits by their
-difference (`repair.interventions.experts`). Searched: the strength alpha and the combination rule.
+project's association text (`repair.methods.experts.training`), shift the target's next-token logits by their
+difference (`repair.methods.experts.transform`). Searched: the strength alpha and the combination rule.
 
-The grid (`repair.space.EXPERT_ALPHAS`) is small and every configuration of it is the same three
+The grid (`repair.methods.experts.space.EXPERT_ALPHAS`) is small and every configuration of it is the same three
 forwards combined another way, so the seed evaluates all of it in one shared pass; nothing is left
 for the surrogate rounds. Each rule's configurations form their own sequence (`rule:logits`,
 `rule:probs`), verified and reported beside the search's, so the report shows which rule is better.
@@ -13,13 +13,16 @@ import sys
 from pathlib import Path
 
 from repair.errors import UserError
-from repair.interventions.experts import ExpertSetting, ExpertsTransform, vocab_problem
-from repair.space import BASE, ExpertSpace
+from repair.methods.base import Method
+from repair.methods.experts import training
+from repair.methods.experts.space import ExpertSpace
+from repair.methods.experts.transform import ExpertSetting, ExpertsTransform, vocab_problem
+from repair.space import BASE
 
 ARTIFACT = "experts/models"
 
 
-class Experts:
+class Experts(Method):
     name = "experts"
     seed_phases = ("grid",)
     seed_description = "evaluating every (rule, alpha) on shared forwards"
@@ -31,6 +34,15 @@ class Experts:
         self.models: dict | None = None
         self.record: dict = {}
         self.expert_base = None
+
+    @classmethod
+    def check_config(cls, config, names) -> None:
+        if config.baselines and names[0] == "experts":
+            raise UserError("--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
+                            "experts has its own (it evaluates its whole grid)")
+        if config.expert_base and "experts" not in names:
+            raise UserError(f"--expert-base is the starting model of --method experts' experts; --method {config.method} "
+                            "trains none (leave the flag out)")
 
     def min_budget(self) -> int:
         """The whole grid: every configuration is the same forwards combined another way."""
@@ -59,13 +71,10 @@ class Experts:
         self.expert_base = base
 
     # ---- what the method fits before searching --------------------------------------------------
-    def prepare(self, loaded, config) -> None:
+    def prepare(self, loaded, config, search) -> None:
         """The expert and the anti-expert, trained on the search split's text, kept in RUN_DIR/experts/."""
-        from repair import experts
-        from repair.runloop import eval_config
-
-        self.models, self.record = experts.prepare(loaded, eval_config(config, "search"), self._folder(config),
-                                                   experts.TrainConfig(seed=config.seed), self.expert_base)
+        self.models, self.record = training.prepare(loaded, search, self._folder(config),
+                                                   training.TrainConfig(seed=config.seed), self.expert_base)
         self.expert_base = None  # trained copies made; the base is not needed any more
         loss = self.record["loss"]
         print("experts trained on " + ", ".join(f"{n} sentences ({r.replace('_', '-')}: loss {loss[r]['first']:.2f} -> "
@@ -82,7 +91,6 @@ class Experts:
         return {ARTIFACT: {"folder": str(self._folder(self.config).resolve()), "sha256": self.record["sha256"]}}
 
     def load_artifacts(self, attrs: dict) -> None:
-        from repair import experts
 
         stored = attrs.get(f"artifact:{ARTIFACT}")
         if not stored:
@@ -93,7 +101,7 @@ class Experts:
             raise UserError(f"this worker cannot read the run's experts in {folder}: put the run folder on a "
                             "filesystem both machines share, or copy it to the same path here")
         param = next(self.target.parameters())
-        self.models = experts.load_saved(folder, param.device, param.dtype, stored["sha256"])
+        self.models = training.load_saved(folder, param.device, param.dtype, stored["sha256"])
 
     def intervention(self, model) -> ExpertsTransform:
         try:
@@ -146,8 +154,7 @@ class Experts:
 def attach(model, tensors: dict, meta: dict, folder: Path) -> ExpertsTransform:
     """Load an exported bundle's experts beside `model` and make its generate() apply them
     (repair.load); ValueError when they do not fit the model."""
-    from repair import experts
 
     param = next(model.parameters())
-    models = experts.load_models(folder, param.device, param.dtype)
+    models = training.load_models(folder, param.device, param.dtype)
     return ExpertsTransform(model, models["expert"], models["anti_expert"], [ExpertSetting(**meta["setting"])]).attach()

@@ -33,9 +33,12 @@ import numpy as np
 import torch
 
 from repair.errors import UserError
-from repair.probers import DIMS, FOLDS, L2_GRID, ProbeData, _features, _macro_f1, _softmax_regression
-from repair.space import STEER_GATES
+from repair.methods.fairmed.probers import DIMS, FOLDS, L2_GRID, ProbeData, features, macro_f1, softmax_regression
 
+# the gate's level, a quantile of the probe's P(biased) on the search prompts at the steered layer (so it
+# fires on about 75%, 50%, 25% or 10% of them whatever the probe's calibration); None: always on. Fixed
+# probabilities (0.7, 0.9) never fired on a probe whose scores stayed below them.
+STEER_GATES = (None, 0.25, 0.5, 0.75, 0.9)
 MARGIN = 0.05  # excess mass on the stereotyped groups over the neutral distribution that labels "biased"
 BBQ_PER_CATEGORY = 100  # BBQ items per category labelled (search split): ~1,100 prompts, like the association suite's
 LABELS = ("association", "bbq")
@@ -136,17 +139,17 @@ def fit(activations: np.ndarray, label: np.ndarray, concepts, *, dims: int | Non
                         "both kinds to train its probes (the model shows no stereotype spread on these prompts)")
     concepts = np.array([c for c, u in zip(concepts, use) if u])
     n, L, d = X.shape
-    mu, sd, P, F = _features(X, dims)
+    mu, sd, P, F = features(X, dims)
     Y = torch.from_numpy(np.eye(2)[y])
     l2 = torch.tensor(l2_grid, dtype=torch.float64)
     held = np.zeros((len(l2), L, n))
     n_folds = min(folds, len(set(concepts)))
     for train, test in GroupKFold(n_splits=n_folds).split(np.arange(n), groups=concepts):
-        W, b = _softmax_regression(F[:, train], Y[train], l2)
+        W, b = softmax_regression(F[:, train], Y[train], l2)
         held[:, :, test] = _biased_prob(F[:, test], W, b).numpy()
     loss = -(y * np.log(np.clip(held, 1e-9, 1)) + (1 - y) * np.log(np.clip(1 - held, 1e-9, 1))).mean(-1)  # (R, L)
     best = loss.argmin(0)
-    W, b = _softmax_regression(F, Y, l2)
+    W, b = softmax_regression(F, Y, l2)
     Wd = (W[best, torch.arange(L), :, 1] - W[best, torch.arange(L), :, 0]).numpy()  # (L, k)
     bd = (b[best, torch.arange(L), 1] - b[best, torch.arange(L), 0]).numpy()
     w = np.einsum("lk,lkd->ld", Wd, P) / sd  # collapse standardise -> project -> linear
@@ -159,13 +162,13 @@ def fit(activations: np.ndarray, label: np.ndarray, concepts, *, dims: int | Non
         diff = X[y == 0].mean(0) - X[y == 1].mean(0)  # (L, d): mean(unbiased) - mean(biased)
     norms = np.linalg.norm(X, axis=-1).mean(0)  # (L,)
     majority = max(y.mean(), 1 - y.mean())
-    majority_f1 = _macro_f1(y, np.full_like(y, int(y.mean() > 0.5)))
+    majority_f1 = macro_f1(y, np.full_like(y, int(y.mean() > 0.5)))
     scores = []
     for layer in range(L):
         r = best[layer]
         pred = (held[r, layer] > 0.5).astype(int)
         scores.append({"layer": layer, "accuracy": float((pred == y).mean()), "majority": float(majority),
-                       "macro_f1": _macro_f1(y, pred), "majority_f1": majority_f1,
+                       "macro_f1": macro_f1(y, pred), "majority_f1": majority_f1,
                        "l2": float(l2[r]), "vector_norm_ratio": float(np.linalg.norm(diff[layer]) / norms[layer]),
                        "n_prompts": int(n), "n_biased": int(y.sum()), "n_concepts": int(len(set(concepts)))})
     direction = diff / np.maximum(np.linalg.norm(diff, axis=-1, keepdims=True), 1e-12)
@@ -185,7 +188,7 @@ def _biased_prob(F: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Ten
 def association_examples(loaded, eval_config, margin: float = MARGIN, progress: bool = True):
     """(activations, labels, concepts, excess) from the association suite's search-split prompts, one row
     per (prompt, read position), each labelled as its prompt."""
-    from repair.probers import probe_data
+    from repair.methods.fairmed.probers import probe_data
 
     data = probe_data(loaded, eval_config, progress=progress, modules=residual_modules(loaded.model))
     label, excess = labels(data, margin)
@@ -199,7 +202,7 @@ def bbq_examples(loaded, eval_config, progress: bool = True):
     from tqdm.auto import tqdm
 
     from repair.evaluator import Evaluator
-    from repair.probers import collect
+    from repair.methods.fairmed.probers import collect
     from repair.suites.bbq import cloze_request, load_items
 
     items, _ = load_items(replace(eval_config, limit=BBQ_PER_CATEGORY, categories=None))

@@ -157,7 +157,7 @@ def _standardise_and_project(X: np.ndarray, dims: int):
     return mu, sd, np.stack([p[:k] for p in proj])  # (L, d), (L, d), (L, k, d)
 
 
-def _softmax_regression(F: torch.Tensor, Y: torch.Tensor, l2: torch.Tensor, iters: int = 100):
+def softmax_regression(F: torch.Tensor, Y: torch.Tensor, l2: torch.Tensor, iters: int = 100):
     """Fit, for every layer and L2 strength at once, logits = F W + b to soft labels Y by cross-entropy
     + l2 * |W|^2 (full-batch L-BFGS; the problems are independent, so one optimiser serves them all).
     F: (L, n, k), Y: (n, G), l2: (R,). Returns W (R, L, k, G), b (R, L, G)."""
@@ -192,13 +192,13 @@ def _kl_rows(p: np.ndarray, q: np.ndarray) -> np.ndarray:
         return np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, 1e-12))), 0.0).sum(-1)
 
 
-def _macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
+def macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
     from sklearn.metrics import f1_score
 
     return float(f1_score(true, pred, average="macro", labels=np.unique(true), zero_division=0))
 
 
-def _features(X: np.ndarray, dims: int | None):
+def features(X: np.ndarray, dims: int | None):
     """(mu, sd, P, F): the standardise-and-project pieces for X (n, L, d) and its features F (L, n, k)."""
     mu, sd, P = _standardise_and_project(X, X.shape[2] if dims is None else dims)
     return mu, sd, P, torch.from_numpy(np.einsum("nld,lkd->lnk", (X - mu) / sd, P))
@@ -215,12 +215,12 @@ def fit(data: ProbeData, *, dims: int | None = DIMS, l2_grid=L2_GRID, folds: int
 
     X = data.activations.astype(np.float64)
     n, L, d = X.shape
-    pooled = _features(X, dims) if pool_projection else None
+    pooled = features(X, dims) if pool_projection else None
     l2 = torch.tensor(l2_grid, dtype=torch.float64)
     A_parts, c_parts, scores = [], [], []
     for attr, groups in data.groups.items():
         idx = np.array([i for i, a in enumerate(data.attributes) if a == attr])
-        mu, sd, P, F = pooled if pooled is not None else _features(X[idx], dims)
+        mu, sd, P, F = pooled if pooled is not None else features(X[idx], dims)
         if pooled is not None:
             F = F[:, idx]  # (L, n_attr, k)
         concepts = np.array([data.concepts[i] for i in idx])
@@ -234,21 +234,21 @@ def fit(data: ProbeData, *, dims: int | None = DIMS, l2_grid=L2_GRID, folds: int
         base = np.zeros((len(idx), len(groups)))
         for train, test in GroupKFold(n_splits=n_folds).split(idx, groups=concepts):
             Ftr, Fte = F[:, train], F[:, test]
-            W, b = _softmax_regression(Ftr, torch.from_numpy(Y[train]), l2)
+            W, b = softmax_regression(Ftr, torch.from_numpy(Y[train]), l2)
             held[:, :, test] = _predict(Fte, W, b).numpy()
             base[test] = Y[train].mean(0)
         s = scored
         kl_cv = _kl_rows(Y[s], held[:, :, s]).mean(-1)  # (R, L)
         best = kl_cv.argmin(0)  # per layer
-        W, b = _softmax_regression(F, torch.from_numpy(Y), l2)
+        W, b = softmax_regression(F, torch.from_numpy(Y), l2)
         true = Y[s].argmax(1)
         majority = np.full_like(true, np.bincount(true, minlength=len(groups)).argmax())
         kl_base = float(_kl_rows(Y[s], base[s]).mean())
         for layer in range(L):
             r = best[layer]
             pred = held[r, layer, s].argmax(1)
-            scores.append({"layer": layer, "attribute": attr, "macro_f1": _macro_f1(true, pred),
-                           "majority_f1": _macro_f1(true, majority), "kl": float(kl_cv[r, layer]),
+            scores.append({"layer": layer, "attribute": attr, "macro_f1": macro_f1(true, pred),
+                           "majority_f1": macro_f1(true, majority), "kl": float(kl_cv[r, layer]),
                            "kl_mean": kl_base, "l2": float(l2[r]), "n_prompts": int(s.sum()),
                            "n_concepts": int(len(set(concepts[s])))})
         Wb = W[best, torch.arange(L)]  # (L, k, G)

@@ -11,7 +11,7 @@ row's setting:
     steps  : `steps` moves of length lambda * |x| / steps along -grad kl / |grad kl|, the total
              change projected back onto the ball of radius lambda * |x|
 
-The gradient is exact and needs no autograd (the probers are affine, see repair.probers), so the hook
+The gradient is exact and needs no autograd (the probers are affine, see repair.methods.fairmed.probers), so the hook
 runs under `torch.inference_mode()` and costs a few (d x G) products per layer. The math is done in
 float32 and the result cast back to the activation's dtype (bfloat16 on a GPU). Weights are never
 touched; `remove()` leaves the model as it was.
@@ -23,8 +23,8 @@ from typing import Sequence
 
 import torch
 
-from repair.interventions.rows import PerRowHooks, hidden_size
-from repair.probers import GATE_QUANTILES, TARGETS, Probers, mlp_modules
+from repair.methods.fairmed.probers import GATE_QUANTILES, TARGETS, Probers, mlp_modules
+from repair.methods.rows import PerRowHooks, hidden_size
 
 
 @dataclass(frozen=True)

@@ -12,22 +12,27 @@ P(biased) on the search prompts at its layer, so every level fires on a known sh
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
 from repair.errors import UserError
 from repair.methods import artifacts
-from repair.interventions.steerer import SteerSetting, Steerer
-from repair.space import BASE, MIN_SAMPLES, SteerLayerSpace
-from repair.steering import Steering, residual_modules
+from repair.methods.base import Method
+from repair.methods.fairsteer import steering
+from repair.methods.fairsteer.space import SteerLayerSpace
+from repair.methods.fairsteer.steerer import SteerSetting, Steerer
+from repair.methods.fairsteer.steering import Steering, residual_modules
+from repair.space import BASE, MIN_SAMPLES
 
 SWEEP_SETTING = (0.3, 0.5)  # the layer sweep's (alpha, gate quantile): the pilot's gated steering, firing on half the prompts
 ARTIFACT = "fairsteer/steering"
 
 
-class FairSteer:
+class FairSteer(Method):
     name = "fairsteer"
     seed_phases = ("layer-sweep", "sample")
     seed_description = "sampling steering configurations"
@@ -38,17 +43,36 @@ class FairSteer:
         self.steering: Steering | None = None
         self.scores: list[dict] = []
 
+    @classmethod
+    def check_config(cls, config, names) -> None:
+        if "knockout" in config.baselines and names[0] == "fairsteer":
+            raise UserError("--baselines knockout knocks out attention heads: a baseline of --method prune, not fairsteer")
+        if config.steer_labels not in steering.LABELS:
+            raise UserError(f"--steer-labels must be {' or '.join(steering.LABELS)}, got {config.steer_labels!r}")
+        if config.steer_labels == "bbq" and config.data_dir is None:
+            raise UserError("--steer-labels bbq labels BBQ items, which need the benchmark data: pass --data-dir (the "
+                            "folder that holds bbq/) or set $REPAIR_DATA_DIR")
+
+    @classmethod
+    def extra_suites(cls, config) -> tuple[str, ...]:
+        return ("bbq",) if config.steer_labels == "bbq" else ()  # the published labelling reads BBQ
+
+    @classmethod
+    def probe_scores(cls, run_dir: Path) -> list[dict] | None:
+        """The probes' held-out scores: one row of the heat map."""
+        path = run_dir / "fairsteer" / "steering.json"
+        if not path.is_file():
+            return None
+        return [{**s, "kind": "fairsteer", "attribute": "biased vs unbiased"} for s in json.loads(path.read_text())["scores"]]
+
     def min_budget(self) -> int:
         """The layer sweep (at least MIN_SAMPLES seed configurations) and the rounds."""
         return max(MIN_SAMPLES, self.space.n_layers) + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
-    def prepare(self, loaded, config) -> None:
+    def prepare(self, loaded, config, search) -> None:
         """Probes and vectors on the search split, kept in RUN_DIR/fairsteer/ (a rerun reuses them)."""
-        from repair import steering
-        from repair.runloop import eval_config
-
-        self.steering, self.scores = steering.prepare(loaded, eval_config(config, "search"), config.out / "fairsteer",
+        self.steering, self.scores = steering.prepare(loaded, search, config.out / "fairsteer",
                                                       config.steer_labels)
         self.space = replace(self.space, gates=self.steering.gate_table())
         best = sorted(self.scores, key=lambda s: -s["macro_f1"])[:3]

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor
 
-from repair.interventions.rows import PerRowHooks
+from repair.methods.rows import PerRowHooks
 
 RULES = ("logits", "probs")
 

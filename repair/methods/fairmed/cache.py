@@ -1,4 +1,5 @@
-"""`repair probe`: fit FairMed's probers for a model, score them, and keep everything in one folder.
+"""FairMed's probers for a model, fitted, scored and kept in one folder (a run's `fairmed/`, or
+`repair probe --out DIR`).
 
 The folder is a cache. `activations.npz` holds the probe data (the slow part: every search-split
 association prompt through the model twice, its MLP outputs read at three positions each), `probers.safetensors` the fitted probers and
@@ -26,10 +27,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from repair.errors import OutputError, UserError
-from repair.io import sha256_file, write_json_atomic, write_text_atomic
+from repair.io import sha256_file, write_json_atomic
 
-if TYPE_CHECKING:  # repair.probers imports torch: the CLI builds its parser without it
-    from repair.probers import Probers, ProbeData
+if TYPE_CHECKING:  # repair.methods.fairmed.probers imports torch: the CLI builds its parser without it
+    from repair.methods.fairmed.probers import Probers, ProbeData
 
 ACTIVATIONS = "activations.npz"
 PROBERS = "probers.safetensors"
@@ -42,8 +43,8 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
           fit_settings: dict | None = None) -> tuple[Probers, list[dict]]:
     """The probers and their held-out scores for `loaded` on `eval_config`'s association prompts,
     cached in `folder` (created if missing; see the module docstring for what is reused).
-    `fit_settings`: dims, l2_grid and/or folds for repair.probers.fit, its defaults otherwise."""
-    from repair.probers import DIMS, FOLDS, L2_GRID, Probers
+    `fit_settings`: dims, l2_grid and/or folds for repair.methods.fairmed.probers.fit, its defaults otherwise."""
+    from repair.methods.fairmed.probers import DIMS, FOLDS, L2_GRID, Probers
     from repair.suites.association import load_data
 
     folder = Path(folder)
@@ -62,7 +63,7 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
 
     fresh = not acts_path.exists()
     if fresh:
-        from repair.probers import probe_data
+        from repair.methods.fairmed.probers import probe_data
 
         data = probe_data(loaded, eval_config, progress=progress)
         save_data(acts_path, data, key)
@@ -80,7 +81,7 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
                             f"delete it to recompute")
         return Probers.load(probers_path), record["scores"]
 
-    from repair.probers import fit
+    from repair.methods.fairmed.probers import fit
 
     probers, scores = fit(data, **settings)
     probers_sha = _replace_with(probers_path, probers.save)
@@ -94,7 +95,7 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
 def data_key(loaded, eval_config, data_sha: str) -> dict:
     """What the activations depend on: the model as loaded (not where it runs), the suite's prompts and
     the positions read in each."""
-    from repair.probers import POSITIONS  # torch, through repair.probers: the CLI builds its parser without it
+    from repair.methods.fairmed.probers import POSITIONS  # torch, through repair.methods.fairmed.probers: the CLI builds its parser without it
 
     model = {k: v for k, v in loaded.describe().items() if k not in ("device", "spec")}
     attributes = list(eval_config.attributes) if eval_config.attributes else None
@@ -139,7 +140,7 @@ def save_data(path: Path, data: ProbeData, key: dict) -> None:
 
 def load_data_file(path: Path, key: dict | None = None) -> ProbeData:
     """ProbeData from `save_data`'s file; with `key`, a UserError unless it was measured for that key."""
-    from repair.probers import ProbeData
+    from repair.methods.fairmed.probers import ProbeData
     try:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta"]))
@@ -201,42 +202,3 @@ def format_scores(scores: list[dict]) -> str:
     return (_text_table(rows) + "\n\nheld-out over concepts (grouped CV); gain = macro-F1 - majority-F1; "
             "KL(mean) = KL to the training folds' mean distribution\n"
             f"best layers by gain: {', '.join(map(str, best))}")
-
-
-# ---- command line --------------------------------------------------------------------------------
-
-def add_probe_parser(sub) -> None:
-    """The `probe` subcommand on an argparse subparsers object."""
-    from repair.cli import add_model_flags
-
-    p = sub.add_parser("probe", help="fit FairMed's probers and show where the model encodes group associations",
-                       description="Fit FairMed's probers (one per layer and association attribute) on the search "
-                                   "split, print their held-out scores per layer, and write DIR/probe-scores.json, "
-                                   "DIR/probers.safetensors and DIR/heatmap.svg. DIR also caches the activations: "
-                                   "a rerun reuses them.")
-    add_model_flags(p)
-    p.add_argument("--out", type=Path, default=Path("runs/probe"), help="output and cache folder (default: runs/probe)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the fit and the suite")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=cmd_probe)
-
-
-def cmd_probe(args) -> int:
-    from repair.cli import model_spec
-    from repair.models import load_model
-    from repair.suites.base import EvalConfig
-
-    if args.seed < 0:
-        raise UserError(f"--seed must be 0 or more, got {args.seed}")
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} is a file; give a folder")
-    loaded = load_model(model_spec(args))
-    _, scores = probe(loaded, EvalConfig(split="search", seed=args.seed), args.out, seed=args.seed,
-                      progress=not args.no_progress)
-    print(format_scores(scores))
-    from reports.heatmap import standalone, probe_heatmap
-
-    heatmap = args.out / HEATMAP
-    write_text_atomic(heatmap, standalone(probe_heatmap(scores)))
-    print(f"\nwrote {args.out / SCORES}, {args.out / PROBERS} and {heatmap}")
-    return 0

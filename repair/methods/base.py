@@ -1,0 +1,118 @@
+"""The contract every repair method honours: what the shared pipeline (repair.runloop, repair.run,
+repair.worker, repair.stacks, repair.costs) calls on it. A method subclasses `Method`, implements the
+abstract members and overrides the optional ones whose defaults do not fit; the pipeline calls members
+and never tests for them.
+
+The life of a method in a run:
+    method = Cls(config, model)             # its space, from the model's shape and the run's flags
+    method.check_inputs(loaded)             # optional: refuse bad input before any work
+    method.prepare(loaded, config, search)  # fit what it needs (probers, vectors, experts) on the search split
+    method.artifacts()                      # what workers need of that fit, published in the study
+    method.intervention(model)              # one hook for every configuration: rows pick settings
+    method.seed(search) / baselines(search) # the configurations it evaluates before and beside the search
+    method.attach(model, key) / export(...) # one configuration on a model, in memory or as a checkpoint
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+class Method(ABC):
+    """One repair method. Class attributes name it and size its search; `space` (set in __init__) says
+    what its configurations are (keys, bits, features: repair/methods/<name>/space.py)."""
+
+    name: ClassVar[str]  # the --method name and the prefix of its keys ("prune:...")
+    seed_phases: ClassVar[tuple[str, ...]]  # the record phases of its seed (the surrogates' first training rows)
+    seed_description: ClassVar[str]  # the seed's progress-bar text
+    anneal_size: ClassVar[tuple[int, int]] = (256, 1500)  # annealing chains and steps per setting and weight
+    keys_per_batch: int = 0  # configurations it evaluates in one batch when more than --batch-masks (0: none)
+
+    space: Any
+    config: Any
+
+    # ---- the run's configuration, before any model loads (class methods) -----------------------
+    @classmethod
+    def check_config(cls, config, names: tuple[str, ...]) -> None:
+        """Refuse, with a UserError naming the flag, this method's flags when they are malformed or given
+        to a run that does not run it (`names`: the run's methods, the first one its only one when
+        alone). Called for every registered method (default: no flags of its own)."""
+
+    @classmethod
+    def extra_suites(cls, config) -> tuple[str, ...]:
+        """Suites the method reads besides the objectives' (their data files are checked up front)."""
+        return ()
+
+    @classmethod
+    def surrogates_folder(cls, out: Path) -> Path:
+        """Where the method's surrogate rounds are kept in the run folder `out`."""
+        return out / cls.name / "surrogates"
+
+    @classmethod
+    def probe_scores(cls, run_dir: Path) -> list[dict] | None:
+        """Held-out scores of what it fitted, drawn as the report's heat map (default: none)."""
+        return None
+
+    # ---- before the search --------------------------------------------------------------------
+    @abstractmethod
+    def min_budget(self) -> int:
+        """The fewest search evaluations its seed and rounds need (a smaller --budget-evals is refused)."""
+
+    def check_inputs(self, loaded) -> None:
+        """Refuse, with a UserError, input that would fail later (default: nothing to check)."""
+
+    def prepare(self, loaded, config, search) -> None:
+        """Fit what the method needs on the search split's suites (`search`, an EvalConfig), kept in the
+        run folder (`config.out`) so a rerun reuses it (default: nothing to fit)."""
+
+    def artifacts(self) -> dict:
+        """What a worker needs of `prepare`'s fit, as study attributes (default: nothing)."""
+        return {}
+
+    def load_artifacts(self, attrs: dict) -> None:
+        """A worker's side of `artifacts`: take the run's fit instead of fitting again (default: nothing)."""
+
+    @abstractmethod
+    def intervention(self, model):
+        """One removable hook (or output transform) on `model` serving every configuration of the space:
+        `set_variants(settings)` and `set_rows(rows)` choose each batch row's."""
+
+    # ---- the search ---------------------------------------------------------------------------
+    @abstractmethod
+    def seed(self, search) -> list[tuple[str, str]]:
+        """(key, phase) pairs evaluated before the first surrogate round."""
+
+    @abstractmethod
+    def surrogate_params(self, search) -> tuple[dict, dict]:
+        """Keyword arguments for surrogate.fit_surrogate: (fairness model's, utility model's)."""
+
+    def anneal_settings(self, search, keys: list[str], fairness) -> list:
+        """The settings the bits are annealed under, one sweep each (default: the space's own)."""
+        return list(self.space.settings)
+
+    def baselines(self, search) -> dict[str, list[str]]:
+        """Named sequences of keys verified and reported beside the search's (default: none)."""
+        return {}
+
+    # ---- one configuration ------------------------------------------------------------------------
+    @abstractmethod
+    def attach(self, model, key: str):
+        """`key`'s intervention on `model`, removable (`remove()`)."""
+
+    def bundle(self, key: str) -> tuple[dict, dict, dict | None]:
+        """A hooked configuration's (tensors, settings, extra models) for a checkpoint or a stack's part;
+        a method that changes weights instead (pruning) raises."""
+        raise NotImplementedError(f"{self.name} changes weights: it has no hooked bundle")
+
+    @abstractmethod
+    def extra_tensors(self, key: str) -> list:
+        """The tensors a checkpoint of `key` holds or runs beyond the base model's weights."""
+
+    @abstractmethod
+    def export(self, loaded, key: str, target, manifest: dict, card: str):
+        """Write `key` as a checkpoint at `target` (checked by reloading it)."""
+
+    @abstractmethod
+    def summary(self, candidate: dict) -> str:
+        """One line describing a candidate's configuration, for the console, the report and the card."""
