@@ -10,7 +10,6 @@ setting (`settings`), and its surrogate features are the bits followed by the se
 """
 from __future__ import annotations
 
-
 BASE = "base"
 MIN_SAMPLES = 20  # fewer sampled configurations than this leave the surrogates nothing to learn from
 STACK = "stack"  # a configuration made of several methods' configurations, applied together

@@ -8,15 +8,35 @@ on the same suites and splits, with its share of `--budget-evals` (`DEFAULT_SHAR
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
+from importlib import import_module
 
 from repair.errors import UserError
-from repair.methods.experts import Experts
-from repair.methods.fairmed import FairMed
-from repair.methods.fairsteer import FairSteer
-from repair.methods.prune import Prune
 
-METHODS = {"prune": Prune, "fairmed": FairMed, "fairsteer": FairSteer, "experts": Experts}
+
+class _Registry(Mapping):
+    """Method name -> its `Method` class, each imported when first asked for, in the canonical order.
+    Eager imports here would make every module under repair/methods/ (a hook, a space) import every
+    method, and with them the export and the loader: the registry must stay light to break no arrow."""
+
+    def __init__(self, where: dict[str, str]):
+        self._where = where  # name -> "module:Class"
+
+    def __getitem__(self, name: str):
+        module, _, cls = self._where[name].partition(":")
+        return getattr(import_module(module), cls)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+METHODS = _Registry({"prune": "repair.methods.prune.method:Prune", "fairmed": "repair.methods.fairmed.method:FairMed",
+                     "fairsteer": "repair.methods.fairsteer.method:FairSteer",
+                     "experts": "repair.methods.experts.method:Experts"})
 ALL = "all"
 # Several methods share --budget-evals in these proportions (renormalised over the methods named).
 # The experts evaluate a 13-point grid on shared forwards, so a small share covers them.

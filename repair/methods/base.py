@@ -115,4 +115,4 @@ class Method(ABC):
 
     @abstractmethod
     def summary(self, candidate: dict) -> str:
-        """One line describing a candidate's configuration, for the console, the report and the card."""
+        """One line describing a candidate's configuration, for the console summary."""

@@ -8,7 +8,6 @@ shows whether searched subsets beat it.
 """
 from __future__ import annotations
 
-
 import json
 from pathlib import Path
 

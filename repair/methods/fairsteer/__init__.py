@@ -1,6 +1,3 @@
 """FairSteer, everything that is the method's: the labels, probes and steering vectors (`steering`),
 the gated steering hook (`steerer`), its configuration space (`space`) and its search contract
 (`method.FairSteer`)."""
-from repair.methods.fairsteer.method import FairSteer
-
-__all__ = ["FairSteer"]
