@@ -12,6 +12,8 @@ import json
 
 
 from repair.applied import Applied
+from repair.export import pruned_state_dict, write_checkpoint
+from repair.load import INTERVENTIONS
 from repair.space import STACK, parts
 
 
@@ -36,9 +38,6 @@ def extra_parameters(methods: dict, key: str) -> tuple[int, int]:
 def export_stack(methods: dict, loaded, key: str, target, manifest: dict, card: str):
     """One checkpoint of a stack: pruned weights if pruning is a part, the hooked parts' tensors and
     settings (names prefixed `METHOD/`) and their models; checked by reloading like any other."""
-    from repair.export import pruned_state_dict, write_checkpoint  # export loads the checkpoint back: torch, transformers
-    from repair.load import INTERVENTIONS
-
     model = loaded.model
     found = parts(key)
     state = pruned_state_dict(model, methods["prune"].space.config(found["prune"]))[0] if "prune" in found else model.state_dict()

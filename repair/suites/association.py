@@ -84,6 +84,11 @@ class Prompt:
     frame: str = ""  # the frame's text, "{c}" in place of the concept
 
     @property
+    def through_concept(self) -> str:
+        """The prompt's text up to the end of its concept (the whole prompt when no frame is recorded)."""
+        return self.frame.partition("{c}")[0] + self.concept if self.frame else self.prompt
+
+    @property
     def options(self) -> tuple[str, ...]:
         return tuple(" " + f for forms in self.forms for f in forms)
 

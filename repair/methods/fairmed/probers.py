@@ -89,8 +89,7 @@ def positions_of(tokens, prompt) -> list[int]:
     From the concept on, a position's context names the concept; before it, nothing to read."""
     ids = tokens(prompt.prompt, True)
     last = len(ids) - 1
-    head = prompt.frame.split("{c}")[0] + prompt.concept if prompt.frame else prompt.prompt
-    concept = min(max(len(tokens(head, True)) - 1, 0), last)
+    concept = min(max(len(tokens(prompt.through_concept, True)) - 1, 0), last)
     return sorted({concept, (concept + last) // 2, last})
 
 

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from repair.errors import UserError
-from repair.methods.fairmed.probers import DIMS, FOLDS, L2_GRID, ProbeData, features, macro_f1, softmax_regression
+from repair.methods.fairmed.probers import (DIMS, FOLDS, L2_GRID, ProbeData, collect, features, macro_f1, probe_data,
+                                            softmax_regression)
 
 # the gate's level, a quantile of the probe's P(biased) on the search prompts at the steered layer (so it
 # fires on about 75%, 50%, 25% or 10% of them whatever the probe's calibration); None: always on. Fixed
@@ -188,8 +189,6 @@ def _biased_prob(F: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Ten
 def association_examples(loaded, eval_config, margin: float = MARGIN, progress: bool = True):
     """(activations, labels, concepts, excess) from the association suite's search-split prompts, one row
     per (prompt, read position), each labelled as its prompt."""
-    from repair.methods.fairmed.probers import probe_data
-
     data = probe_data(loaded, eval_config, progress=progress, modules=residual_modules(loaded.model))
     label, excess = labels(data, margin)
     return data.activations, label, data.concepts, excess
@@ -202,7 +201,6 @@ def bbq_examples(loaded, eval_config, progress: bool = True):
     from tqdm.auto import tqdm
 
     from repair.evaluator import Evaluator
-    from repair.methods.fairmed.probers import collect
     from repair.suites.bbq import cloze_request, load_items
 
     items, _ = load_items(replace(eval_config, limit=BBQ_PER_CATEGORY, categories=None))
