@@ -19,7 +19,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from repair.runloop import search_select_correlation  # noqa: E402
-from reports.records import describe_config  # noqa: E402
+from repair.methods import describe  # noqa: E402
 
 METRICS = ("association/overall/kl_neutral", "association/overall/kl_uniform")
 
@@ -39,7 +39,7 @@ def table(candidates: list[dict], metrics=METRICS) -> list[str]:
     for c in candidates[1:]:
         if c.get("report") is None or c.get("search") is None:
             continue
-        cells = [c["methods"][0] if len(c["methods"]) == 1 else "stack", describe_config(c), "**yes**" if c["chosen"] else ""]
+        cells = [c["methods"][0] if len(c["methods"]) == 1 else "stack", describe(c["method"], c["config"]), "**yes**" if c["chosen"] else ""]
         for m in metrics:
             ci = ((c.get("changes") or {}).get("report") or {}).get("metrics", {}).get(m, {}).get("relative_ci")
             rep = f"{change(c, base, 'report', m):+.1%}" + (f" [{ci[0]:+.1%}, {ci[1]:+.1%}]" if ci else "")

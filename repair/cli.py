@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 from repair.errors import UserError
 from repair.io import write_text_atomic
 from repair.load import SETTING_FLAGS
+from repair.methods import METHODS
+from repair.methods.base import add_flags
 from repair.models import EMBEDDED_ALIAS, ModelSpec
 from repair.suites import REGISTRY
 from repair.suites.base import EvalConfig
@@ -157,6 +160,7 @@ def cmd_run(args) -> int:
     from repair.rundir import RunConfig
 
     from repair.methods import BUDGET_EVALS, VERIFY_TOP, defaults_for
+    from repair.methods.base import options_from
 
     data_dir = args.data_dir or os.environ.get("REPAIR_DATA_DIR") or None
     several = defaults_for(args.method)  # one method or several: their defaults differ (refuses an unknown method)
@@ -166,8 +170,7 @@ def cmd_run(args) -> int:
         budget_evals=BUDGET_EVALS[several] if args.budget_evals is None else args.budget_evals,
         budget_shares=args.budget_shares, stack=several == "several" if args.stack is None else args.stack,
         export_all=args.export_all,
-        per_round=args.per_round, max_prune=args.max_prune, max_layers=args.max_layers, target=args.target,
-        steer_labels=args.steer_labels, expert_base=args.expert_base,
+        per_round=args.per_round, options={name: options_from(args, METHODS.options(name)) for name in METHODS},
         max_utility_loss=args.max_utility_loss,
         max_kl_uniform_rise=args.max_kl_uniform_rise,
         max_q_drift=args.max_q_drift,
@@ -376,18 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="several methods: also export each method's best (and the best stack) to OUT/checkpoints/METHOD")
     rn.add_argument("--rounds", type=int, default=2, help="active-learning rounds: refit surrogates, anneal, evaluate")
     rn.add_argument("--per-round", type=int, default=8, help="masks evaluated for real in each round")
-    rn.add_argument("--max-prune", type=float, default=0.2, help="largest fraction of heads a mask may prune")
-    rn.add_argument("--max-layers", type=int, default=10, help="fairmed: the most layers a configuration may treat")
-    rn.add_argument("--target", default="neutral",
-                    help="fairmed: steer the probers' group distribution towards 'neutral' (the neutral-context "
-                         "distribution, default) or 'uniform' (the paper's)")
-    rn.add_argument("--steer-labels", default="association",
-                    help="fairsteer: what labels a prompt biased for its probes: 'association' (the model leans to the "
-                         "concept's stereotyped groups more than after neutral prompts, default) or 'bbq' (it picks the "
-                         "stereotyped wrong answer on BBQ, the published labelling; needs --data-dir)")
-    rn.add_argument("--expert-base", default=None,
-                    help="experts: the model the expert and anti-expert start from, any causal LM with the target's "
-                         "tokenizer (default: the target itself); a smaller one makes generation cheaper")
     rn.add_argument("--max-utility-loss", type=float, default=0.05,
                     help="allowed utility loss: perplexity at most x(1+L), accuracy at least x(1-L) of the unrepaired model")
     rn.add_argument("--max-kl-uniform-rise", type=float, default=0.02,
@@ -417,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--heartbeat", type=int, default=10,
                     help="seconds between heartbeats of an evaluation; one silent for 3 beats is redone elsewhere")
     rn.add_argument("--seed", type=int, default=0, help="seeds sampling, surrogates, annealing and bootstrap intervals")
+    for name in METHODS:  # each method's own flags, from its registered Options (no method module is imported)
+        options = METHODS.options(name)
+        if fields(options):
+            add_flags(rn.add_argument_group(f"--method {name}"), options)
     rn.set_defaults(func=cmd_run)
 
     wk = sub.add_parser("worker", help="evaluate configurations for a run whose records are in a shared storage",

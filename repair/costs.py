@@ -40,7 +40,7 @@ def measure_costs(config, loaded, methods: dict, candidates: list[dict], result:
     from repair.runloop import bests_of
     from repair.stacks import apply, extra_parameters
 
-    timing, sequences = result["timing"], result["sequences"]
+    timing, sequences = result.timing, result.sequences
     held_out = {}
     for c in candidates:
         for name in {*parts(c["key"]), *([STACK] if c["method"] == STACK else [])}:

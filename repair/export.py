@@ -1,10 +1,6 @@
-"""Export the repaired model as a checkpoint: pruned (plain `transformers` loads it with no project
-code) or hooked (base weights plus the intervention's tensors, re-attached by `repair.load`).
-
-Pruning zeroes the chosen heads' slices of the attention output projection in the saved weights
-(transformers 5 has no physical head pruning that survives a reload, see `repair.methods.prune.heads`). The state
-dict saved is the model's own tensors except the projections that get zeroed, which are cloned to
-CPU, so a model on a GPU or sharded by `--device-map` is exported without a second copy of it. Either
+"""Export the repaired model as a checkpoint: changed weights (a pruned checkpoint, which plain
+`transformers` loads with no project code: repair.methods.prune.checkpoint) or hooked (base weights
+plus the intervention's tensors, re-attached by `repair.load`), and its model card. Either
 kind is written under a temporary name, reloaded and compared with the repaired model in memory, and
 renamed into place, so a crash never leaves a half checkpoint under `checkpoint/`; what a crash
 between the renames leaves aside is put back or removed by the next export.
@@ -16,55 +12,19 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from repair import failpoints
 from repair.io import UMASK, sha256_file
-from repair.methods.prune.heads import HeadMasker, attention_output, decoder_layers, head_layout, zero_heads
+from repair.methods import METHODS, describe
 from repair.models import LoadedModel
+from repair.space import STACK
 from repair.stats import format_change
 
 CHECK_TEXT = "The nurse said that the doctor"
 # Reload check: max |logits diff| <= TOLERANCE[dtype] * max |logits|. Zeroing a weight slice and masking
 # its input give the same sums; the slack is for the reload running on CPU and the model on a GPU.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-
-
-def pruned_state_dict(model: torch.nn.Module, mask: np.ndarray) -> tuple[dict, list[list[int]]]:
-    """The state dict to save for `model` with the heads whose mask bit is 0 zeroed, and those heads as
-    sorted [layer, head] pairs. Every tensor is the model's own, except the attention output weights
-    of layers with a pruned head: those are zeroed copies on CPU. The model itself is not changed."""
-    n_layers, n_heads, hd = head_layout(model)
-    mask = np.asarray(mask)
-    if mask.shape != (n_layers, n_heads) or not np.isin(mask, (0, 1)).all():
-        raise ValueError(f"mask must be a 0/1 array of shape {(n_layers, n_heads)}, got {mask.shape}")
-    pruned = sorted([int(l), int(h)] for l, h in zip(*np.nonzero(mask == 0)))
-    names = {id(m): n for n, m in model.named_modules()}
-    state = model.state_dict()
-    layers = decoder_layers(model)
-    for layer in sorted({l for l, _ in pruned}):
-        module = attention_output(layers[layer], model)
-        weight = module.weight.detach().to("cpu", copy=True)
-        zero_heads(model, module, weight, [h for l, h in pruned if l == layer], hd)
-        state[f"{names[id(module)]}.weight"] = weight
-    return state, pruned
-
-
-def export_pruned(loaded: LoadedModel, mask: np.ndarray, target: Path, manifest: dict, card: str,
-                  dtype: torch.dtype | None = None) -> Path:
-    """Write the pruned checkpoint to `target` in the loaded model's dtype, or in `dtype` (which makes
-    a converted copy of every weight on CPU)."""
-    state, pruned = pruned_state_dict(loaded.model, mask)
-    assert pruned == manifest["pruned_heads"], "manifest and mask disagree"
-    if dtype is not None:
-        state = {k: v.to("cpu", dtype) if v.is_floating_point() else v for k, v in state.items()}
-
-    def expected(ids):
-        with HeadMasker(loaded.model, torch.from_numpy(mask[None].astype(np.float32))):
-            return loaded.model(ids).logits
-
-    return write_checkpoint(loaded, state, dtype, target, manifest, card, None, expected)
 
 
 def export_hooked(loaded: LoadedModel, method: str, tensors: dict, meta: dict, target: Path, manifest: dict,
@@ -188,38 +148,19 @@ def _what_was_done(manifest: dict) -> list[str]:
                 "held-out select split (utility bound, kl_uniform not rising, the neutral reference in place), so this",
                 "checkpoint is the model as it was." + (" The finalists and the guards each failed:" if excluded else ""),
                 *[f"- {r['config']}: {'; '.join(r['failed'])}" for r in excluded]]
-    if "pruned_heads" in manifest:
-        return [f"Made by fairness-repair (`{manifest['method']}`): {len(manifest['pruned_heads'])} attention heads",
-                "pruned (their slices of the attention output projection are zero). Loads with plain",
-                "`transformers.AutoModelForCausalLM.from_pretrained`, no custom code."]
-    loading = ["in `interventions.safetensors`. Load it repaired with `model, tokenizer = repair.load(path)` (plain",
-               "transformers loads the unrepaired base model from this folder)."]
-    if manifest["method"] == "stack":
-        from reports.records import describe_config
-
-        parts = manifest["stack"]
-        return [f"Made by fairness-repair (`stack`): the best configurations of {' and '.join(parts)} applied together:",
-                *[f"- {m}: {describe_config({'config': c})}" for m, c in parts.items()],
-                "",
-                *(["The pruned heads' slices of the attention output projection are zero in these weights; the other"]
-                  if "prune" in parts else ["The weights are the base model's; the"]),
-                "parts' tensors and settings (each under its method's prefix) are", *loading]
-    if manifest["method"] == "experts":
-        return ["Made by fairness-repair (`experts`): decoding-time experts. At every generated token the logits",
-                f"are shifted by alpha {manifest['alpha']:g} x the difference between an expert (`expert/`, tuned on",
-                f"anti-stereotypical text) and an anti-expert (`anti_expert/`, on stereotypical text), rule `{manifest['rule']}`.",
-                "The weights in this folder are the base model's; the experts and the setting are beside them, the setting",
-                *loading]
-    if manifest["method"] == "fairsteer":
-        gate = ("at every position" if manifest["threshold"] is None
-                else f"where its probe's P(biased) exceeds {manifest['threshold']:g}")
-        return ["Made by fairness-repair (`fairsteer`): a steering vector added to the residual stream of layer",
-                f"{manifest['layer']} (alpha {manifest['alpha']:g} x the layer's mean activation norm) {gate}.",
-                "The weights are the base model's; the probes, vectors and settings are", *loading]
-    return [f"Made by fairness-repair (`{manifest['method']}`): a FairMed neutralizer on the MLP outputs of layers",
-            f"{manifest['layers']} (lambda {manifest['lambda']:g}, {manifest['steps']} steps, gated at the {manifest['gate']:g}",
-            f"quantile, target `{manifest['target']}`). The weights are the base model's; the probers and settings are",
-            *loading]
+    method = manifest["method"]
+    parts = manifest.get("stack") or {method: manifest}
+    lines = [f"Made by fairness-repair (`{method}`): " + (f"the best configurations of {' and '.join(parts)} applied "
+                                                          "together:" if method == STACK else describe(method, manifest) + ".")]
+    lines += [f"- {m}: {describe(m, c)}" for m, c in parts.items()] if method == STACK else []
+    lines += [METHODS[m].explanation for m in parts if METHODS[m].explanation]
+    if all(METHODS[m].changes_weights for m in parts):
+        return lines
+    return lines + ["", "The weights in this folder are the base model's" + (", with the changes of "
+                    + " and ".join(m for m in parts if METHODS[m].changes_weights) + " in place"
+                    if any(METHODS[m].changes_weights for m in parts) else "") + "; what the other parts add is in",
+                    "`interventions.safetensors` (and the folders beside it). Load it repaired with `model, tokenizer =",
+                    "repair.load(path)` (plain transformers loads the model without those parts)."]
 
 
 def model_card(manifest: dict) -> str:

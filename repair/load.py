@@ -18,6 +18,8 @@ from pathlib import Path
 
 from repair.applied import Applied
 from repair.errors import UserError
+from repair.methods import METHODS
+from repair.space import STACK
 
 MANIFEST = "repair_manifest.json"
 INTERVENTIONS = "interventions.safetensors"
@@ -26,16 +28,12 @@ INTERVENTIONS = "interventions.safetensors"
 def attach(model, method: str, tensors: dict, meta: dict, folder: Path | None = None):
     """Attach the intervention `method` exported (its tensors and settings; `folder`, the checkpoint,
     for what it keeps beside them) to `model`; ValueError when it does not fit the model."""
-    from importlib import import_module
-
-    from repair.space import STACK
-
     if method == STACK:  # several methods' interventions, each under its own prefix (repair.stacks)
         return attach_saved_stack(model, tensors, meta, folder)
-    if method not in METHOD_FLAGS:
+    if method not in METHODS or METHODS[method].changes_weights:
         raise ValueError(f"unknown intervention method {method!r}")
     meta = {k: json.loads(v) if isinstance(v, str) else v for k, v in meta.items()}
-    return import_module(f"repair.methods.{method}.method").attach(model, tensors, meta, folder)
+    return METHODS[method].reattach(model, tensors, meta, folder)
 
 
 def attach_saved_stack(model, tensors: dict, meta: dict, folder) -> Applied:
@@ -78,19 +76,14 @@ def check_files(path: Path, manifest: dict) -> None:
                             "(re-export the checkpoint)")
 
 
-SETTING_FLAGS = "--layers/--lam/--steps/--gate/--alpha/--threshold"
-# the flags each hooked method's setting takes, by the setting's field names
-METHOD_FLAGS = {"fairmed": ("layers", "lam", "steps", "gate"), "fairsteer": ("layers", "alpha", "threshold"),
-                "experts": ("alpha",)}
+SETTING_FLAGS = "--layers/--lam/--steps/--gate/--alpha/--threshold"  # which of them a method takes: its setting_flags
 
 
 def parse_setting(layers: str | None = None, lam: float | None = None, steps: int | None = None,
                   gate: float | None = None, alpha: float | None = None, threshold: str | None = None) -> dict:
     """Flags that replace parts of a hooked checkpoint's setting (`--layers 3,7 --lam 0.2 ...`),
-    checked for form before any model is loaded; {} when none is given. `threshold` 'always' turns
-    FairSteer's gate off."""
-    from repair.methods.fairmed.probers import GATE_QUANTILES
-
+    checked for form before any model is loaded (the method checks the values against its checkpoint:
+    `merge_setting`); {} when none is given. `threshold` 'always' turns a gate off."""
     out = {}
     if layers is not None:
         try:
@@ -108,9 +101,6 @@ def parse_setting(layers: str | None = None, lam: float | None = None, steps: in
             raise UserError(f"--steps must be at least 1, got {steps}")
         out["steps"] = steps
     if gate is not None:
-        if gate not in GATE_QUANTILES:
-            raise UserError(f"--gate must be one of {', '.join(f'{g:g}' for g in GATE_QUANTILES)} (a quantile of the "
-                            f"probers' KL), got {gate:g}")
         out["gate"] = gate
     if alpha is not None:
         if not alpha >= 0:
@@ -151,8 +141,6 @@ def attach_saved(model, path, setting: dict | None = None, *, verify: bool = Tru
     with safe_open(str(path / INTERVENTIONS), "pt") as f:
         meta = dict(f.metadata() or {})
     method = meta.pop("method", manifest.get("method"))
-    from repair.space import STACK
-
     if setting and method == STACK:
         raise UserError(f"{SETTING_FLAGS} change one method's setting; {path} holds a stack of "
                         f"{', '.join(json.loads(meta['parts']))} (export its parts with repair run --export-all to tune them)")
@@ -166,37 +154,18 @@ def attach_saved(model, path, setting: dict | None = None, *, verify: bool = Tru
 
 
 def _merged_setting(model, method: str, saved: dict, setting: dict) -> dict:
-    """A checkpoint's saved setting with the flags' values in place, checked against the model."""
+    """A checkpoint's saved setting with the flags' values in place, checked by its method against the model."""
     from repair import arch
 
-    allowed = METHOD_FLAGS.get(method, ())
+    allowed = METHODS[method].setting_flags if method in METHODS else ()
     foreign = [f for f in setting if f not in allowed]
     if foreign:
         raise UserError(f"--{foreign[0]} does not apply to a {method} checkpoint (its setting takes "
                         f"{', '.join('--' + f for f in allowed)})")
-    setting = dict(setting)
-    if method == "fairsteer" and "layers" in setting:
-        layers = setting.pop("layers")
-        if len(layers) != 1:
-            raise UserError(f"--layers {','.join(map(str, layers))}: FairSteer steers one layer; give one index")
-        setting["layer"] = layers[0]
-    merged = {**saved, **setting}
     try:
-        if method == "fairmed":
-            from repair.methods.fairmed.neutralizer import NeutralizerSetting
-
-            NeutralizerSetting(**{**merged, "layers": tuple(merged["layers"])}).check(len(arch.decoder_layers(model)))
-        elif method == "experts":
-            from repair.methods.experts.transform import ExpertSetting
-
-            ExpertSetting(**merged).check()
-        else:
-            from repair.methods.fairsteer.steerer import SteerSetting
-
-            SteerSetting(**merged).check(len(arch.decoder_layers(model)))
+        return METHODS[method].merge_setting(saved, setting, len(arch.decoder_layers(model)))
     except ValueError as exc:
         raise UserError(f"{SETTING_FLAGS}: {exc}") from None
-    return merged
 
 
 def load(path, *, device: str = "cpu", dtype: str = "auto", verify: bool = True, setting: dict | None = None):

@@ -11,7 +11,7 @@ from repair import failpoints
 from repair.errors import UserError
 from repair.evaluate import versions
 from repair.export import model_card
-from repair.methods import METHODS, method_names, shares
+from repair.methods import METHODS, describe, method_names, shares
 from repair.models import load_model
 from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, shown_label, utility_interval
 from repair.records import open_study, redact
@@ -22,7 +22,7 @@ from repair.suites import build_suite
 
 
 def validate(config: RunConfig) -> Objectives:
-    names = method_names(config.method)
+    names = config.method_names
     several = len(names) > 1
     if several and config.baselines:
         raise UserError(f"--baselines compares one method with random search or knockouts; --method {config.method} "
@@ -71,7 +71,7 @@ def run(config: RunConfig) -> int:
     objectives = validate(config)
     from repair.runloop import eval_config
 
-    names = method_names(config.method)
+    names = config.method_names
     files = {}
     labelling = tuple(s for n in names for s in METHODS[n].extra_suites(config))
     for split in ("search", "report"):  # validate every data file before any model or disk work
@@ -97,15 +97,15 @@ def run(config: RunConfig) -> int:
     from repair.runloop import bests_of, run_search
 
     result = run_search(config, loaded, objectives, methods)
-    candidates = result["candidates"]
+    candidates = result.candidates
     chosen = next(c for c in candidates if c["chosen"])
     base = candidates[0]
     common = {"model": loaded.describe(), "objectives": objectives.describe(), "max_utility_loss": config.max_utility_loss,
               "guards": {"max_kl_uniform_rise": config.max_kl_uniform_rise, "max_q_drift": config.max_q_drift or "q_spread"},
               "excluded_on_select": excluded_rows(candidates),
-              "search_select_spearman": result["search_select_spearman"],
+              "search_select_spearman": result.search_select_spearman,
               "chosen_on": "select", "reported_on": "report", "data_files": files, "versions": versions(),
-              "command": sys.argv, "n_llm_evaluations": result["n_evaluations"]}
+              "command": sys.argv, "n_llm_evaluations": result.n_evaluations}
     export(methods, loaded, chosen, base, config.out / "checkpoint", common, config)
     if config.export_all:  # several methods: their sequences are the methods and the stacks
         for name, c in bests_of(candidates).items():
@@ -175,33 +175,28 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
 
 def excluded_rows(candidates: list[dict]) -> list[dict]:
     """The verified configurations the guards refused on the select split: key, description, failed guards."""
-    from reports.records import describe_config
-
-    return [{"key": c["key"], "config": describe_config(c), "failed": c["excluded_by"]}
+    return [{"key": c["key"], "config": describe(c["method"], c["config"]), "failed": c["excluded_by"]}
             for c in candidates if c.get("excluded_by")]
 
 
-def describe_chosen(methods: dict, candidate: dict) -> str:
-    """The method's own summary line of a configuration; each part's for a stack."""
-    config = candidate["config"]
-    if "stack" in config:
-        return "stack: " + " + ".join(methods[m].summary({"config": c}) for m, c in config["stack"].items())
-    return methods[method_of(candidate["key"]) or next(iter(methods))].summary(candidate)
+def describe_chosen(candidate: dict) -> str:
+    """A candidate as the console names it: its method and its description."""
+    return f"{candidate['method']}: {describe(candidate['method'], candidate['config'])}"
 
 
 def _print_summary(config, objectives, base, chosen, report, result, methods) -> None:
-    print(f"\nLLM evaluations: {result['n_evaluations']} in {result['seconds'] / 60:.1f} min")
-    excluded = excluded_rows(result["candidates"])
+    print(f"\nLLM evaluations: {result.n_evaluations} in {result.seconds / 60:.1f} min")
+    excluded = excluded_rows(result.candidates)
     if chosen is base:
         print("no repaired configuration passed the guards on the select split: the checkpoint is the unrepaired model")
     if excluded:
-        print(f"excluded on the select split by the guards: {len(excluded)} of {len(result['candidates']) - 1} verified")
+        print(f"excluded on the select split by the guards: {len(excluded)} of {len(result.candidates) - 1} verified")
         for row in excluded[:6]:
             print(f"  {row['config']}: {row['failed'][0]}" + (f" (+{len(row['failed']) - 1} more)" if len(row["failed"]) > 1 else ""))
         if len(excluded) > 6:
             print(f"  ... {len(excluded) - 6} more in the report")
     print("chosen on the select split; measured on the report split, which no choice has seen")
-    rho = result["search_select_spearman"]
+    rho = result.search_select_spearman
     print(f"search vs select fairness of the {rho['n']} verified configurations: Spearman {rho['spearman']:.2f} "
           "(does the search's ranking hold on concepts and frames it never saw)")
     rows = summary_rows(objectives, base, chosen, "report")
@@ -209,15 +204,15 @@ def _print_summary(config, objectives, base, chosen, report, result, methods) ->
     print(f"{'report split'.ljust(width)}  unrepaired    repaired  change [paired 95% CI] (* excludes 0)")
     for label, a, b, change in rows:
         print(f"{label.ljust(width)}  {a:10.4f}  {b:10.4f}  {change}")
-    print(describe_chosen(methods, chosen))
+    print(describe_chosen(chosen))
     if len(methods) > 1:
         print("each method's best (chosen on the select split), on the report split:")
         from repair.runloop import bests_of
 
-        for name, c in bests_of(result["candidates"]).items():
+        for name, c in bests_of(result.candidates).items():
             changes = (c["changes"] or {}).get("report") or {}
             print(f"  {name:<10} fairness {format_change(changes.get('fairness'))}, utility "
-                  f"{format_change(changes.get('utility'))}: {describe_chosen(methods, c)}")
+                  f"{format_change(changes.get('utility'))}: {describe_chosen(c)}")
     print(f"checkpoint: {config.out / 'checkpoint'}")
     print(f"report:     {report}")
 
@@ -251,8 +246,10 @@ def write_run_report(run_dir: Path) -> Path:
         kind = "base" if i == 0 else ("chosen" if c["chosen"] else "best" if c["best_of"] else "candidate")
         name = "unrepaired" if i == 0 else _name(c["phase"], c["key"])
         sel = c["select"]
+        described = describe(c["method"], c["config"])
         select_points.append({"name": name, "method": "base" if i == 0 else c["methods"][0], "kind": kind, "split": "select",
                               "fairness": sel["fairness"], "utility": sel["utility"], "config": c["config"],
+                              "description": described,
                               "fairness_ci": fairness_interval(objectives, sel["metrics"]),
                               "utility_ci": utility_interval(objectives, sel["metrics"])})
         rep = c["report"]
@@ -262,7 +259,7 @@ def write_run_report(run_dir: Path) -> Path:
             "name": name, "method": "base" if i == 0 else c["methods"][0], "best_of": c["best_of"],
             "kind": kind, "split": "report", "fairness": rep["fairness"], "utility": rep["utility"],
             "fairness_ci": fairness_interval(objectives, rep["metrics"]), "utility_ci": utility_interval(objectives, rep["metrics"]),
-            "config": c["config"], "excluded_by": c.get("excluded_by"),
+            "config": c["config"], "description": described, "excluded_by": c.get("excluded_by"),
             "changes": (c.get("changes") or {}).get("report"),
             "shown": {k: {"value": rep["metrics"][k]["value"], "better": rep["metrics"][k]["better"]}
                       for k in ALWAYS_SHOWN if k in rep["metrics"]},
@@ -289,6 +286,8 @@ def write_run_report(run_dir: Path) -> Path:
     probes = next((p for p in (cls.probe_scores(run_dir) for cls in METHODS.values()) if p is not None), None)
     desc = objectives.describe()
     costs = json.loads((run_dir / "costs.json").read_text()) if (run_dir / "costs.json").is_file() else None
+    for row in (costs or {}).get("rows", []):
+        row["description"] = describe(row["method"], row["config"]) if row.get("config") else None
     several = len(names) > 1
     return write_report(run_dir / "report", points, objectives={k: {"name": v["name"], "better": v["better"]} for k, v in desc.items()},
                         fits=fits, title=f"fairness-repair: {identity['method']} on {identity['model']['model']}", meta=meta,
@@ -301,8 +300,6 @@ def best_rows(candidates: list[dict], names: tuple[str, ...]) -> list[dict]:
     """Each method's best and each stack on the report split, as the report's table shows them: the
     changes against the unrepaired model with their paired intervals, and for a stack whether it is
     fairer there than the fairer of its parts."""
-    from reports.records import describe_config
-
     by_key = {c["key"]: c for c in candidates}
     rows = []
     for c in candidates:
@@ -310,7 +307,7 @@ def best_rows(candidates: list[dict], names: tuple[str, ...]) -> list[dict]:
         if label is None or c["report"] is None:
             continue
         changes = (c["changes"] or {}).get("report") or {"metrics": {}}
-        row = {"method": label, "config": describe_config(c), "fairness": format_change(changes.get("fairness")),
+        row = {"method": label, "config": describe(c["method"], c["config"]), "fairness": format_change(changes.get("fairness")),
                "utility": format_change(changes.get("utility")),
                **{key.split("/")[-1]: format_change(changes["metrics"].get(key)) for key in ALWAYS_SHOWN}}
         if c["method"] == STACK:

@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from repair.errors import UserError
 from repair.io import write_json_atomic
@@ -17,7 +19,9 @@ RECORDS = 2  # how records are keyed: 2 = "METHOD:CONFIG" and "base" (1, unrecor
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that decides a run's results. The CLI maps `repair run` flags onto it one to one."""
+    """Everything that decides a run's results: the settings every method shares, and under `options`
+    each method's own (name -> its frozen Options, from its flags; a method not named takes its
+    defaults). The CLI maps `repair run` flags onto it one to one."""
 
     out: Path
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -26,15 +30,11 @@ class RunConfig:
     fairness: str = "association-neutral"  # the stereotype part; kl_uniform is shown beside it
     utility: str = "text"
     budget_evals: int = 120  # with several methods: shared by them, `budget_shares` or the default split
-    budget_shares: str | None = None  # "prune=2,fairmed=1": each method's weight (None: methods.DEFAULT_SHARES)
+    budget_shares: str | None = None  # "prune=2,fairmed=1": each method's weight (None: each method's budget_share)
     stack: bool = False  # several methods: also evaluate the best of each pair of methods applied together
     rounds: int = 2
     per_round: int = 8
-    max_prune: float = 0.2  # prune: the largest fraction of heads a mask may prune
-    max_layers: int = 10  # fairmed: the most layers a configuration may treat
-    target: str = "neutral"  # fairmed: the distribution the neutralizer steers towards (or "uniform")
-    steer_labels: str = "association"  # fairsteer: what labels prompts biased for its probes (or "bbq")
-    expert_base: str | None = None  # experts: the model the experts start from (None: the target itself)
+    options: Mapping[str, Any] = field(default_factory=dict)  # method name -> its Options (repair.methods.base)
     max_utility_loss: float = 0.05
     max_kl_uniform_rise: float = 0.02  # guard: kl_uniform's paired relative change may not end above this
     max_q_drift: float | None = None  # guard: KL(q_repaired || q_base) bound (None: the unrepaired model's q_spread)
@@ -56,6 +56,13 @@ class RunConfig:
     export_all: bool = False  # several methods: also export each method's best to checkpoints/METHOD
 
     @property
+    def method_names(self) -> tuple[str, ...]:
+        """The methods `method` names, in the registry's order (the one parser of --method: repair.methods)."""
+        from repair.methods import method_names
+
+        return method_names(self.method)
+
+    @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(self.out / 'study.db').resolve()}"
 
@@ -68,13 +75,30 @@ class RunConfig:
         the configuration, and under "numbers" what the model computes with (`models.model_numbers`:
         the weights' fingerprint, device type, resolved dtype), since a bfloat16 GPU run or another
         checkpoint behind the same path gives other numbers for the same flags."""
-        d = asdict(self)
-        for k in ("out", "storage", "study", "batch_masks", "workers_only", "heartbeat", "export_all"):
-            d.pop(k)
+        from repair.methods import METHODS
+
+        skip = ("out", "storage", "study", "batch_masks", "workers_only", "heartbeat", "export_all", "options")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        for name in METHODS:  # every method's options at the top level, as when they were fields here
+            own = asdict(self.options.get(name) or METHODS.options(name)())
+            assert not set(own) & set(d), f"{name}'s options reuse a name of the run's: {set(own) & set(d)}"
+            d.update(own)
         d["model"] = {"model": self.model.model, "trust_remote_code": self.model.trust_remote_code}
         d["numbers"] = model_numbers(self.model)
         d["records"] = RECORDS
         return json.loads(json.dumps(d, default=str))
+
+
+def pop_options(identity: dict) -> dict:
+    """Each method's Options out of an identity (`RunConfig.identity` puts their fields at its top level),
+    removed from it: what a worker rebuilds the run's RunConfig with."""
+    from repair.methods import METHODS
+
+    out = {}
+    for name in METHODS:
+        options = METHODS.options(name)
+        out[name] = options(**{f.name: identity.pop(f.name) for f in fields(options) if f.name in identity})
+    return out
 
 
 def check_numbers(held: dict | None, ours: dict, holder: str, this: str, fix: str, old_fix: str) -> None:

@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -170,6 +171,21 @@ def _reproducible(values: np.ndarray) -> np.ndarray:
     return np.where(finite, np.round(safe * scale) / scale, values)
 
 
+@dataclass(frozen=True)
+class RoundFit:
+    """A round's surrogates and what they were fitted on: the method's evaluated keys, their features
+    and objectives (rounded: `_reproducible`), the round's seed, and the fit's record (files, sha256, scores)."""
+
+    keys: list[str]
+    X: np.ndarray
+    fairness: np.ndarray
+    utility: np.ndarray
+    seed: int
+    fairness_model: Any
+    utility_model: Any
+    record: dict
+
+
 class Search:
     """One method's search over a loaded model; every phase resumes from the stored records."""
 
@@ -215,17 +231,18 @@ class Search:
         """Fit, anneal, evaluate the candidates. Each step's result is on disk before the next
         starts (fitted surrogates with their checksums, then the plan), so a rerun after a crash
         continues from the last finished step with the same numbers."""
-        if hasattr(self.space, "enumerate") and set(self.space.enumerate()) <= set(self.records.completed()):
+        every = self.method.every_configuration()
+        if every is not None and set(every) <= set(self.records.completed()):
             return []  # every configuration is evaluated: nothing for surrogates to choose (the experts' grid)
         plan_path = self.folder / f"round-{r}.json"
         if plan_path.is_file():
             plan = json.loads(plan_path.read_text())
         else:
-            plan = self._anneal(r, plan_path, *self._fit(r))
+            plan = self._plan(r, plan_path, self._fit(r))
         self.fits.append(plan["fits"])
         return self.evaluate([(k, f"round-{r}") for k in plan["candidates"]], f"round {r}/{self.config.rounds}: evaluating candidates")
 
-    def _fit(self, r: int):
+    def _fit(self, r: int) -> RoundFit:
         """The round's surrogates: fitted now, or read back (checksum-verified) from an earlier attempt."""
         folder = self.folder
         fit_path = folder / f"fit-{r}.json"
@@ -238,7 +255,7 @@ class Search:
                     models = [load(folder / fit["files"][o], fit["sha256"][o], inside=self.config.out) for o in ("fairness", "utility")]
                 except (ChecksumError, OSError) as exc:
                     raise UserError(f"{exc} (delete {fit_path} to refit the surrogates)") from None
-                return keys, X, f, u, seed, *models, fit
+                return RoundFit(keys, X, f, u, seed, *models, fit)
         f_params, u_params = self.method.surrogate_params(self)
         with tqdm(total=2, desc=f"round {r}/{self.config.rounds}: fitting surrogates", unit="model") as bar:
             f_model, f_scores = fit_surrogate(X, f, seed=seed, select_by="spearman", **f_params)
@@ -255,16 +272,19 @@ class Search:
         fit = {"keys": keys, "files": files, "sha256": digests,
                "scores": {"fairness": f_scores.as_dict(), "utility": u_scores.as_dict()}}
         write_json_atomic(fit_path, fit)
-        return keys, X, f, u, seed, f_model, u_model, fit
+        return RoundFit(keys, X, f, u, seed, f_model, u_model, fit)
 
-    def _anneal(self, r: int, plan_path: Path, keys, X, f, u, seed, f_model, u_model, fit) -> dict:
+    def _plan(self, r: int, plan_path: Path, fit: RoundFit) -> dict:
+        """The round's candidates, by the surrogates (annealed, or every configuration scored), kept in plan_path."""
         cfg, space = self.config, self.space
+        keys, X, f, u, seed = fit.keys, fit.X, fit.fairness, fit.utility, fit.seed
         failpoints.reached("annealing")
-        predict = joint_predictor(f_model, u_model)
+        predict = joint_predictor(fit.fairness_model, fit.utility_model)
         n = space.n_bits
         bits, settings = X[:, :n].astype(bool), [space.setting(k) if k != BASE else None for k in keys]
-        if hasattr(space, "enumerate"):  # small enough to score every configuration: exact, no annealing
-            found_keys = space.enumerate()
+        every = self.method.every_configuration()
+        if every is not None:  # small enough to score every configuration: exact, no annealing
+            found_keys = every
             fm, fs, um, us = predict(np.stack([space.features(k) for k in found_keys]))
             feasible = um + KAPPA * us <= self.utility_limit_loss()
             scores = list(np.where(feasible, fm + KAPPA * fs, np.inf).astype(np.float32))
@@ -278,13 +298,14 @@ class Search:
                 chosen.append(found_keys[i])
             if len(chosen) == cfg.per_round:
                 break
+        scores = fit.record["scores"]
         holdout_pred = {
-            "fairness": {"scores": fit["scores"]["fairness"], **_holdout_points(f_model, X, f, seed)},
-            "utility": {"scores": fit["scores"]["utility"], **_holdout_points(u_model, X, u, seed + 1)},
+            "fairness": {"scores": scores["fairness"], **_holdout_points(fit.fairness_model, X, f, seed)},
+            "utility": {"scores": scores["utility"], **_holdout_points(fit.utility_model, X, u, seed + 1)},
         }
-        plan = {"round": r, "candidates": chosen, "fits": holdout_pred, "surrogate_sha256": fit["sha256"],
+        plan = {"round": r, "candidates": chosen, "fits": holdout_pred, "surrogate_sha256": fit.record["sha256"],
                 "n_records": len(keys), "selected_params": {o: {k: v for k, v in m.selected_params_.items() if k != "prior"}
-                                    for o, m in (("fairness", f_model), ("utility", u_model))}}
+                                    for o, m in (("fairness", fit.fairness_model), ("utility", fit.utility_model))}}
         write_json_atomic(plan_path, plan)
         return plan
 
@@ -411,10 +432,49 @@ class Timing:
             write_json_atomic(self.path, self.seconds)
 
 
-def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, methods: dict) -> dict:
+@dataclass(frozen=True)
+class Searched:
+    """What the search phase leaves: every sequence of keys (each method's, its built-in comparisons',
+    its baselines'), the method each belongs to (None: the stacks), each one's finalists for the select
+    split, and the surrogates' held-out fits."""
+
+    sequences: dict[str, list[str]]
+    owner: dict[str, str | None]
+    finalists: dict[str, list[str]]
+    fits: list[dict]
+
+
+@dataclass(frozen=True)
+class Selected:
+    """The select split's verdict: the keys verified there in order (the unrepaired model first), their
+    measurements, the guards each failed, each sequence's best (the unrepaired model when none
+    passes) and the one chosen."""
+
+    keys: list[str]
+    measured: dict[str, dict]
+    excluded: dict[str, list[str]]
+    best: dict[str, str]
+    chosen: str
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished search: the candidates as candidates.jsonl holds them (the unrepaired model first),
+    the surrogates' fits, how many LLM evaluations the study holds, the search-vs-select rank
+    correlation, the wall time and where it went, and the sequences of keys."""
+
+    candidates: list[dict]
+    fits: list[dict]
+    n_evaluations: int
+    search_select_spearman: dict
+    seconds: float
+    timing: dict[str, float]
+    sequences: dict[str, list[str]]
+
+
+def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, methods: dict) -> RunResult:
     """Search each of `methods` (name -> method, each with its own share of the budget in
-    `method.config`), then verify, choose and report over all of them together; returns the
-    candidates as run.py exports them.
+    `method.config`), then verify, choose and report over all of them together.
 
     One method keeps its built-in comparisons (top-k, layer sweep, baselines) as sequences of their
     own; several are ranked against each other instead, and with `config.stack` the best of each pair
@@ -427,64 +487,104 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
         with timing(name):
             method.prepare(loaded, method.config, eval_config(method.config, "search"))
     scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods, config.panel_bbq_limit)
-    several = len(methods) > 1
     try:
-        searches = {name: Search(m.config, objectives, scorer, m, records) for name, m in methods.items()}
-        publish(records.study, config, scorer.files(), {k: v for m in methods.values() for k, v in m.artifacts().items()})
-        sequences, owner = {}, {}
-        for name, method in methods.items():
-            search = searches[name]
-            with timing(name):
-                sequences[name] = search.evaluate(method.seed(search), method.seed_description
-                                                  + (f" ({name})" if several else ""))
-                for r in range(1, method.config.rounds + 1):
-                    sequences[name] += search.round(r)
-                own = method.baselines(search) if not several else {}
-            owner[name] = name
-            for seq_name, seq in own.items():
-                sequences[seq_name], owner[seq_name] = seq, name
-        # the built-in comparisons (top-k, layer-sweep, always-on) need only their best few verified: half as
-        # many finalists (a held-out evaluation costs about ten search-split ones); --baselines all of theirs
-        finalists = {seq_name: searches[owner[seq_name]].finalists(
-                         seq, None if seq_name in methods or seq_name in config.baselines
-                         else max(1, methods[owner[seq_name]].config.verify_top // 2))
-                     for seq_name, seq in sequences.items()}
-        with timing("held-out"):
-            to_select = list(dict.fromkeys([BASE] + [k for keys in finalists.values() for k in keys]))
-            selected = verify(config, scorer, to_select, "select")
-            excluded = exclusions(config, objectives, selected, BASE)
-            best = {m: choose(selected, BASE, keys, excluded) for m, keys in finalists.items()}
-        if several and config.stack:
-            stacks = stack_candidates(best, methods)
-            with timing(STACK):
-                evaluate_search(config, scorer, records, [(k, STACK) for k in stacks], "stacks: best configurations in pairs")
-            with timing("held-out"):
-                selected.update(verify(config, scorer, stacks, "select"))
-            excluded = exclusions(config, objectives, selected, BASE)
-            finalists[STACK], owner[STACK] = stacks, None
-            sequences[STACK] = [BASE, *stacks]
-            best[STACK] = choose(selected, BASE, stacks, excluded)
-            to_select += stacks
-        allowed = [k for seq_name, keys in finalists.items() if seq_name in methods or seq_name == STACK for k in keys]
-        chosen = choose(selected, BASE, allowed, excluded)
+        searched = search_methods(config, objectives, scorer, methods, records, timing)
+        selected = select(config, objectives, scorer, searched, timing)
+        if len(methods) > 1 and config.stack:
+            searched, selected = add_stacks(config, objectives, scorer, methods, records, searched, selected, timing)
         # only now, after every choice, the report split: what the user is shown (every stack, so the report
         # shows whether stacking beats its parts)
         with timing("held-out"):
-            to_report = list(dict.fromkeys([BASE, chosen, *best.values(), *finalists.get(STACK, []),
-                                            *select_front(objectives, selected)]))
+            to_report = list(dict.fromkeys([BASE, selected.chosen, *selected.best.values(),
+                                            *searched.finalists.get(STACK, []), *select_front(objectives, selected.measured)]))
             reported = verify(config, scorer, to_report, "report")
         records.study.set_user_attr("finished", True)  # workers may leave
     finally:
         scorer.close()
+    candidates = candidate_rows(config, objectives, methods, records, searched, selected, reported)
+    from repair.io import write_text_atomic
+
+    write_text_atomic(config.out / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
+    write_json_atomic(config.out / "methods.json", {
+        name: {"evaluations": len(seq), "best": best_verified(seq, candidates, name)} for name, seq in searched.sequences.items()
+    })
+    return RunResult(candidates=candidates, fits=searched.fits, n_evaluations=len(records.completed()),
+                     search_select_spearman=search_select_correlation(candidates),
+                     seconds=time.perf_counter() - started, timing=timing.seconds, sequences=searched.sequences)
+
+
+def search_methods(config: RunConfig, objectives: Objectives, scorer: Scorer, methods: dict, records: Records,
+                   timing: Timing) -> Searched:
+    """Each method's seed and surrogate rounds on the search split (and, alone, its built-in comparisons
+    and baselines), the study's artifacts published first for workers; then each sequence's finalists."""
+    several = len(methods) > 1
+    searches = {name: Search(m.config, objectives, scorer, m, records) for name, m in methods.items()}
+    publish(records.study, config, scorer.files(), {k: v for m in methods.values() for k, v in m.artifacts().items()})
+    sequences, owner = {}, {}
+    for name, method in methods.items():
+        search = searches[name]
+        with timing(name):
+            sequences[name] = search.evaluate(method.seed(search), method.seed_description
+                                              + (f" ({name})" if several else ""))
+            for r in range(1, method.config.rounds + 1):
+                sequences[name] += search.round(r)
+            own = method.baselines(search) if not several else {}
+        owner[name] = name
+        for seq_name, seq in own.items():
+            sequences[seq_name], owner[seq_name] = seq, name
+    # the built-in comparisons (top-k, layer-sweep, always-on) need only their best few verified: half as
+    # many finalists (a held-out evaluation costs about ten search-split ones); --baselines all of theirs
+    finalists = {seq_name: searches[owner[seq_name]].finalists(
+                     seq, None if seq_name in methods or seq_name in config.baselines
+                     else max(1, methods[owner[seq_name]].config.verify_top // 2))
+                 for seq_name, seq in sequences.items()}
+    return Searched(sequences, owner, finalists, [f for s in searches.values() for f in s.fits])
+
+
+def select(config: RunConfig, objectives: Objectives, scorer: Scorer, searched: Searched, timing: Timing) -> Selected:
+    """The finalists measured on the select split; the guards' exclusions; each sequence's best and the
+    one chosen among the methods' own sequences (not their comparisons' or baselines')."""
+    with timing("held-out"):
+        keys = list(dict.fromkeys([BASE] + [k for found in searched.finalists.values() for k in found]))
+        measured = verify(config, scorer, keys, "select")
+    return _verdict(config, objectives, searched, keys, measured)
+
+
+def add_stacks(config: RunConfig, objectives: Objectives, scorer: Scorer, methods: dict, records: Records,
+               searched: Searched, selected: Selected, timing: Timing) -> tuple[Searched, Selected]:
+    """Each pair of methods' best applied together: evaluated on the search split, verified on the
+    select split, and ranked with the rest (the choice made again over all of them)."""
+    stacks = stack_candidates(selected.best, methods)
+    with timing(STACK):
+        evaluate_search(config, scorer, records, [(k, STACK) for k in stacks], "stacks: best configurations in pairs")
+    with timing("held-out"):
+        measured = {**selected.measured, **verify(config, scorer, stacks, "select")}
+    searched = replace(searched, sequences={**searched.sequences, STACK: [BASE, *stacks]},
+                       owner={**searched.owner, STACK: None}, finalists={**searched.finalists, STACK: stacks})
+    return searched, _verdict(config, objectives, searched, selected.keys + stacks, measured)
+
+
+def _verdict(config: RunConfig, objectives: Objectives, searched: Searched, keys: list[str], measured: dict) -> Selected:
+    excluded = exclusions(config, objectives, measured, BASE)
+    best = {m: choose(measured, BASE, found, excluded) for m, found in searched.finalists.items()}
+    allowed = [k for seq, found in searched.finalists.items() if searched.owner[seq] in (seq, None) for k in found]
+    return Selected(keys, measured, excluded, best, choose(measured, BASE, allowed, excluded))
+
+
+def candidate_rows(config: RunConfig, objectives: Objectives, methods: dict, records: Records, searched: Searched,
+                   selected: Selected, reported: dict) -> list[dict]:
+    """One row per configuration verified on the select split (the unrepaired model first), as
+    candidates.jsonl holds it: what it is, which sequences it finalised and led, the guards, its
+    numbers on every split and its paired changes against the unrepaired model."""
     done = records.completed()
-    bound = objectives.utility_bound(selected[BASE]["utility"], config.max_utility_loss)
-    measured = {"select": selected, "report": reported}
-    candidates = [{
+    measured = {"select": selected.measured, "report": reported}
+    bound = objectives.utility_bound(selected.measured[BASE]["utility"], config.max_utility_loss)
+    return [{
         "key": k, "phase": done[k].user_attrs["phase"], "method": method_of(k) or "base", "config": describe(methods, k),
-        "methods": [m for m, keys in finalists.items() if k in keys], "chosen": k == chosen,
-        "best_of": [m for m, b in best.items() if b == k and k != BASE],
-        "meets_constraint_on_select": objectives.meets(selected[k]["utility"], bound),
-        "excluded_by": excluded[k],  # the guards it failed on the select split (utility included); [] if eligible
+        "methods": [m for m, found in searched.finalists.items() if k in found], "chosen": k == selected.chosen,
+        "best_of": [m for m, b in selected.best.items() if b == k and k != BASE],
+        "meets_constraint_on_select": objectives.meets(selected.measured[k]["utility"], bound),
+        "excluded_by": selected.excluded[k],  # the guards it failed on the select split (utility included); [] if eligible
         # how far the neutral reference moved, KL(q || q_base), on each held-out split, and the unrepaired model's own spread
         "q_drift": {split: {"value": q_drift(rows[BASE]["metrics"], rows[k]["metrics"]),
                             "spread": (rows[BASE]["metrics"].get(Q_SPREAD) or {}).get("value")} if k in rows else None
@@ -494,17 +594,7 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
         # against the unrepaired model on the same split, with paired intervals
         "changes": {split: paired_changes(objectives, rows[BASE], rows[k], seed=config.seed) if k in rows and k != BASE else None
                     for split, rows in measured.items()},
-    } for k in to_select]
-    from repair.io import write_text_atomic
-
-    write_text_atomic(config.out / "candidates.jsonl", "".join(json.dumps(c) + "\n" for c in candidates))
-    correlation = search_select_correlation(candidates)
-    write_json_atomic(config.out / "methods.json", {
-        name: {"evaluations": len(seq), "best": best_verified(seq, candidates, name)} for name, seq in sequences.items()
-    })
-    return {"candidates": candidates, "fits": [f for s in searches.values() for f in s.fits], "n_evaluations": len(done),
-            "search_select_spearman": correlation,
-            "seconds": time.perf_counter() - started, "timing": timing.seconds, "sequences": sequences}
+    } for k in selected.keys]
 
 
 def search_select_correlation(candidates: list[dict]) -> dict:

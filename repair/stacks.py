@@ -3,7 +3,7 @@ mask with a steering vector, a neutralizer beside the experts). None of the sour
 
 A stack is a key `stack:KEY+KEY` (repair.space.parts); in the search each part's intervention gets
 its own part for a stack's rows, so stacks are evaluated on the same batched forwards as anything
-else. Exported, a stack is one checkpoint: the pruned weights when pruning is a part, and every
+else. Exported, a stack is one checkpoint: the changed weights when a part changes weights (pruning), and every
 hooked part's tensors, prefixed by its method, in one `interventions.safetensors`.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 
 
 from repair.applied import Applied
-from repair.export import pruned_state_dict, write_checkpoint
+from repair.export import write_checkpoint
 from repair.load import INTERVENTIONS
 from repair.space import STACK, parts
 
@@ -36,12 +36,14 @@ def extra_parameters(methods: dict, key: str) -> tuple[int, int]:
 
 
 def export_stack(methods: dict, loaded, key: str, target, manifest: dict, card: str):
-    """One checkpoint of a stack: pruned weights if pruning is a part, the hooked parts' tensors and
+    """One checkpoint of a stack: the changed weights if a part changes weights (pruning), the hooked parts' tensors and
     settings (names prefixed `METHOD/`) and their models; checked by reloading like any other."""
     model = loaded.model
     found = parts(key)
-    state = pruned_state_dict(model, methods["prune"].space.config(found["prune"]))[0] if "prune" in found else model.state_dict()
-    hooked = [m for m in found if m != "prune"]
+    changed = [m for m in found if methods[m].changes_weights]
+    assert len(changed) <= 1, f"two parts change weights ({', '.join(changed)}): a stack holds one"
+    state = methods[changed[0]].weights(model, found[changed[0]]) if changed else model.state_dict()
+    hooked = [m for m in found if m not in changed]
     tensors, meta, models = {}, {"method": STACK, "parts": json.dumps(hooked)}, {}
     for name in hooked:
         t, m, extra = methods[name].bundle(found[name])

@@ -253,7 +253,7 @@ def _costs(costs) -> str:
         slowdown = f'{r["generation_slowdown"]:.2f}x' if "generation_slowdown" in r else "n/a"
         params = f'{r["extra_parameters"]:,}' if "extra_parameters" in r else "n/a"
         memory = f'{r["extra_bytes"] / 2**20:.1f} MiB' if "extra_bytes" in r else "n/a"
-        described = describe_config({"config": r["config"]}) if r.get("config") else "none within the utility limit"
+        described = describe_config(r) if r.get("config") else "none within the utility limit"
         rows.append(
             f'<tr><td><span class="swatch" style="background:{colours[r["method"]]}"></span>{esc(r["method"])}</td>'
             f'<td class="num">{r["evaluations"]}</td><td class="num">{r["held_out_evaluations"]}</td>'

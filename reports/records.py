@@ -215,24 +215,6 @@ def check_fits(fits: Sequence[Mapping]) -> list[dict]:
 
 
 def describe_config(point: Mapping) -> str:
-    """A configuration in a few words, for cards and tooltips: pruned heads, a FairMed, FairSteer or
-    experts setting."""
-    c = point.get("config") or {}
-    if isinstance(c.get("pruned_heads"), (list, tuple)):
-        return f"{len(c['pruned_heads'])} pruned heads"
-    if "layers" in c:
-        if not c["layers"]:
-            return "no layer treated"
-        return (f"layers {', '.join(map(str, c['layers']))}; lambda {c['lambda']:g}, {c['steps']} steps, "
-                f"gate {c['gate']:g}, target {c['target']}")
-    if "layer" in c:
-        if c["layer"] is None:
-            return "no layer steered"
-        gate = ("always on" if c["threshold"] is None else f"threshold {c['threshold']:.3g}"
-                + (f" (q{c['quantile']:g})" if c.get("quantile") is not None else ""))
-        return f"layer {c['layer']} steered, alpha {c['alpha']:g}, {gate}"
-    if "rule" in c:
-        return f"experts' shift: alpha {c['alpha']:g}, rule {c['rule']}" if c["alpha"] else "experts off"
-    if "stack" in c:
-        return " + ".join(f"{m}: {describe_config({'config': part})}" for m, part in c["stack"].items())
-    return ""
+    """A configuration in a few words, for cards and tooltips: the description the run wrote beside the
+    point (its method's own, repair.methods.describe); "" for none."""
+    return str(point.get("description") or "")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import repair.export as export
+import repair.export
+import repair.methods.prune.checkpoint as export
 from conftest import ROOT
 from repair.methods.prune.heads import attention_output, decoder_layers
 from repair.models import ModelSpec, load_model
@@ -108,7 +109,7 @@ KILLED_EXPORT = """
 import sys
 from pathlib import Path
 import numpy as np
-from repair.export import export_pruned
+from repair.methods.prune.checkpoint import export_pruned
 from repair.models import ModelSpec, load_model
 loaded = load_model(ModelSpec(sys.argv[1], device="cpu"))
 mask = np.array({mask})
@@ -133,7 +134,7 @@ def test_kill_between_the_renames_leaves_nothing_stale_after_the_next_export(mod
 def test_a_checkpoint_only_aside_is_put_back_when_the_export_fails(loaded, tmp_path, monkeypatch):
     first = export.export_pruned(loaded, MASK, tmp_path / "checkpoint", manifest(), "card\n")
     first.rename(tmp_path / ".checkpoint.old")  # as a kill between the renames leaves it
-    monkeypatch.setattr(export, "_check_reload", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(repair.export, "_check_reload", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         export.export_pruned(loaded, MASK, tmp_path / "checkpoint", manifest(), "card\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

@@ -416,15 +416,18 @@ def test_plot_coordinates_are_finite_for_degenerate_data():
 
 
 def test_every_method_configuration_is_described_in_a_few_words():
-    from reports.records import describe_config
+    from repair.methods import describe
 
-    cases = [({"pruned_heads": [[0, 1], [2, 3]]}, "2 pruned heads"),
-             ({"layers": [3, 7], "lambda": 0.1, "steps": 3, "gate": 0.5, "target": "neutral"},
+    cases = [("prune", {"pruned_heads": [[0, 1], [2, 3]]}, "2 pruned heads"),
+             ("fairmed", {"layers": [3, 7], "lambda": 0.1, "steps": 3, "gate": 0.5, "target": "neutral"},
               "layers 3, 7; lambda 0.1, 3 steps, gate 0.5, target neutral"),
-             ({"layer": 4, "alpha": 0.2, "threshold": 0.5, "gated": True}, "layer 4 steered, alpha 0.2, threshold 0.5"),
-             ({"layer": 4, "alpha": 0.2, "threshold": None, "gated": False}, "layer 4 steered, alpha 0.2, always on"),
-             ({"layer": None, "alpha": 0.0, "threshold": 0.5, "gated": True}, "no layer steered"),
-             ({"alpha": 1.5, "rule": "logits"}, "experts' shift: alpha 1.5, rule logits"),
-             ({"alpha": 0.0, "rule": "logits"}, "experts off")]
-    for config, words in cases:
-        assert describe_config({"config": config}) == words
+             ("fairsteer", {"layer": 4, "alpha": 0.2, "threshold": 0.5, "gated": True}, "layer 4 steered, alpha 0.2, threshold 0.5"),
+             ("fairsteer", {"layer": 4, "alpha": 0.2, "threshold": None, "gated": False}, "layer 4 steered, alpha 0.2, always on"),
+             ("fairsteer", {"layer": None, "alpha": 0.0, "threshold": 0.5, "gated": True}, "no layer steered"),
+             ("experts", {"alpha": 1.5, "rule": "logits"}, "experts' shift: alpha 1.5, rule logits"),
+             ("experts", {"alpha": 0.0, "rule": "logits"}, "experts off"),
+             ("stack", {"stack": {"prune": {"pruned_heads": [[0, 1]]}, "experts": {"alpha": 1.5, "rule": "probs"}}},
+              "prune: 1 pruned heads + experts: experts' shift: alpha 1.5, rule probs"),
+             ("base", {"pruned_heads": []}, "unrepaired")]
+    for method, config, words in cases:
+        assert describe(method, config) == words

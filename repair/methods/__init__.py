@@ -3,8 +3,8 @@ configuration space, which configurations it seeds, its intervention, its export
 share are in repair.runloop; the helpers they share are `artifacts` and `rows` here.
 
 A run takes one method, a comma list of them or `all`: every method then searches in the same study
-on the same suites and splits, with its share of `--budget-evals` (`DEFAULT_SHARES`, or
-`--budget-shares`), and one select/choose/report step ranks them all together.
+on the same suites and splits, with its share of `--budget-evals` (each class's `budget_share`,
+or `--budget-shares`), and one select/choose/report step ranks them all together.
 """
 from __future__ import annotations
 
@@ -16,16 +16,33 @@ from repair.errors import UserError
 
 
 class _Registry(Mapping):
-    """Method name -> its `Method` class, each imported when first asked for, in the canonical order.
+    """Method name -> its `Method` class, each imported when first asked for, in the order registered.
     Eager imports here would make every module under repair/methods/ (a hook, a space) import every
-    method, and with them the export and the loader: the registry must stay light to break no arrow."""
+    method, and with them the export and the loader: the registry must stay light to break no arrow.
+    `options(name)` imports only the method's Options (its flags), so the command line builds without
+    torch."""
 
-    def __init__(self, where: dict[str, str]):
-        self._where = where  # name -> "module:Class"
+    def __init__(self):
+        self._where: dict[str, tuple] = {}  # name -> (Method class or "module:Class", Options likewise or None)
+
+    def register(self, name: str, method, options=None) -> None:
+        """Add a method: its class (or "module:Class" to import it when first needed) and its Options
+        dataclass likewise (None: no flags of its own). A name already registered is refused."""
+        if name in self._where:
+            raise ValueError(f"a method named {name!r} is registered already")
+        self._where[name] = (method, options)
+
+    def unregister(self, name: str) -> None:
+        del self._where[name]
 
     def __getitem__(self, name: str):
-        module, _, cls = self._where[name].partition(":")
-        return getattr(import_module(module), cls)
+        return _resolve(self._where[name][0])
+
+    def options(self, name: str) -> type:
+        from repair.methods.base import NoOptions
+
+        found = self._where[name][1]
+        return NoOptions if found is None else _resolve(found)
 
     def __iter__(self):
         return iter(self._where)
@@ -34,13 +51,17 @@ class _Registry(Mapping):
         return len(self._where)
 
 
-METHODS = _Registry({"prune": "repair.methods.prune.method:Prune", "fairmed": "repair.methods.fairmed.method:FairMed",
-                     "fairsteer": "repair.methods.fairsteer.method:FairSteer",
-                     "experts": "repair.methods.experts.method:Experts"})
+def _resolve(where):
+    if not isinstance(where, str):
+        return where
+    module, _, name = where.partition(":")
+    return getattr(import_module(module), name)
+
+
+METHODS = _Registry()
+for _name, _cls in (("prune", "Prune"), ("fairmed", "FairMed"), ("fairsteer", "FairSteer"), ("experts", "Experts")):
+    METHODS.register(_name, f"repair.methods.{_name}.method:{_cls}", f"repair.methods.{_name}.options:{_cls}Options")
 ALL = "all"
-# Several methods share --budget-evals in these proportions (renormalised over the methods named).
-# The experts evaluate a 13-point grid on shared forwards, so a small share covers them.
-DEFAULT_SHARES = {"prune": 0.35, "fairmed": 0.30, "fairsteer": 0.25, "experts": 0.10}
 # Defaults that depend on how many methods run: one method keeps the single-method defaults, several
 # get a larger total budget and fewer finalists each (a held-out evaluation costs about ten search ones).
 BUDGET_EVALS = {"one": 120, "several": 200}
@@ -68,10 +89,10 @@ def defaults_for(text: str) -> str:
 
 def shares(config) -> dict[str, float]:
     """Each method's fraction of the budget: `config.budget_shares` ('prune=2,fairmed=1', any positive
-    weights) or DEFAULT_SHARES, normalised over the methods of the run."""
-    names = method_names(config.method)
+    weights) or each method's `budget_share`, normalised over the methods of the run."""
+    names = config.method_names
     if config.budget_shares is None:
-        weights = {n: DEFAULT_SHARES[n] for n in names}
+        weights = {n: METHODS[n].budget_share for n in names}
     else:
         weights = {}
         for item in config.budget_shares.split(","):
@@ -98,7 +119,7 @@ def shares(config) -> dict[str, float]:
 
 def method_configs(config) -> dict:
     """Each method's own RunConfig: the run's, with its method and its share of the budget."""
-    names = method_names(config.method)
+    names = config.method_names
     if len(names) == 1:
         return {names[0]: replace(config, method=names[0])}
     return {n: replace(config, method=n, budget_evals=int(config.budget_evals * s)) for n, s in shares(config).items()}
@@ -107,3 +128,11 @@ def method_configs(config) -> dict:
 def build(config, model) -> dict:
     """The methods `config.method` names, for `model`, by name, each with its own config (`.config`)."""
     return {n: METHODS[n](c, model) for n, c in method_configs(config).items()}
+
+
+def describe(method: str, config: dict) -> str:
+    """A configuration of `method` in a few words (its `describe`; each part's for a stack, "unrepaired"
+    for the unrepaired model): the one text of the console summary, the report and the model card."""
+    if "stack" in config:
+        return " + ".join(f"{m}: {METHODS[m].describe(part)}" for m, part in config["stack"].items())
+    return METHODS[method].describe(config) if method in METHODS else "unrepaired"

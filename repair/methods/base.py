@@ -4,7 +4,8 @@ abstract members and overrides the optional ones whose defaults do not fit; the 
 and never tests for them.
 
 The life of a method in a run:
-    method = Cls(config, model)             # its space, from the model's shape and the run's flags
+    add_flags(parser, METHODS.options(name))  # its own `repair run` flags (a frozen dataclass, registered with it)
+    method = Cls(config, model)             # its space, from the model's shape and its options
     method.check_inputs(loaded)             # optional: refuse bad input before any work
     method.prepare(loaded, config, search)  # fit what it needs (probers, vectors, experts) on the search split
     method.artifacts()                      # what workers need of that fit, published in the study
@@ -15,8 +16,33 @@ The life of a method in a run:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
+
+
+def flag(default, kind, help: str, **argparse_kwargs):
+    """A field of a method's Options that is also its `repair run` flag (`--max-prune` for
+    `max_prune`): `kind` parses the flag's text (float, int, str), `help` is its --help line."""
+    return field(default=default, metadata={"kind": kind, "help": help, **argparse_kwargs})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a method with no flags of its own."""
+
+
+def add_flags(group, options: type) -> None:
+    """Add a method's Options fields to `repair run` as flags (`group`: an argparse group)."""
+    for f in fields(options):
+        extra = {k: v for k, v in f.metadata.items() if k not in ("kind", "help")}
+        group.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["kind"], default=f.default,
+                           help=f.metadata["help"], **extra)
+
+
+def options_from(args, options: type):
+    """A method's Options from parsed `repair run` arguments."""
+    return options(**{f.name: getattr(args, f.name) for f in fields(options)})
 
 
 class Method(ABC):
@@ -29,15 +55,37 @@ class Method(ABC):
     anneal_size: ClassVar[tuple[int, int]] = (256, 1500)  # annealing chains and steps per setting and weight
     keys_per_batch: int = 0  # configurations it evaluates in one batch when more than --batch-masks (0: none)
 
+    budget_share: ClassVar[float] = 0.25  # its weight in --budget-evals beside other methods (--budget-shares overrides)
+    changes_weights: ClassVar[bool] = False  # True: its repair is in the exported weights (pruning), no hook to re-attach
+    explanation: ClassVar[str] = ""  # the model card's sentence on how the repair acts (after its description)
+    setting_flags: ClassVar[tuple[str, ...]] = ()  # the fields of a hooked checkpoint's setting `--layers` etc. may replace
+
     space: Any
-    config: Any
+    config: Any  # the run's RunConfig, with this method's share of the budget
+    options: Any  # its Options, from config.options (the defaults when the run gave none)
+
+    # ---- its options and its one description (class methods, no model needed) --------------------
+    @classmethod
+    def options_of(cls, config) -> Any:
+        """Its Options (registered with it, repair.methods) in a RunConfig: the defaults when the run gave none."""
+        from repair.methods import METHODS
+
+        return config.options.get(cls.name) or METHODS.options(cls.name)()
+
+    @classmethod
+    @abstractmethod
+    def describe(cls, config: dict) -> str:
+        """A configuration in a few words (`config`: its space's `describe(key)`), the one text the
+        console summary, the report, the model card and repair.load's messages show."""
+
+
 
     # ---- the run's configuration, before any model loads (class methods) -----------------------
     @classmethod
     def check_config(cls, config, names: tuple[str, ...]) -> None:
         """Refuse, with a UserError naming the flag, this method's flags when they are malformed or given
         to a run that does not run it (`names`: the run's methods, the first one its only one when
-        alone). Called for every registered method (default: no flags of its own)."""
+        alone). Called for every registered method (default: nothing to check)."""
 
     @classmethod
     def extra_suites(cls, config) -> tuple[str, ...]:
@@ -87,6 +135,11 @@ class Method(ABC):
     def surrogate_params(self, search) -> tuple[dict, dict]:
         """Keyword arguments for surrogate.fit_surrogate: (fairness model's, utility model's)."""
 
+    def every_configuration(self) -> list[str] | None:
+        """Every key of a space small enough to score whole: the surrogates rank them all instead of
+        annealing, and a round stops once all are evaluated (default None: anneal)."""
+        return None
+
     def anneal_settings(self, search, keys: list[str], fairness) -> list:
         """The settings the bits are annealed under, one sweep each (default: the space's own)."""
         return list(self.space.settings)
@@ -105,6 +158,11 @@ class Method(ABC):
         a method that changes weights instead (pruning) raises."""
         raise NotImplementedError(f"{self.name} changes weights: it has no hooked bundle")
 
+    def weights(self, model, key: str) -> dict:
+        """A weight-changing method's (`changes_weights`) state dict of `model` with `key` applied,
+        for a checkpoint or a stack that holds it."""
+        raise NotImplementedError(f"{self.name} adds a hook: it changes no weights")
+
     @abstractmethod
     def extra_tensors(self, key: str) -> list:
         """The tensors a checkpoint of `key` holds or runs beyond the base model's weights."""
@@ -113,6 +171,17 @@ class Method(ABC):
     def export(self, loaded, key: str, target, manifest: dict, card: str):
         """Write `key` as a checkpoint at `target` (checked by reloading it)."""
 
-    @abstractmethod
-    def summary(self, candidate: dict) -> str:
-        """One line describing a candidate's configuration, for the console summary."""
+
+    # ---- a checkpoint, back in repair.load (class methods: no run, only the checkpoint) -------------
+    @classmethod
+    def reattach(cls, model, tensors: dict, meta: dict, folder: Path | None):
+        """Re-attach an exported configuration (its tensors, its settings decoded from JSON, the
+        checkpoint folder for what it keeps beside them) to `model`, removable; ValueError when it
+        does not fit. A method that changes weights has nothing to re-attach."""
+        raise ValueError(f"{cls.name} checkpoints hold their repair in the weights: nothing to attach")
+
+    @classmethod
+    def merge_setting(cls, saved: dict, setting: dict, n_layers: int) -> dict:
+        """A checkpoint's saved setting with `setting`'s fields (its `setting_flags`) in place, checked
+        (ValueError naming the problem) against a model of `n_layers` decoder layers."""
+        return {**saved, **setting}

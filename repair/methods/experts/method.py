@@ -26,9 +26,14 @@ class Experts(Method):
     name = "experts"
     seed_phases = ("grid",)
     seed_description = "evaluating every (rule, alpha) on shared forwards"
+    budget_share = 0.1  # a 13-point grid on shared forwards: a small share covers it
+    explanation = ("At every generated token the logits are shifted by alpha x the difference between an expert "
+                   "(`expert/`, tuned on anti-stereotypical text) and an anti-expert (`anti_expert/`, on "
+                   "stereotypical text); both are beside the weights.")
+    setting_flags = ("alpha",)
 
     def __init__(self, config, model):
-        self.config, self.target = config, model
+        self.config, self.options, self.target = config, self.options_of(config), model
         self.space = ExpertSpace()
         self.keys_per_batch = len(self.space.enumerate()) + 1  # the whole grid and the unrepaired model at once
         self.models: dict | None = None
@@ -40,9 +45,27 @@ class Experts(Method):
         if config.baselines and names[0] == "experts":
             raise UserError("--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
                             "experts has its own (it evaluates its whole grid)")
-        if config.expert_base and "experts" not in names:
+        if cls.options_of(config).expert_base and "experts" not in names:
             raise UserError(f"--expert-base is the starting model of --method experts' experts; --method {config.method} "
                             "trains none (leave the flag out)")
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        return f"experts' shift: alpha {config['alpha']:g}, rule {config['rule']}" if config["alpha"] else "experts off"
+
+    @classmethod
+    def merge_setting(cls, saved: dict, setting: dict, n_layers: int) -> dict:
+        merged = {**saved, **setting}
+        ExpertSetting(**merged).check()
+        return merged
+
+    @classmethod
+    def reattach(cls, model, tensors: dict, meta: dict, folder: Path) -> ExpertsTransform:
+        """Load an exported bundle's experts beside `model` and make its generate() apply them
+        (repair.load); ValueError when they do not fit the model."""
+        param = next(model.parameters())
+        models = training.load_models(folder, param.device, param.dtype)
+        return ExpertsTransform(model, models["expert"], models["anti_expert"], [ExpertSetting(**meta["setting"])]).attach()
 
     def min_budget(self) -> int:
         """The whole grid: every configuration is the same forwards combined another way."""
@@ -51,7 +74,7 @@ class Experts(Method):
     def check_inputs(self, loaded) -> None:
         """Load `--expert-base` and refuse one whose vocabulary differs from the target's, before the
         run writes anything."""
-        if not self.config.expert_base:
+        if not self.options.expert_base:
             return
         from dataclasses import replace
 
@@ -59,14 +82,14 @@ class Experts(Method):
         from repair.models import load_model, same_vocabulary
 
         try:
-            base = load_model(replace(self.config.model, model=self.config.expert_base, device_map=None))
+            base = load_model(replace(self.config.model, model=self.options.expert_base, device_map=None))
         except ModelError as exc:
             raise UserError(f"--expert-base: {exc}") from None
         problem = vocab_problem(loaded.model, (base.model,), names=("it",))
         if problem is None and not same_vocabulary(base.tokenizer, loaded.tokenizer):
             problem = "its tokenizer maps text to other token ids"
         if problem:
-            raise UserError(f"--expert-base {self.config.expert_base}: {problem}; the experts must share the target's "
+            raise UserError(f"--expert-base {self.options.expert_base}: {problem}; the experts must share the target's "
                             "tokenizer (give a model of the same family)")
         self.expert_base = base
 
@@ -113,6 +136,9 @@ class Experts(Method):
     def seed(self, search) -> list[tuple[str, str]]:
         return [(BASE, "base")] + [(k, "grid") for k in self.space.enumerate()]
 
+    def every_configuration(self) -> list[str]:
+        return self.space.enumerate()  # the grid: all evaluated by the seed
+
     def surrogate_params(self, search) -> tuple[dict, dict]:
         return {}, {}
 
@@ -143,18 +169,3 @@ class Experts(Method):
         transform = ExpertsTransform(loaded.model, self.models["expert"], self.models["anti_expert"], [self.space.config(key)])
         return export_hooked(loaded, self.name, tensors, meta, target, manifest, card, models=models,
                              expected=transform.logits)
-
-    def summary(self, candidate: dict) -> str:
-        c = candidate["config"]
-        if not c["alpha"]:
-            return "experts: off"
-        return f"experts' shift: alpha {c['alpha']:g}, rule {c['rule']}"
-
-
-def attach(model, tensors: dict, meta: dict, folder: Path) -> ExpertsTransform:
-    """Load an exported bundle's experts beside `model` and make its generate() apply them
-    (repair.load); ValueError when they do not fit the model."""
-
-    param = next(model.parameters())
-    models = training.load_models(folder, param.device, param.dtype)
-    return ExpertsTransform(model, models["expert"], models["anti_expert"], [ExpertSetting(**meta["setting"])]).attach()

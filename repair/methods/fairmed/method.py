@@ -18,7 +18,7 @@ from repair.methods import artifacts
 from repair.methods.base import Method
 from repair.methods.fairmed.cache import SCORES, probe
 from repair.methods.fairmed.neutralizer import Neutralizer, NeutralizerSetting
-from repair.methods.fairmed.probers import Probers, mlp_modules
+from repair.methods.fairmed.probers import GATE_QUANTILES, Probers, mlp_modules
 from repair.methods.fairmed.space import LayerSubsetSpace
 from repair.space import BASE, MIN_SAMPLES
 
@@ -34,23 +34,50 @@ class FairMed(Method):
     seed_phases = ("topk", "sample")
     seed_description = "sampling layer subsets"
     anneal_size = (48, 600)  # chains, steps per setting and weight: 30 bits need far fewer than 270
+    budget_share = 0.3
+    explanation = ("Probers read social-group associations off those layers' MLP outputs; at inference the "
+                   "neutralizer moves the outputs towards the target distribution.")
+    setting_flags = ("layers", "lam", "steps", "gate")
 
     def __init__(self, config, model):
-        self.config = config
+        self.config, self.options = config, self.options_of(config)
         n_layers = len(mlp_modules(model))  # refuses a model without recognisable MLP blocks, naming its class
-        self.space = LayerSubsetSpace(n_layers, min(config.max_layers, n_layers), config.target)
+        self.space = LayerSubsetSpace(n_layers, min(self.options.max_layers, n_layers), self.options.target)
         self.probers: Probers | None = None
         self.scores: list[dict] = []
 
     @classmethod
     def check_config(cls, config, names) -> None:
+        options = cls.options_of(config)
         if config.baselines and names[0] == "fairmed":
             raise UserError("--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
                             "fairmed has its own (it always evaluates the top-k rule)")
-        if config.max_layers < 1:
-            raise UserError(f"--max-layers must be at least 1, got {config.max_layers}")
-        if config.target not in ("neutral", "uniform"):
-            raise UserError(f"--target must be neutral or uniform, got {config.target!r}")
+        if options.max_layers < 1:
+            raise UserError(f"--max-layers must be at least 1, got {options.max_layers}")
+        if options.target not in ("neutral", "uniform"):
+            raise UserError(f"--target must be neutral or uniform, got {options.target!r}")
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        if not config["layers"]:
+            return "no layer treated"
+        return (f"layers {', '.join(map(str, config['layers']))}; lambda {config['lambda']:g}, {config['steps']} steps, "
+                f"gate {config['gate']:g}, target {config['target']}")
+
+    @classmethod
+    def merge_setting(cls, saved: dict, setting: dict, n_layers: int) -> dict:
+        if "gate" in setting and setting["gate"] not in GATE_QUANTILES:
+            raise UserError(f"--gate must be one of {', '.join(f'{g:g}' for g in GATE_QUANTILES)} (a quantile of the "
+                             f"probers' KL), got {setting['gate']:g}")
+        merged = {**saved, **setting}
+        NeutralizerSetting(**{**merged, "layers": tuple(merged["layers"])}).check(n_layers)
+        return merged
+
+    @classmethod
+    def reattach(cls, model, tensors: dict, meta: dict, folder=None) -> Neutralizer:
+        """Re-attach an exported neutralizer (repair.load); ValueError when it does not fit the model."""
+        probers = Probers.from_tensors(tensors, meta["probers"])
+        return Neutralizer(model, probers, [NeutralizerSetting(**{**meta["setting"], "layers": tuple(meta["setting"]["layers"])})])
 
     @classmethod
     def probe_scores(cls, run_dir: Path) -> list[dict] | None:
@@ -163,22 +190,9 @@ class FairMed(Method):
         tensors, meta, _ = self.bundle(key)
         return export_hooked(loaded, "fairmed", tensors, meta, target, manifest, card)
 
-    def summary(self, candidate: dict) -> str:
-        c = candidate["config"]
-        if not c["layers"]:
-            return "treated layers: none"
-        return (f"treated layers: {c['layers']} (lambda {c['lambda']:g}, {c['steps']} steps, "
-                f"gate at the {c['gate']:g} quantile, target {c['target']})")
-
 
 def _setting_dict(s: NeutralizerSetting) -> dict:
     return {"layers": list(s.layers), "lam": s.lam, "steps": s.steps, "gate": s.gate, "target": s.target}
-
-
-def attach(model, tensors: dict, meta: dict, folder=None) -> Neutralizer:
-    """Re-attach an exported neutralizer (repair.load); ValueError when it does not fit the model."""
-    probers = Probers.from_tensors(tensors, meta["probers"])
-    return Neutralizer(model, probers, [NeutralizerSetting(**{**meta["setting"], "layers": tuple(meta["setting"]["layers"])})])
 
 
 def _probers_bytes(probers: Probers) -> bytes:

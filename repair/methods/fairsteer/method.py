@@ -36,9 +36,13 @@ class FairSteer(Method):
     name = "fairsteer"
     seed_phases = ("layer-sweep", "sample")
     seed_description = "sampling steering configurations"
+    budget_share = 0.25
+    explanation = ("The vector is alpha x the layer's mean activation norm; the layer's probe decides where it "
+                   "is added.")
+    setting_flags = ("layers", "alpha", "threshold")
 
     def __init__(self, config, model):
-        self.config = config
+        self.config, self.options = config, self.options_of(config)
         self.space = SteerLayerSpace(len(residual_modules(model)))  # refuses a model without decoder layers
         self.steering: Steering | None = None
         self.scores: list[dict] = []
@@ -47,15 +51,41 @@ class FairSteer(Method):
     def check_config(cls, config, names) -> None:
         if "knockout" in config.baselines and names[0] == "fairsteer":
             raise UserError("--baselines knockout knocks out attention heads: a baseline of --method prune, not fairsteer")
-        if config.steer_labels not in steering.LABELS:
-            raise UserError(f"--steer-labels must be {' or '.join(steering.LABELS)}, got {config.steer_labels!r}")
-        if config.steer_labels == "bbq" and config.data_dir is None:
+        labels = cls.options_of(config).steer_labels
+        if labels not in steering.LABELS:
+            raise UserError(f"--steer-labels must be {' or '.join(steering.LABELS)}, got {labels!r}")
+        if labels == "bbq" and config.data_dir is None:
             raise UserError("--steer-labels bbq labels BBQ items, which need the benchmark data: pass --data-dir (the "
                             "folder that holds bbq/) or set $REPAIR_DATA_DIR")
 
     @classmethod
     def extra_suites(cls, config) -> tuple[str, ...]:
-        return ("bbq",) if config.steer_labels == "bbq" else ()  # the published labelling reads BBQ
+        return ("bbq",) if cls.options_of(config).steer_labels == "bbq" else ()  # the published labelling reads BBQ
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        if config["layer"] is None:
+            return "no layer steered"
+        gate = ("always on" if config["threshold"] is None else f"threshold {config['threshold']:.3g}"
+                + (f" (q{config['quantile']:g})" if config.get("quantile") is not None else ""))
+        return f"layer {config['layer']} steered, alpha {config['alpha']:g}, {gate}"
+
+    @classmethod
+    def merge_setting(cls, saved: dict, setting: dict, n_layers: int) -> dict:
+        setting = dict(setting)
+        if "layers" in setting:
+            layers = setting.pop("layers")
+            if len(layers) != 1:
+                raise UserError(f"--layers {','.join(map(str, layers))}: FairSteer steers one layer; give one index")
+            setting["layer"] = layers[0]
+        merged = {**saved, **setting}
+        SteerSetting(**merged).check(n_layers)
+        return merged
+
+    @classmethod
+    def reattach(cls, model, tensors: dict, meta: dict, folder=None) -> Steerer:
+        """Re-attach exported steering (repair.load); ValueError when it does not fit the model."""
+        return Steerer(model, Steering.from_tensors(tensors), [SteerSetting(**meta["setting"])])
 
     @classmethod
     def probe_scores(cls, run_dir: Path) -> list[dict] | None:
@@ -73,7 +103,7 @@ class FairSteer(Method):
     def prepare(self, loaded, config, search) -> None:
         """Probes and vectors on the search split, kept in RUN_DIR/fairsteer/ (a rerun reuses them)."""
         self.steering, self.scores = steering.prepare(loaded, search, config.out / "fairsteer",
-                                                      config.steer_labels)
+                                                      self.options.steer_labels)
         self.space = replace(self.space, gates=self.steering.gate_table())
         best = sorted(self.scores, key=lambda s: -s["macro_f1"])[:3]
         print("FairSteer probes (held-out macro-F1, majority label %.3f): " % best[0]["majority_f1"]
@@ -112,6 +142,9 @@ class FairSteer(Method):
         drawn = np.random.default_rng(cfg.seed).choice(len(rest), min(n_sample, len(rest)), replace=False)
         return [(BASE, "base")] + [(k, "layer-sweep") for k in sweep] + [(rest[i], "sample") for i in drawn]
 
+    def every_configuration(self) -> list[str]:
+        return self.space.enumerate()  # 900 on a 30-layer model: scored whole
+
     def surrogate_params(self, search) -> tuple[dict, dict]:
         return {}, {}
 
@@ -148,16 +181,3 @@ class FairSteer(Method):
 
         tensors, meta, _ = self.bundle(key)
         return export_hooked(loaded, self.name, tensors, meta, target, manifest, card)
-
-    def summary(self, candidate: dict) -> str:
-        c = candidate["config"]
-        if c["layer"] is None:
-            return "steered layer: none"
-        gate = (f"where the probe's P(biased) > {c['threshold']:.3g}, its {c['quantile']:.0%} quantile on the search prompts"
-                if c["gated"] else "at every position (always on)")
-        return f"steered layer: {c['layer']} (alpha {c['alpha']:g} x the layer's mean activation norm, {gate})"
-
-
-def attach(model, tensors: dict, meta: dict, folder=None) -> Steerer:
-    """Re-attach exported steering (repair.load); ValueError when it does not fit the model."""
-    return Steerer(model, Steering.from_tensors(tensors), [SteerSetting(**meta["setting"])])

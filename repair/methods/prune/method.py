@@ -25,15 +25,24 @@ class Prune(Method):
     seed_phases = ("gradient", "sample", "knockout")
     seed_description = "sampling masks"
     anneal_size = (256, 1500)  # chains, steps
+    budget_share = 0.35
+    changes_weights = True
+    explanation = ("Their slices of the attention output projection are zero in these weights: plain "
+                   "`transformers.AutoModelForCausalLM.from_pretrained` loads it, no custom code.")
 
     def __init__(self, config, model):
-        self.config = config
-        self.space = HeadMaskSpace(head_layout(model)[:2], config.max_prune)
+        self.config, self.options = config, self.options_of(config)
+        self.space = HeadMaskSpace(head_layout(model)[:2], self.options.max_prune)
 
     @classmethod
     def check_config(cls, config, names) -> None:
-        if not 0 < config.max_prune < 1:
-            raise UserError(f"--max-prune must be a fraction between 0 and 1, got {config.max_prune}")
+        max_prune = cls.options_of(config).max_prune
+        if not 0 < max_prune < 1:
+            raise UserError(f"--max-prune must be a fraction between 0 and 1, got {max_prune}")
+
+    @classmethod
+    def describe(cls, config: dict) -> str:
+        return f"{len(config['pruned_heads'])} pruned heads"
 
     @classmethod
     def surrogates_folder(cls, out: Path) -> Path:
@@ -72,7 +81,7 @@ class Prune(Method):
         ranked = M.ranked_masks(grad, GRADIENT_COUNTS, space.max_changed) if grad is not None else []
         n_sample = cfg.budget_evals - cfg.rounds * cfg.per_round - len(ranked)
         items = [(BASE, "base")] + [(space.key(m), "gradient") for m in ranked]
-        items += [(space.key(m), "sample") for m in M.stratified_masks(n_sample, space.layout, cfg.max_prune, cfg.seed)]
+        items += [(space.key(m), "sample") for m in M.stratified_masks(n_sample, space.layout, self.options.max_prune, cfg.seed)]
         if cfg.knockouts:
             items += [(space.key(m), "knockout") for m in M.knockout_masks(space.layout)]
         return items
@@ -94,7 +103,7 @@ class Prune(Method):
     def random_baseline(self, search) -> list[str]:
         """Random search: `budget_evals` masks sampled like the search's own, with another seed."""
         cfg, space = self.config, self.space
-        masks = M.stratified_masks(cfg.budget_evals, space.layout, cfg.max_prune, cfg.seed + 7919)
+        masks = M.stratified_masks(cfg.budget_evals, space.layout, self.options.max_prune, cfg.seed + 7919)
         return search.evaluate([(BASE, "base")] + [(space.key(m), "random") for m in masks], "baseline: random masks")
 
     def knockout_baseline(self, search, n_levels: int = 8) -> list[str]:
@@ -130,10 +139,13 @@ class Prune(Method):
         """What a checkpoint of `key` holds beyond the base weights: nothing (the heads' slices are zeroed)."""
         return []
 
+    def weights(self, model, key: str) -> dict:
+        """The state dict of `model` with `key`'s heads zeroed (what a checkpoint or a stack saves)."""
+        from repair.methods.prune.checkpoint import pruned_state_dict
+
+        return pruned_state_dict(model, self.space.config(key))[0]
+
     def export(self, loaded, key: str, target, manifest: dict, card: str):
-        from repair.export import export_pruned
+        from repair.methods.prune.checkpoint import export_pruned
 
         return export_pruned(loaded, self.space.config(key), target, manifest, card)
-
-    def summary(self, candidate: dict) -> str:
-        return f"pruned heads: {len(candidate['config']['pruned_heads'])}"

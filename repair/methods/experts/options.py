@@ -1,0 +1,13 @@
+"""The `repair run` flags of --method experts: light (no torch), so the command line builds without the method."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from repair.methods.base import flag
+
+
+@dataclass(frozen=True)
+class ExpertsOptions:
+    expert_base: str | None = flag(None, str, "the model the expert and anti-expert start from, any causal LM with the "
+                                              "target's tokenizer (default: the target itself); a smaller one makes "
+                                              "generation cheaper")
