@@ -44,7 +44,7 @@ def main() -> int:
             continue
         change = (b["report_fairness"] - base["fairness"]) / base["fairness"]
         print(f"{name:10} {m['evaluations']:9d} {b['report_fairness']:14.4f} {change:+8.1%} {b['report_utility']:9.4f} "
-              f"{b['n_pruned']:6d} {b['first_reached_at_evaluation']:15d}")
+              f"{len(b['config']['pruned_heads']):6d} {b['first_reached_at_evaluation']:15d}")
     return 0
 
 

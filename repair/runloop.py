@@ -641,5 +641,4 @@ def best_verified(sequence: list[str], candidates: list[dict], method: str) -> d
         return None
     return {"key": best["key"], "select_fairness": best["select"]["fairness"], "select_utility": best["select"]["utility"],
             "report_fairness": best["report"]["fairness"], "report_utility": best["report"]["utility"],
-            "first_reached_at_evaluation": sequence.index(best["key"]) + 1,
-            **({"n_pruned": len(best["config"]["pruned_heads"])} if "pruned_heads" in best["config"] else {})}
+            "first_reached_at_evaluation": sequence.index(best["key"]) + 1, "config": best["config"]}

@@ -76,7 +76,7 @@ class Method(ABC):
     @abstractmethod
     def describe(cls, config: dict) -> str:
         """A configuration in a few words (`config`: its space's `describe(key)`), the one text the
-        console summary, the report, the model card and repair.load's messages show."""
+        console summary, the report and the model card show."""
 
 
 
