@@ -1,7 +1,7 @@
 """Bad input, one row each: the real CLI in a subprocess answers with exactly one line on stderr,
 'repair: error: <problem> (<fix>)', exit status 2, no traceback, nothing half-written, no secret echoed.
 
-The table of these rows for users is the README's section SECTION; a test below checks
+The table of these rows for users is docs/errors.md's section SECTION; a test below checks
 that its row ids are exactly the case ids here, so table and tests cannot drift apart.
 
 Every case gets a fresh folder `w.tmp`; the whole folder is snapshotted before the command and must be
@@ -28,7 +28,7 @@ import pytest
 
 from conftest import ROOT
 
-TABLE = ROOT / "README.md"  # the user-facing table of these cases: its section SECTION
+TABLE = ROOT / "docs" / "errors.md"  # the user-facing table of these cases: its section SECTION
 SECTION = "## Bad input, tried"
 
 SECRET = "S3cretPw"
