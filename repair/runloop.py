@@ -33,6 +33,7 @@ from repair.errors import UserError
 from repair.evaluator import Evaluator
 from repair.guards import Q_SPREAD, Guards
 from repair.io import write_json_atomic
+from repair.methods.probe_pass import ProbePass
 from repair.models import LoadedModel
 from repair.objectives import ConfigEvaluator, Objectives, paired_changes
 from repair.records import Records, open_study
@@ -483,9 +484,12 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
     records = Records(open_study(config.storage_url, config.study_name, config.heartbeat))
     records.fail_stale(local_dead=True)
     timing = Timing(config.out / "timing.json")
+    search_split = eval_config(config, "search")
+    probes = ProbePass(loaded, search_split, {site: modules for m in methods.values()
+                                              for site, modules in m.probe_sites(loaded.model).items()})
     for name, method in methods.items():
-        with timing(name):
-            method.prepare(loaded, method.config, eval_config(method.config, "search"))
+        with timing(name):  # the shared probe pass is timed with the first method that asks for it
+            method.prepare(loaded, method.config, eval_config(method.config, "search"), probes)
     scorer = Scorer(loaded, objectives, {split: eval_config(config, split) for split in SPLITS}, methods, config.panel_bbq_limit)
     try:
         searched = search_methods(config, objectives, scorer, methods, records, timing)

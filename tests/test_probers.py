@@ -325,3 +325,28 @@ def test_read_positions_run_from_the_concept_to_the_prompt_end():
     end = Prompt("gender", "gender:nurse", "nurse", "The nurse", ("f", "m"), (("she",), ("he",)), "search", False,
                  frame="The {c}")
     assert P.positions_of(tokens, end) == [len(tokens("The nurse", True)) - 1]
+
+
+def test_one_probe_pass_at_two_sites_equals_a_pass_for_each():
+    """The run's shared pass (MLP outputs for FairMed, the residual stream for FairSteer, one forward):
+    each site's data equals that site's own probe_data pass, row for row, and a site is handed out once."""
+    from repair.methods.fairsteer.steering import residual_modules
+    from repair.methods.probe_pass import ProbePass
+    from repair.models import LoadedModel, ModelSpec
+    from repair.suites.base import EvalConfig
+
+    model, tok = tiny_llama(), ByteTokenizer(add_bos=True)
+    loaded = LoadedModel(model, tok, ModelSpec("tiny"), "tiny", None)
+    config = EvalConfig(split="search", attributes=("gender", "age"))
+    shared = ProbePass(loaded, config, {"mlp": P.mlp_modules(model), "residual": residual_modules(model)})
+    for site, modules in (("mlp", None), ("residual", residual_modules(model))):
+        alone = P.probe_data(loaded, config, progress=False, modules=modules)
+        together = shared.data(site)
+        np.testing.assert_array_equal(together.activations, alone.activations)
+        assert together.attributes == alone.attributes and together.concepts == alone.concepts
+        assert together.stereotyped == alone.stereotyped and np.array_equal(together.neutral, alone.neutral)
+        assert all(np.array_equal(a, b) for a, b in zip(together.distributions, alone.distributions))
+    assert not np.allclose(P.probe_data(loaded, config, progress=False).activations,
+                           P.probe_data(loaded, config, progress=False, modules=residual_modules(model)).activations)
+    with pytest.raises(RuntimeError, match="handed out already"):
+        shared.data("mlp")

@@ -7,7 +7,7 @@ The life of a method in a run:
     add_flags(parser, METHODS.options(name))  # its own `repair run` flags (a frozen dataclass, registered with it)
     method = Cls(config, model)             # its space, from the model's shape and its options
     method.check_inputs(loaded)             # optional: refuse bad input before any work
-    method.prepare(loaded, config, search)  # fit what it needs (probers, vectors, experts) on the search split
+    method.prepare(loaded, config, search, probes)  # fit what it needs (probers, vectors, experts) on the search split
     method.artifacts()                      # what workers need of that fit, published in the study
     method.intervention(model)              # one hook for every configuration: rows pick settings
     method.seed(search) / baselines(search) # the configurations it evaluates before and beside the search
@@ -110,9 +110,15 @@ class Method(ABC):
     def check_inputs(self, loaded) -> None:
         """Refuse, with a UserError, input that would fail later (default: nothing to check)."""
 
-    def prepare(self, loaded, config, search) -> None:
+    def probe_sites(self, model) -> dict:
+        """Where it reads activations of the search split's association prompts to fit on (site name ->
+        modules; default none): the run reads every method's sites in one pass (`ProbePass`)."""
+        return {}
+
+    def prepare(self, loaded, config, search, probes) -> None:
         """Fit what the method needs on the search split's suites (`search`, an EvalConfig), kept in the
-        run folder (`config.out`) so a rerun reuses it (default: nothing to fit)."""
+        run folder (`config.out`) so a rerun reuses it; `probes` (a repair.methods.probe_pass.ProbePass)
+        gives its `probe_sites`' activations, read once for the whole run (default: nothing to fit)."""
 
     def artifacts(self) -> dict:
         """What a worker needs of `prepare`'s fit, as study attributes (default: nothing)."""

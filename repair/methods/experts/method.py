@@ -94,7 +94,7 @@ class Experts(Method):
         self.expert_base = base
 
     # ---- what the method fits before searching --------------------------------------------------
-    def prepare(self, loaded, config, search) -> None:
+    def prepare(self, loaded, config, search, probes) -> None:
         """The expert and the anti-expert, trained on the search split's text, kept in RUN_DIR/experts/."""
         self.models, self.record = training.prepare(loaded, search, self._folder(config),
                                                    training.TrainConfig(seed=config.seed), self.expert_base)

@@ -40,10 +40,12 @@ BEST = 5  # layers named on format_scores' last line
 
 
 def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = True,
-          fit_settings: dict | None = None) -> tuple[Probers, list[dict]]:
+          fit_settings: dict | None = None, compute=None) -> tuple[Probers, list[dict]]:
     """The probers and their held-out scores for `loaded` on `eval_config`'s association prompts,
     cached in `folder` (created if missing; see the module docstring for what is reused).
-    `fit_settings`: dims, l2_grid and/or folds for repair.methods.fairmed.probers.fit, its defaults otherwise."""
+    `fit_settings`: dims, l2_grid and/or folds for repair.methods.fairmed.probers.fit, its defaults otherwise.
+    `compute`: what measures the probe data when the folder holds none (default probe_data; a run
+    passes its shared pass)."""
     from repair.methods.fairmed.probers import DIMS, FOLDS, L2_GRID, Probers
     from repair.suites.association import load_data
 
@@ -65,7 +67,7 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
     if fresh:
         from repair.methods.fairmed.probers import probe_data
 
-        data = probe_data(loaded, eval_config, progress=progress)
+        data = compute() if compute is not None else probe_data(loaded, eval_config, progress=progress)
         save_data(acts_path, data, key)
     else:
         data = load_data_file(acts_path, key)

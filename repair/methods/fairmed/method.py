@@ -90,9 +90,13 @@ class FairMed(Method):
         return MIN_SAMPLES + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
-    def prepare(self, loaded, config, search) -> None:
+    def probe_sites(self, model) -> dict:
+        return {"mlp": mlp_modules(model)}
+
+    def prepare(self, loaded, config, search, probes) -> None:
         """Probers on the search split, cached in RUN_DIR/fairmed/ (a rerun reuses them)."""
-        self.probers, self.scores = probe(loaded, search, config.out / "fairmed", seed=config.seed)
+        self.probers, self.scores = probe(loaded, search, config.out / "fairmed", seed=config.seed,
+                                          compute=lambda: probes.data("mlp"))
 
     def artifacts(self) -> dict:
         """The probers, for workers (they evaluate with the coordinator's, not ones of their own)."""

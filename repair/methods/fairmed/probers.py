@@ -58,6 +58,13 @@ def probe_data(loaded, config, progress: bool = True, modules=None) -> ProbeData
     """The association prompts of `config`'s split (every one: no limit) and the neutral prompts, with
     their activations (at `modules`' outputs, default every MLP) at `positions_of` each prompt and the
     model's group distributions, measured on `loaded` as it is."""
+    return probe_data_at(loaded, config, {"": mlp_modules(loaded.model) if modules is None else modules}, progress)[""]
+
+
+def probe_data_at(loaded, config, sites: dict, progress: bool = True) -> dict[str, ProbeData]:
+    """`probe_data` at several sites (name -> modules, e.g. every MLP and every residual stream) from
+    one pass: the prompts' group distributions are scored once and every site's activations are read
+    in the same forwards (a read changes nothing, so each equals its own pass)."""
     from dataclasses import replace
 
     from tqdm.auto import tqdm
@@ -71,6 +78,7 @@ def probe_data(loaded, config, progress: bool = True, modules=None) -> ProbeData
     dists = suite.distributions(evaluator.score_choices(suite.requests(), desc="probe targets"))
     tokens = _Tokens(loaded.tokenizer)
     at = [positions_of(tokens, p) for p in prompts]
+    modules = [m for found in sites.values() for m in found]
     with tqdm(total=len(prompts), desc="probe activations", unit="prompt", disable=not progress) as bar:
         acts = collect(loaded.model, loaded.tokenizer, [p.prompt for p in prompts], progress=bar, modules=modules,
                        positions=at)
@@ -78,9 +86,14 @@ def probe_data(loaded, config, progress: bool = True, modules=None) -> ProbeData
     for p in prompts:
         groups.setdefault(p.attribute, p.groups)
     rows = [i for i, pos in enumerate(at) for _ in pos]  # collect's row order: each prompt's positions in turn
-    return ProbeData(acts, tuple(prompts[i].attribute for i in rows), tuple(prompts[i].template_id for i in rows),
-                     np.array([prompts[i].neutral for i in rows]), tuple(dists[i] for i in rows), groups,
-                     tuple(prompts[i].stereotyped for i in rows))
+    out, start = {}, 0
+    for name, found in sites.items():
+        out[name] = ProbeData(np.ascontiguousarray(acts[:, start:start + len(found)]),
+                              tuple(prompts[i].attribute for i in rows), tuple(prompts[i].template_id for i in rows),
+                              np.array([prompts[i].neutral for i in rows]), tuple(dists[i] for i in rows), groups,
+                              tuple(prompts[i].stereotyped for i in rows))
+        start += len(found)
+    return out
 
 
 def positions_of(tokens, prompt) -> list[int]:

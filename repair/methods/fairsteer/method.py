@@ -100,10 +100,15 @@ class FairSteer(Method):
         return max(MIN_SAMPLES, self.space.n_layers) + self.config.rounds * self.config.per_round
 
     # ---- what the method fits before searching --------------------------------------------------
-    def prepare(self, loaded, config, search) -> None:
+    def probe_sites(self, model) -> dict:
+        """The residual stream, for the association labelling (the published BBQ one reads BBQ items)."""
+        return {"residual": residual_modules(model)} if self.options.steer_labels == "association" else {}
+
+    def prepare(self, loaded, config, search, probes) -> None:
         """Probes and vectors on the search split, kept in RUN_DIR/fairsteer/ (a rerun reuses them)."""
         self.steering, self.scores = steering.prepare(loaded, search, config.out / "fairsteer",
-                                                      self.options.steer_labels)
+                                                      self.options.steer_labels,
+                                                      measure=lambda: probes.data("residual"))
         self.space = replace(self.space, gates=self.steering.gate_table())
         best = sorted(self.scores, key=lambda s: -s["macro_f1"])[:3]
         print("FairSteer probes (held-out macro-F1, majority label %.3f): " % best[0]["majority_f1"]

@@ -186,10 +186,12 @@ def _biased_prob(F: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Ten
     return torch.softmax(logits, -1)[..., 1]
 
 
-def association_examples(loaded, eval_config, margin: float = MARGIN, progress: bool = True):
+def association_examples(loaded, eval_config, margin: float = MARGIN, progress: bool = True, data=None):
     """(activations, labels, concepts, excess) from the association suite's search-split prompts, one row
-    per (prompt, read position), each labelled as its prompt."""
-    data = probe_data(loaded, eval_config, progress=progress, modules=residual_modules(loaded.model))
+    per (prompt, read position), each labelled as its prompt (`data`: their residual-stream ProbeData,
+    measured here when not given)."""
+    if data is None:
+        data = probe_data(loaded, eval_config, progress=progress, modules=residual_modules(loaded.model))
     label, excess = labels(data, margin)
     return data.activations, label, data.concepts, excess
 
@@ -223,9 +225,10 @@ def bbq_label(item, scores: np.ndarray) -> int:
 
 
 def prepare(loaded, eval_config, folder: Path, labelling: str = "association", margin: float = MARGIN,
-            progress: bool = True) -> tuple[Steering, list[dict]]:
+            progress: bool = True, measure=None) -> tuple[Steering, list[dict]]:
     """The steering for `loaded`, fitted once and kept in `folder` (steering.safetensors, and
-    steering.json with its sha256 and the probe scores): a resumed run reads it back, checked."""
+    steering.json with its sha256 and the probe scores): a resumed run reads it back, checked.
+    `measure`: what gives the association labelling's probe data (default: measured here)."""
     from repair.io import write_bytes_atomic, write_json_atomic
 
     folder = Path(folder)
@@ -240,7 +243,8 @@ def prepare(loaded, eval_config, folder: Path, labelling: str = "association", m
         acts, label, concepts = bbq_examples(loaded, eval_config, progress)
         excess = None
     else:
-        acts, label, concepts, excess = association_examples(loaded, eval_config, margin, progress)
+        acts, label, concepts, excess = association_examples(loaded, eval_config, margin, progress,
+                                                             measure() if measure is not None else None)
     steering, scores = fit(acts, label, concepts, excess=excess, extremes=VECTOR_EXTREMES)
     folder.mkdir(parents=True, exist_ok=True)
     raw = steering.to_bytes()
