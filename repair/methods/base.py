@@ -78,8 +78,6 @@ class Method(ABC):
         """A configuration in a few words (`config`: its space's `describe(key)`), the one text the
         console summary, the report and the model card show."""
 
-
-
     # ---- the run's configuration, before any model loads (class methods) -----------------------
     @classmethod
     def check_config(cls, config, names: tuple[str, ...]) -> None:
@@ -176,7 +174,6 @@ class Method(ABC):
     @abstractmethod
     def export(self, loaded, key: str, target, manifest: dict, card: str):
         """Write `key` as a checkpoint at `target` (checked by reloading it)."""
-
 
     # ---- a checkpoint, back in repair.load (class methods: no run, only the checkpoint) -------------
     @classmethod
