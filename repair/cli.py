@@ -94,6 +94,8 @@ def cmd_evaluate(args) -> int:
     from repair.methods.prune.masks import parse_head_spec, pruned_heads
     from repair.suites import build_suite
 
+    if args.lm_eval is not None:
+        return _evaluate_with_lm_eval(args)
     # Everything that can be checked without the model is checked first, without importing torch.
     names = list(dict.fromkeys(args.suite))
     if not names:
@@ -131,8 +133,7 @@ def cmd_evaluate(args) -> int:
         masker = HeadMasker(loaded.model, keep[None])
     after = {}
     try:
-        report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=after,
-                          transform=hook if getattr(hook, "transforms_outputs", False) else None)
+        report = evaluate(loaded, suites, config, batch_tokens=args.batch_tokens, progress=progress, results_out=after)
     finally:
         for h in (masker, hook):
             if h is not None:
@@ -212,6 +213,44 @@ def hooked_setting(args) -> dict:
     from repair.load import parse_setting
 
     return parse_setting(args.layers, args.lam, args.steps, args.gate, args.alpha, args.threshold)
+
+
+def _evaluate_with_lm_eval(args) -> int:
+    """`repair evaluate --lm-eval TASKS`: lm-evaluation-harness on the model as loaded, its repair attached."""
+    import json
+    import tempfile
+
+    from repair.harness import run_harness
+    from repair.io import check_writable, write_json_atomic
+
+    tasks = list(dict.fromkeys(args.lm_eval))
+    if not tasks:
+        raise UserError("--lm-eval is empty; name lm-eval tasks (e.g. crows_pairs_english,bbq or repair_pairs)")
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    if args.lm_eval_batch < 1:
+        raise UserError(f"--lm-eval-batch must be at least 1, got {args.lm_eval_batch}")
+    if args.lm_eval_include is not None and not args.lm_eval_include.is_dir():
+        raise UserError(f"--lm-eval-include {args.lm_eval_include} is not a folder (give a folder of lm-eval task YAML files)")
+    if args.json is not None:
+        check_writable(args.json, "--json")
+    from repair.models import load_model
+
+    loaded = load_model(model_spec(args))
+    hook = _attach_checkpoint(loaded, args.model, hooked_setting(args))
+    with tempfile.TemporaryDirectory(prefix="repair-lm-eval-") as work:
+        result = run_harness(loaded.model, loaded.tokenizer, tasks, include=args.lm_eval_include, limit=args.limit,
+                             batch_size=args.lm_eval_batch, workdir=Path(work))
+    if hook is not None:
+        hook.remove()
+    from lm_eval.utils import make_table
+
+    print(make_table(result))
+    if args.json is not None:
+        kept = {k: result[k] for k in ("results", "versions", "n-shot", "config") if k in result}
+        write_json_atomic(args.json, json.loads(json.dumps(kept, default=str)))  # lm-eval's config names objects
+        print(f"wrote {args.json}")
+    return 0
 
 
 def _attach_checkpoint(loaded, model: str, setting: dict):
@@ -343,6 +382,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also score MODEL (e.g. the unrepaired model; the same spec as --model reuses it, without "
                          "--prune-heads) on the same items and print every metric's change with a paired 95%% interval")
     add_setting_flags(ev)
+    ev.add_argument("--lm-eval", type=_csv, default=None, metavar="TASKS",
+                    help="score with lm-evaluation-harness instead of the suites: its task names (crows_pairs_english, "
+                         "bbq, ... where their data can be downloaded) or repair_pairs (this tool's pairs as an lm-eval "
+                         "task, local); needs pip install 'fairness-repair[lm-eval]'")
+    ev.add_argument("--lm-eval-include", type=Path, default=None, metavar="DIR",
+                    help="a folder of your own lm-eval task YAML files (lm-eval's include_path)")
+    ev.add_argument("--lm-eval-batch", type=int, default=24, help="sequences per lm-eval batch (default 24)")
     ev.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward batch of the evaluator")
     ev.add_argument("--no-progress", action="store_true", help="hide progress bars")
     ev.set_defaults(func=cmd_evaluate)

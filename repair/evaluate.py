@@ -34,13 +34,13 @@ def versions() -> dict:
 
 
 def evaluate(loaded: LoadedModel, suites: dict, config: EvalConfig, *, batch_tokens: int, progress: bool,
-             results_out: dict | None = None, transform=None) -> dict:
-    """Score `suites` (built by `build_suites` before the model was loaded, so bad data failed fast).
-    `results_out`, when given, receives the SuiteResults themselves (their metrics keep per-unit numbers);
-    `transform` shifts the model's outputs (an experts bundle's)."""
+             results_out: dict | None = None) -> dict:
+    """Score `suites` (built by `build_suites` before the model was loaded, so bad data failed fast) on
+    the model's own forward, whatever checkpoint's repair is attached to it. `results_out`, when given,
+    receives the SuiteResults themselves (their metrics keep per-unit numbers)."""
     for suite in suites.values():
         suite.tokenizer = loaded.tokenizer  # BBQ's choice mode wraps prompts in the chat template
-    scorer = Evaluator(loaded.model, loaded.tokenizer, batch_tokens=batch_tokens, progress=progress, transform=transform)
+    scorer = Evaluator(loaded.model, loaded.tokenizer, batch_tokens=batch_tokens, progress=progress)
     start = time.perf_counter()
     results = run_suites(suites, scorer)
     if results_out is not None:

@@ -3,11 +3,12 @@
 A pruned checkpoint is plain weights (its heads' slices are zero) and loads as it is; a hooked one
 (FairMed, FairSteer) is the base weights, `interventions.safetensors` and `repair_manifest.json`, and
 its intervention is re-attached here; an experts bundle also holds the two experts (`expert/`,
-`anti_expert/`), and the model's `generate()` applies their shift; a stack (repair.stacks) is all of
+`anti_expert/`), and the model's forward applies their shift; a stack (repair.stacks) is all of
 its parts at once, pruned weights included. Every file is checked against the manifest's sha256 first, and
 an intervention that does not fit the model's shapes is refused, in one line each.
 
     model, tokenizer = repair.load("runs/default/checkpoint")
+    model(**tokenizer("The nurse said", return_tensors="pt")).logits   # repaired, for every kind
     model.generate(**tokenizer("The nurse said", return_tensors="pt"), max_new_tokens=20)
     model.repair_interventions[0].remove()   # back to the base model
 """

@@ -11,9 +11,9 @@ from repair import failpoints
 from repair.errors import UserError
 from repair.evaluate import versions
 from repair.export import model_card
-from repair.methods import METHODS, describe, method_names, shares
+from repair.methods import METHODS, describe, method_names, shares, short_name
 from repair.models import load_model
-from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, shown_label, utility_interval
+from repair.objectives import ALWAYS_SHOWN, Objectives, fairness_interval, utility_interval
 from repair.records import open_study, redact
 from repair.rundir import RunConfig, prepare
 from repair.space import MIN_SAMPLES, STACK, method_of, parts
@@ -155,22 +155,46 @@ def _side(side: dict) -> dict:
 
 def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -> list[tuple[str, float, float, str]]:
     """(label, unrepaired, repaired, change) for the objectives, both association distances and, where
-    measured, the pairs suite."""
+    measured, the pairs suite; labels end in their direction (see DIRECTION)."""
     desc = objectives.describe()
     b, c = base[split], chosen[split]
     changes = (chosen["changes"] or {}).get(split) or {"metrics": {}}
-    rows = [(f"fairness: {desc['fairness']['name']} (lower is better)", b["fairness"], c["fairness"], format_change(changes.get("fairness"))),
-            (f"utility: {desc['utility']['name']} ({desc['utility']['better']} is better)", b["utility"], c["utility"],
-             format_change(changes.get("utility")))]
+    rows = [(f"fairness: {desc['fairness']['name']} {DIRECTION['lower']}", b["fairness"], c["fairness"],
+             compact_change(changes.get("fairness"))),
+            (f"utility: {desc['utility']['name']} {DIRECTION[desc['utility']['better']]}", b["utility"], c["utility"],
+             compact_change(changes.get("utility")))]
     for key in ALWAYS_SHOWN:
         if key in b["metrics"] and key in c["metrics"]:
-            rows.append((shown_label(key, b["metrics"][key]["better"]), b["metrics"][key]["value"],
-                         c["metrics"][key]["value"], format_change(changes["metrics"].get(key))))
+            rows.append((f"{key.split('/')[0]}: {key.split('/')[-1]} {DIRECTION[b['metrics'][key]['better']]}",
+                         b["metrics"][key]["value"], c["metrics"][key]["value"], compact_change(changes["metrics"].get(key))))
     drift = (chosen.get("q_drift") or {}).get(split)
     if drift and drift["value"] == drift["value"]:  # not NaN: the split measured a reference
-        spread = f"the unrepaired model's own spread: {drift['spread']:.4f}" if drift.get("spread") is not None else ""
-        rows.append(("q drift: KL(q_repaired || q_base) (association, lower is better)", 0.0, drift["value"], spread))
+        spread = f"its own spread {drift['spread']:.4f}" if drift.get("spread") is not None else ""
+        rows.append((f"q drift: KL(q_repaired || q_base) {DIRECTION['lower']}", 0.0, drift["value"], spread))
     return rows
+
+
+DIRECTION = {"lower": "↓", "higher": "↑", "closer-to-zero": "→0", "closer-to-half": "→½", "reference": ""}
+WIDTH = 80  # the console summary's columns
+
+
+def compact_change(change: dict | None) -> str:
+    """'-19.1% [-22.7, -15.3] *': `format_change` in fewer columns (the interval's bounds in percent)."""
+    if not change:
+        return "n/a"
+    mark = " *" if change["significant"] else ""
+    if not change.get("relative_defined", True):
+        lo, hi = change["delta_ci"]
+        return f"{change['delta']:+.2g} [{lo:+.2g}, {hi:+.2g}] abs{mark}"
+    lo, hi = change["relative_ci"]
+    return f"{change['relative']:+.1%} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
+
+
+def _fit(text: str, indent: str = "") -> str:
+    """`text` on one line of at most WIDTH columns, cut at a word with '…' when longer."""
+    import textwrap
+
+    return textwrap.shorten(text, WIDTH, initial_indent=indent, placeholder=" …") if len(indent + text) > WIDTH else indent + text
 
 
 def excluded_rows(candidates: list[dict]) -> list[dict]:
@@ -185,43 +209,61 @@ def describe_chosen(candidate: dict) -> str:
 
 
 def _print_summary(config, objectives, base, chosen, report, result, methods) -> None:
-    print(f"\nLLM evaluations: {result.n_evaluations} in {result.seconds / 60:.1f} min")
-    excluded = excluded_rows(result.candidates)
+    print("\n" + "\n".join(summary_lines(config, objectives, base, chosen, report, result, methods)))
+
+
+def summary_lines(config, objectives, base, chosen, report, result, methods) -> list[str]:
+    """What a finished run prints: one screen (at most 40 lines of at most 80 columns): the choice, its
+    paired changes on the report split, what the guards excluded, each method's best, where the
+    checkpoint and the report are. The report holds the rest."""
+    import textwrap
+
+    out = [f"LLM evaluations: {result.n_evaluations} in {result.seconds / 60:.1f} min"]
     if chosen is base:
-        print("no repaired configuration passed the guards on the select split: the checkpoint is the unrepaired model")
-    if excluded:
-        print(f"excluded on the select split by the guards: {len(excluded)} of {len(result.candidates) - 1} verified")
-        for row in excluded[:6]:
-            print(f"  {row['config']}: {row['failed'][0]}" + (f" (+{len(row['failed']) - 1} more)" if len(row["failed"]) > 1 else ""))
-        if len(excluded) > 6:
-            print(f"  ... {len(excluded) - 6} more in the report")
-    print("chosen on the select split; measured on the report split, which no choice has seen")
-    rho = result.search_select_spearman
-    print(f"search vs select fairness of the {rho['n']} verified configurations: Spearman {rho['spearman']:.2f} "
-          "(does the search's ranking hold on concepts and frames it never saw)")
+        out.append("no repaired configuration passed the guards: the checkpoint is the unrepaired model")
+    else:
+        out += textwrap.wrap(f"chosen: {describe_chosen(chosen)}", WIDTH, subsequent_indent="  ")[:2]
+    out.append("  chosen on the select split, measured on the report split (no choice saw it)")
     rows = summary_rows(objectives, base, chosen, "report")
-    width = max(len(r[0]) for r in rows)
-    print(f"{'report split'.ljust(width)}  unrepaired    repaired  change [paired 95% CI] (* excludes 0)")
+    width = min(34, max(len(r[0]) for r in rows))
+    out.append(f"{'report split':<{width}} {'before':>9} {'after':>9}  change, paired 95% CI")
     for label, a, b, change in rows:
-        print(f"{label.ljust(width)}  {a:10.4f}  {b:10.4f}  {change}")
-    print(describe_chosen(chosen))
+        label = label if len(label) <= width else label[:width - 3] + "… " + label.rsplit(" ", 1)[-1]
+        out.append(f"{label:<{width}} {a:9.4f} {b:9.4f}  {change}"[:WIDTH])
+    out.append("  * the interval excludes 0;  ↓ lower is better, →½ closer to 0.5, →0 closer to 0")
+    rho = result.search_select_spearman
+    out.append(_fit(f"search vs select fairness ranking of {rho['n']} verified configurations: Spearman "
+                    f"{rho['spearman']:.2f}"))
+    excluded = excluded_rows(result.candidates)
+    if excluded:
+        out.append(f"excluded on the select split by the guards: {len(excluded)} of {len(result.candidates) - 1} verified")
+        out += [_fit(f"{row['config']}: {'; '.join(row['failed'])}", "  ") for row in excluded[:5]]
+        if len(excluded) > 5:
+            out.append(f"  ... {len(excluded) - 5} more in the report")
     if len(methods) > 1:
-        print("each method's best (chosen on the select split), on the report split:")
         from repair.runloop import bests_of
 
+        out.append("each method's best on the report split: fairness, utility change")
         for name, c in bests_of(result.candidates).items():
             changes = (c["changes"] or {}).get("report") or {}
-            print(f"  {name:<10} fairness {format_change(changes.get('fairness'))}, utility "
-                  f"{format_change(changes.get('utility'))}: {describe_chosen(c)}")
-    print(f"checkpoint: {config.out / 'checkpoint'}")
-    print(f"report:     {report}")
+            fair, util = (changes.get(k) for k in ("fairness", "utility"))
+            short = [f"{100 * x['relative']:+.1f}%{'*' if x['significant'] else ''}" if x else "n/a" for x in (fair, util)]
+            out.append(_fit(f"{name:<9} {short[0]:>8} {short[1]:>8}  {describe(c['method'], c['config'])}", "  "))
+    out.append(f"checkpoint: {config.out / 'checkpoint'}")
+    out.append(f"report:     {report}")
+    return out
 
 
-def _name(phase: str, key: str) -> str:
-    """A short stable label: the phase and a hash of the mask."""
-    import hashlib
-
-    return f"{phase}-{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+def point_names(candidates: list[dict]) -> list[str]:
+    """Each candidate's name on the report: what it does ("prune 1 head: 0:8"), numbered where two
+    would read the same ("prune 15 heads (2)")."""
+    names = [short_name(c["method"], c["config"]) if i else "unrepaired" for i, c in enumerate(candidates)]
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} ({seen[name]})")
+    return out
 
 
 def write_run_report(run_dir: Path) -> Path:
@@ -242,9 +284,8 @@ def write_run_report(run_dir: Path) -> Path:
     candidates = [json.loads(line) for line in cand_path.read_text().splitlines() if line.strip()]
     names = method_names(identity["method"])
     points, select_points = [], []
-    for i, c in enumerate(candidates):
+    for i, (c, name) in enumerate(zip(candidates, point_names(candidates))):
         kind = "base" if i == 0 else ("chosen" if c["chosen"] else "best" if c["best_of"] else "candidate")
-        name = "unrepaired" if i == 0 else _name(c["phase"], c["key"])
         sel = c["select"]
         described = describe(c["method"], c["config"])
         select_points.append({"name": name, "method": "base" if i == 0 else c["methods"][0], "kind": kind, "split": "select",

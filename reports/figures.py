@@ -51,6 +51,11 @@ def _tooltip(p: Mapping, on_front: bool) -> str:
         f"fairness {_ci_text(p['fairness'], p['fairness_ci'])}",
         f"utility {_ci_text(p['utility'], p['utility_ci'])}",
     ]
+    for key in ("fairness", "utility"):
+        c = (p.get("changes") or {}).get(key)
+        if isinstance(c, Mapping) and c.get("relative_ci"):
+            lines.append(f"{key} change {c['relative']:+.1%} [{c['relative_ci'][0]:+.1%}, {c['relative_ci'][1]:+.1%}] "
+                         "(paired 95% CI)")
     described = describe_config(p)
     if described:
         lines.append(described)
@@ -60,32 +65,42 @@ def _tooltip(p: Mapping, on_front: bool) -> str:
 def front_figure(
     points: Sequence[Mapping], front: Sequence[int], objectives: Mapping, *, element_id: str = "fig-front"
 ) -> str:
-    """Scatter of fairness (x) against utility (y) with CI error bars, the front joined by a line, the
-    base model and the chosen checkpoint marked, one colour per method and a legend."""
+    """Scatter of fairness (x) against utility (y), the front joined by a line, every point named
+    beside it by what it does, the base model and the chosen checkpoint marked, one colour per method.
+
+    When every point carries its paired change against the unrepaired model (a run's report), the axes
+    are those changes with their paired 95% intervals and the unrepaired model sits at 0: an unpaired
+    interval spans the spread of the items and overlaps every point, while the paired one shows what
+    the repair itself changed. Records without changes are drawn on their values and intervals."""
     width, height = 1000, 540
     left, right, top, bottom = 96, 740, 20, 476
     shown = [i for i, p in enumerate(points) if math.isfinite(p["fairness"]) and math.isfinite(p["utility"])]
     on_front = set(front)
+    view, units = paired_view(points, shown)
 
     def extent(key):
         values = []
         for i in shown:
-            values.append(points[i][key])
-            if points[i][f"{key}_ci"] is not None:
-                values.extend(points[i][f"{key}_ci"])
+            values.append(view[i][key])
+            if view[i][f"{key}_ci"] is not None:
+                values.extend(view[i][f"{key}_ci"])
         return domain(values)
 
     x = Axis(*extent("fairness"), left, right)
     y = Axis(*extent("utility"), bottom, top)
     colours = method_colours([points[i] for i in shown])
-    body = frame(
-        x, y, axis_title("Fairness", objectives["fairness"]), axis_title("Utility", objectives["utility"])
-    )
+    titles = [axis_title(role, objectives[key]) if units is None else
+              f"{role}: {objectives[key]['name']}, change vs unrepaired{units[key]} ({direction_words(objectives[key]['better'])})"
+              for role, key in (("Fairness", "fairness"), ("Utility", "utility"))]
+    body = frame(x, y, *titles)
+    if units is not None:  # the unrepaired model's lines: where a change is zero
+        body.append(f'<path class="zero" d="M{num(x(0))},{top}V{bottom}M{left},{num(y(0))}H{right}" stroke="{MUTED}" '
+                    'stroke-dasharray="4 3" stroke-width="1"/>')
 
     # Error bars first, so markers sit on top of them.
     body.append('<g class="errorbars" fill="none" stroke-width="1" opacity="0.55">')
     for i in shown:
-        p = points[i]
+        p = view[i]
         parts = []
         px, py = x(p["fairness"]), y(p["utility"])
         if p["fairness_ci"] is not None:
@@ -99,9 +114,9 @@ def front_figure(
     body.append("</g>")
 
     # The front, joined in order of fairness.
-    line = sorted(front, key=lambda i: (points[i]["fairness"], points[i]["utility"]))
+    line = sorted(front, key=lambda i: (view[i]["fairness"], view[i]["utility"]))
     if len(line) > 1:
-        coords = " ".join(f"{num(x(points[i]['fairness']))},{num(y(points[i]['utility']))}" for i in line)
+        coords = " ".join(f"{num(x(view[i]['fairness']))},{num(y(view[i]['utility']))}" for i in line)
         body.append(
             f'<polyline class="front-line" points="{coords}" fill="none" stroke="{FRONT_COLOUR}" '
             f'stroke-width="1.75" stroke-linejoin="round" opacity="0.8"/>'
@@ -110,7 +125,7 @@ def front_figure(
     # Points: off-front first, front on top; hollow when measured on the search split.
     body.append('<g class="points">')
     for i in sorted(shown, key=lambda i: (i in on_front, i)):
-        p = points[i]
+        p = view[i]
         colour = colours[p["method"]]
         fill = "#ffffff" if p["split"] == "search" else colour
         if i in on_front:
@@ -122,48 +137,127 @@ def front_figure(
         cls = "point front" if i in on_front else "point"
         body.append(
             f'<circle class="{cls}" data-name="{esc(p["name"])}" cx="{num(x(p["fairness"]))}" '
-            f'cy="{num(y(p["utility"]))}" {attrs}><title>{esc(_tooltip(p, i in on_front))}</title></circle>'
+            f'cy="{num(y(p["utility"]))}" {attrs}><title>{esc(_tooltip(points[i], i in on_front))}</title></circle>'
         )
     body.append("</g>")
 
-    # Base model and chosen checkpoint: a square / a star around the point, and a text label; each
-    # method's best (several methods in one run): a ring in its colour.
+    # Base model and chosen checkpoint: a square / a star around the point; each method's best
+    # (several methods in one run): a ring in its colour.
     body.append('<g class="markers">')
     for i in shown:
-        p = points[i]
-        if p["kind"] == "best":
-            body.append(f'<path d="{disc_path(x(p["fairness"]), y(p["utility"]), 9)}" fill="none" '
-                        f'stroke="{colours[p["method"]]}" stroke-width="2"/>')
-        if p["kind"] not in ("base", "chosen"):
-            continue
+        p = view[i]
         px, py = x(p["fairness"]), y(p["utility"])
-        if p["kind"] == "base":
+        if p["kind"] == "best":
+            body.append(f'<path d="{disc_path(px, py, 9)}" fill="none" stroke="{colours[p["method"]]}" stroke-width="2"/>')
+        elif p["kind"] == "base":
             body.append(f'<path d="{square_path(px, py, 9)}" fill="none" stroke="{BASE_COLOUR}" stroke-width="2"/>')
-            word = "base model"
-        else:
-            body.append(
-                f'<path d="{star_path(px, py, 15)}" fill="none" stroke="{CHOSEN_COLOUR}" stroke-width="2" '
-                f'stroke-linejoin="round"/>'
-            )
-            word = "chosen"
-        anchor, dx = ("end", -16) if px > (left + right) / 2 else ("start", 16)
-        body.append(
-            f'<text x="{num(px + dx)}" y="{num(py - 10)}" text-anchor="{anchor}" font-size="12" '
-            f'font-weight="600" fill="{BASE_COLOUR if p["kind"] == "base" else CHOSEN_COLOUR}" '
-            f'stroke="#ffffff" stroke-width="3" paint-order="stroke">{esc(_mark_label(word, p["name"]))}</text>'
-        )
+        elif p["kind"] == "chosen":
+            body.append(f'<path d="{star_path(px, py, 15)}" fill="none" stroke="{CHOSEN_COLOUR}" stroke-width="2" '
+                        'stroke-linejoin="round"/>')
     body.append("</g>")
+    labels, crowded = point_labels(view, shown, x, y, (left, top, right, bottom))
+    body.extend(labels)
 
     body.extend(_legend(points, shown, colours, on_front, right + 24, top + 4))
     label = (
-        f"Scatter of {len(shown)} configurations, fairness against utility, with the Pareto front of "
-        f"{len(front)} points highlighted"
+        f"Scatter of {len(shown)} configurations, fairness against utility"
+        + (", as paired changes against the unrepaired model" if units is not None else "")
+        + f", with the Pareto front of {len(front)} points highlighted"
+        + (f"; not labelled for lack of room: {', '.join(crowded)}" if crowded else "")
     )
     return svg(element_id, width, height, body, label)
 
 
-def _mark_label(word: str, name: str) -> str:
-    return word if name.lower() in word else f"{word}: {name}"
+def paired_view(points: Sequence[Mapping], shown: Sequence[int]) -> tuple[list[Mapping], dict | None]:
+    """The points as the plot draws them, and each axis's unit (None: their own values). With paired
+    changes on every repaired point: each objective's change against the unrepaired model (in percent
+    where every change has a relative form, else absolute) and its paired 95% interval; the unrepaired
+    model at 0, without an interval (it is the reference)."""
+    def change(p, key):
+        c = (p.get("changes") or {}).get(key)
+        return c if isinstance(c, Mapping) and c.get("delta_ci") else None
+
+    repaired = [points[i] for i in shown if points[i]["kind"] != "base"]
+    if not repaired or any(change(p, k) is None for p in repaired for k in ("fairness", "utility")):
+        return list(points), None
+    relative = {k: all(change(p, k).get("relative_defined", True) for p in repaired) for k in ("fairness", "utility")}
+    view = []
+    for p in points:
+        q = dict(p)
+        for key in ("fairness", "utility"):
+            c = change(p, key) if p["kind"] != "base" else None
+            if c is None:
+                q[key], q[f"{key}_ci"] = 0.0, None
+            elif relative[key]:
+                q[key], q[f"{key}_ci"] = 100 * c["relative"], [100 * v for v in c["relative_ci"]]
+            else:
+                q[key], q[f"{key}_ci"] = c["delta"], list(c["delta_ci"])
+        view.append(q)
+    return view, {k: " (%)" if relative[k] else " (absolute)" for k in relative}
+
+
+LABEL_FONT = 11
+CHAR_WIDTH = 6.6  # a generous average advance of the report's sans-serif at 11 px, so estimated boxes hold the text
+# where a label may go, nearest first: beside the point (right or left), then above and below, further out
+LABEL_OFFSETS = [(9, 0), (9, -13), (9, 13), (0, -20), (0, 20), (16, -26), (16, 26), (24, -40), (24, 40), (36, -54),
+                 (36, 54), (48, -70), (48, 70), (64, -90), (64, 90), (80, 0), (120, 0), (80, -110), (80, 110)]
+
+
+def point_labels(view, shown, x, y, area) -> tuple[list[str], list[str]]:
+    """A text label beside every point, placed greedily (the chosen checkpoint first, then the base
+    model, each method's best, the rest) where its box meets no other label and no marker and stays
+    in the plot area; a label set apart from its point gets a thin leader line. Returns the SVG and
+    the names no place was found for (the caption lists them)."""
+    left, top, right, bottom = area
+    rank = {"chosen": 0, "base": 1, "best": 2}
+    marks = {i: (x(view[i]["fairness"]), y(view[i]["utility"])) for i in shown}
+    radius = {i: {"chosen": 15, "base": 10, "best": 10}.get(view[i]["kind"], 6) for i in shown}
+    taken = [(px - radius[i], py - radius[i], px + radius[i], py + radius[i]) for i, (px, py) in marks.items()]
+    out, crowded = ['<g class="labels">'], []
+    for i in sorted(shown, key=lambda i: (rank.get(view[i]["kind"], 3), i)):
+        p, (px, py) = view[i], marks[i]
+        text = {"chosen": f"chosen: {p['name']}", "base": p["name"] if "unrepaired" in p["name"] else f"base model: {p['name']}"
+                }.get(p["kind"], p["name"])
+        w, r = CHAR_WIDTH * len(text) + 4, radius[i]
+        spot = None
+        for dx, dy in LABEL_OFFSETS:
+            for anchor in ("start", "end"):
+                gap = max(dx, r + 3) if dy == 0 else dx
+                x0 = px + gap if anchor == "start" else px - gap - w
+                if dx == 0:  # centred above or below
+                    x0, anchor = px - w / 2, "middle"
+                base_y = py + dy + (4 if dy == 0 else (0 if dy < 0 else 8)) + (-r if dy < 0 else r if dy > 0 else 0)
+                box = (x0, base_y - LABEL_FONT, x0 + w, base_y + 3)
+                if box[0] < left + 2 or box[2] > right - 2 or box[1] < top + 2 or box[3] > bottom - 2:
+                    continue
+                if any(_overlap(box, t) for t in taken):
+                    continue
+                spot = (box, anchor, base_y, dx, dy)
+                break
+            if spot:
+                break
+        if spot is None:
+            crowded.append(p["name"])
+            continue
+        box, anchor, base_y, dx, dy = spot
+        taken.append(box)
+        tx = box[0] if anchor == "start" else box[2] if anchor == "end" else (box[0] + box[2]) / 2
+        if abs(dy) > 13 or dx > 16:  # set apart: a leader from the point to the label's near edge
+            ex = min(max(px, box[0]), box[2])
+            ey = box[3] - 2 if dy < 0 else box[1] + 2
+            out.append(f'<path class="leader" d="M{num(px)},{num(py)}L{num(ex)},{num(ey)}" stroke="{MUTED}" '
+                       'stroke-width="0.8" fill="none"/>')
+        colour = CHOSEN_COLOUR if p["kind"] == "chosen" else INK
+        weight = ' font-weight="600"' if p["kind"] in ("chosen", "base") else ""
+        out.append(f'<text class="point-label" x="{num(tx)}" y="{num(base_y)}" text-anchor="{anchor}" '
+                   f'font-size="{LABEL_FONT}"{weight} fill="{colour}" stroke="#ffffff" stroke-width="3" '
+                   f'paint-order="stroke">{esc(text)}</text>')
+    out.append("</g>")
+    return out, crowded
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
 def _legend(points, shown, colours, on_front, x0: float, y0: float) -> list[str]:

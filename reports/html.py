@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -88,6 +89,13 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
   background: var(--soft); padding: 1px 4px; border-radius: 4px; }
 .note { color: var(--muted); font-size: 13px; }
 footer { margin-top: 40px; color: var(--muted); font-size: 12px; }
+.scroll { overflow-x: auto; }
+#headline { margin-top: 16px; padding: 14px 16px; border-left: 4px solid #c9302c; background: var(--soft); border-radius: 4px; }
+#headline p { margin: 0 0 6px; }
+#headline .verdict { font-size: 17px; }
+#headline ul { margin: 0; padding-left: 18px; }
+#headline li { margin: 2px 0; }
+@media (max-width: 600px) { main { padding: 16px 12px 32px; } header h1 { font-size: 21px; } }
 """
 
 
@@ -122,7 +130,7 @@ def build_report(
     extra = [_excluded(excluded), _bests(bests), _select_view(select, objectives), _costs(costs)]
     return {
         "index.html": render_html(pts, front, objectives, fit_records, title=title, meta=meta, probes=probe_records,
-                                  extra=extra),
+                                  extra=extra, costs=costs),
         "pareto.csv": csv_text([pts[i] for i in front]),
         "pareto.json": json_text(objectives, pts, front, title=title, meta=meta),
     }
@@ -166,6 +174,7 @@ def render_html(
     meta: Mapping,
     probes: Sequence[Mapping] = (),
     extra: Sequence[str] = (),
+    costs: Mapping | None = None,
 ) -> str:
     """The page for already checked records (see build_report); `extra`: sections after the front table."""
     parts = [
@@ -177,8 +186,9 @@ def render_html(
         f"<style>{CSS}</style>",
         "</head><body><main>",
         _header(points, front, title, meta),
-        _summary(points, front, objectives),
+        _headline(points, objectives, costs),
         _tradeoff(points, front, objectives),
+        _summary(points, front, objectives),
         _front_table(points, front, objectives),
         *extra,
         _fits(fits, objectives),
@@ -190,7 +200,8 @@ def render_html(
            'compare.html</a> (<code>repair compare</code>).' if meta.get("compare") else "") + '</footer>',
         "</main></body></html>",
     ]
-    return "\n".join(p for p in parts if p) + "\n"
+    page = "\n".join(p for p in parts if p) + "\n"
+    return re.sub(r"(<table\b.*?</table>)", r'<div class="scroll">\1</div>', page, flags=re.S)  # wide tables scroll on a phone
 
 
 def _select_view(points, objectives) -> str:
@@ -366,6 +377,47 @@ def _summary(points, front, objectives) -> str:
         f"{len(front)} on the front</div><dl>{methods}</dl></div>"
     )
     return f'<section id="summary" class="cards">{"".join(cards)}</section>'
+
+
+def _headline(points, objectives, costs) -> str:
+    """The first screen's answer: what the run chose, how much fairer it is and at what cost, in the
+    paired changes against the unrepaired model on the report split (values where records carry none)."""
+    base = next((p for p in points if p["kind"] == "base"), None)
+    chosen = next((p for p in points if p["kind"] == "chosen"), None)
+    if chosen is None:
+        if base is None:
+            return ""
+        return ('<section id="headline"><p class="verdict"><b>Kept the unrepaired model</b>: no repaired configuration '
+                'passed the guards (see the excluded configurations below).</p></section>')
+    described = describe_config(chosen)
+    facts = []
+    for role, key in (("Fairness", "fairness"), ("Utility, the cost", "utility")):
+        spec = objectives[key]
+        change = (chosen.get("changes") or {}).get(key)
+        if isinstance(change, Mapping) and change.get("relative_ci"):
+            text = f'{esc(spec["name"])} <b>{esc(format(change["relative"], "+.1%"))}</b>{_paired(change)}'
+        elif base is not None:
+            text = f'{esc(spec["name"])} {esc(fmt(base[key]))} → <b>{esc(fmt(chosen[key]))}</b>'
+        else:
+            continue
+        facts.append(f"<li>{role}: {text} ({esc(direction_words(spec['better']))})</li>")
+    for key, shown in (chosen.get("shown") or {}).items():  # kl_uniform may not rise: the guard's evidence
+        if key.endswith("kl_uniform"):
+            paired = ((chosen.get("changes") or {}).get("metrics") or {}).get(key)
+            if isinstance(paired, Mapping) and paired.get("relative_ci"):
+                facts.append(f"<li>Not gamed: kl_uniform {esc(format(paired['relative'], '+.1%'))}{_paired(paired)} "
+                             "(a repair that sent every prompt to one distribution would raise it)</li>")
+    row = next((r for r in (costs or {}).get("rows", []) if r.get("method") == chosen["method"]
+                and r.get("config") == chosen.get("config")), None)
+    if row is not None and "generation_slowdown" in row:
+        facts.append(f"<li>Running it: generation {row['generation_slowdown']:.2f}x the unrepaired model's time"
+                     + (f", {row['extra_bytes'] / 2**20:.1f} MiB extra" if row.get("extra_bytes") else "") + "</li>")
+    where = "on the report split, whose wording no choice has seen" if chosen.get("split") == "report" else \
+        f"on the {esc(chosen.get('split', ''))} split"
+    return (f'<section id="headline"><p class="verdict">Chose <b>{esc(chosen["name"])}</b>'
+            + (f' <span class="note">({esc(described)})</span>' if described and described != chosen["name"] else "")
+            + f'</p><ul>{"".join(facts)}</ul><p class="note">Changes against the unrepaired model {where}, '
+            'with paired 95% intervals.</p></section>')
 
 
 def _better_corner(objectives) -> str:

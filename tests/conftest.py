@@ -59,6 +59,31 @@ def small_run(model_dir, tmp_path_factory, name: str, *flags) -> Path:
     return out
 
 
+ALL_BUDGET = 100
+ALL = ["--method", "all", "--budget-shares", "prune=1,fairmed=1,fairsteer=1,experts=1", "--export-all"]
+
+
+def all_flags():
+    """SMALL with the budget shared by four and no surrogate rounds (each method's rounds are tested
+    in its own run; here what matters is how the methods meet)."""
+    flags = list(SMALL)
+    flags[flags.index("--budget-evals") + 1] = str(ALL_BUDGET)
+    flags[flags.index("--rounds") + 1] = "0"
+    return flags
+
+
+@pytest.fixture(scope="session")
+def all_run(model_dir, tmp_path_factory):
+    """A SMALL `--method all --export-all` run: a checkpoint of every kind (pruned, FairMed, FairSteer,
+    experts, a stack) and a study of every method. Its tests carry `xdist_group("all_run")`, so one
+    worker builds it once (bin/test distributes with --dist loadgroup)."""
+    from repair.cli import main
+
+    out = tmp_path_factory.mktemp("all") / "run"
+    assert main(["run", "--model", str(model_dir), "--out", str(out), *all_flags(), *ALL]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def finished_run(model_dir, tmp_path_factory):
     """One uninterrupted SMALL run, shared by the tests that read a finished run; its

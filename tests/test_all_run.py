@@ -10,34 +10,15 @@ from itertools import combinations
 import pytest
 import torch
 
-from conftest import SMALL, as_a_worker, rescore_as_a_worker, stored
+from conftest import ALL, ALL_BUDGET as BUDGET, all_flags as _flags, as_a_worker, rescore_as_a_worker, stored
 from repair.errors import UserError
 from repair.methods import METHODS, method_configs, method_names, shares
 from repair.methods.experts.space import ExpertSpace
 from repair.rundir import RunConfig
 from repair.space import BASE, STACK, method_of, parts, stack_key
 
-BUDGET = 100
-ALL = ["--method", "all", "--budget-shares", "prune=1,fairmed=1,fairsteer=1,experts=1", "--export-all"]
+pytestmark = pytest.mark.xdist_group("all_run")  # one worker builds the shared run (conftest.all_run)
 IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 7, 100, 3]])
-
-
-def _flags():
-    """SMALL with the budget shared by four and no surrogate rounds (each method's rounds are tested
-    in its own run; here what matters is how the methods meet)."""
-    flags = list(SMALL)
-    flags[flags.index("--budget-evals") + 1] = str(BUDGET)
-    flags[flags.index("--rounds") + 1] = "0"
-    return flags
-
-
-@pytest.fixture(scope="module")
-def all_run(model_dir, tmp_path_factory):
-    from repair.cli import main
-
-    out = tmp_path_factory.mktemp("all") / "run"
-    assert main(["run", "--model", str(model_dir), "--out", str(out), *_flags(), *ALL]) == 0
-    return out
 
 
 def _trials(run):
@@ -226,12 +207,18 @@ def test_a_worker_scores_stacks_and_every_method_as_the_run_did(all_run):
             assert row["fairness"] == pytest.approx(t.values[0], abs=1e-9), t.user_attrs["key"]
 
 
-def test_a_rerun_resumes_without_evaluating_again(all_run, model_dir):
+def test_a_rerun_resumes_without_evaluating_again_and_prints_one_screen(all_run, model_dir, capsys):
     from repair.cli import main
 
     before = {k: t.number for k, t in _trials(all_run).items()}
     chosen = [c["key"] for c in _candidates(all_run) if c["chosen"]]
+    capsys.readouterr()
     assert main(["run", "--model", str(model_dir), "--out", str(all_run), *_flags(), *ALL]) == 0
+    printed = capsys.readouterr().out
+    summary = printed[printed.rindex("LLM evaluations"):].strip().splitlines()
+    assert summary[-1].startswith("report:")
+    assert len(summary) <= 40 and max(map(len, summary)) <= 80, summary  # one screen at 80 columns
+    assert sum(line.startswith(f"  {m} ") for line in summary for m in METHODS) == len(METHODS)  # each method's best
     assert {k: t.number for k, t in _trials(all_run).items()} == before
     assert [c["key"] for c in _candidates(all_run) if c["chosen"]] == chosen
 

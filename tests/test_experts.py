@@ -125,15 +125,15 @@ PROMPTS = {"input_ids": torch.tensor([[0, 0, 0, 84, 105, 33], [84, 104, 101, 32,
 @pytest.mark.parametrize("setting", [ExpertSetting(1.5), ExpertSetting(8.0, "probs")])
 def test_cached_generation_equals_uncached_generation_token_for_token(trio, setting, one_torch_thread):
     out = {}
-    for cache in (True, False):
-        transform = ExpertsTransform(*trio, [setting], cache=cache).attach()
-        try:
-            greedy = _generate(trio[0], PROMPTS, do_sample=False)
+    transform = ExpertsTransform(*trio, [setting]).attach()
+    try:
+        for cache in (True, False):
+            greedy = _generate(trio[0], PROMPTS, do_sample=False, use_cache=cache)
             torch.manual_seed(11)
-            sampled = _generate(trio[0], PROMPTS, do_sample=True, top_k=20)
-        finally:
-            transform.remove()
-        out[cache] = (greedy, sampled)
+            sampled = _generate(trio[0], PROMPTS, do_sample=True, top_k=20, use_cache=cache)
+            out[cache] = (greedy, sampled)
+    finally:
+        transform.remove()
     assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
     assert not torch.equal(out[True][0], _generate(trio[0], PROMPTS, do_sample=False))  # the experts did change it
 
@@ -158,7 +158,7 @@ def test_alpha_zero_generation_is_the_unrepaired_generation(trio, one_torch_thre
         assert torch.equal(_generate(trio[0], PROMPTS, do_sample=False), plain)
     finally:
         transform.remove()
-    assert "generate" not in vars(trio[0])  # remove() gave the model its own generate back
+    assert not trio[0]._forward_hooks  # remove() left the model's forward as it was
 
 
 def test_experts_with_another_vocabulary_are_refused(trio):

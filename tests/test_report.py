@@ -431,3 +431,54 @@ def test_every_method_configuration_is_described_in_a_few_words():
              ("base", {"pruned_heads": []}, "unrepaired")]
     for method, config, words in cases:
         assert describe(method, config) == words
+
+
+def _change(relative, lo, hi, base):
+    return {"relative": relative, "relative_ci": [lo, hi], "delta": relative * base, "delta_ci": [lo * base, hi * base],
+            "significant": lo > 0 or hi < 0, "relative_defined": True}
+
+
+def test_with_paired_changes_the_plot_draws_each_change_and_its_paired_interval_around_the_unrepaired_zero(tmp_path):
+    """The plot's coordinates are the paired changes (percent), not the values: the unrepaired model
+    sits where both dashed zero lines cross, and a repaired point's bars span its paired interval,
+    far narrower than the unpaired one that would overlap everything."""
+    from reports.figures import paired_view
+
+    base = point("unrepaired", 0.24, 14.1, kind="base", method="base")
+    chosen = dict(point("prune 1 head: 0:8", 0.19, 14.6, kind="chosen"),
+                  changes={"fairness": _change(-0.191, -0.227, -0.153, 0.24), "utility": _change(0.035, 0.025, 0.047, 14.1)})
+    other = dict(point("prune 2 heads: 0:1, 3:2", 0.22, 14.2),
+                 changes={"fairness": _change(-0.08, -0.12, -0.04, 0.24), "utility": _change(0.007, -0.001, 0.015, 14.1)})
+    view, units = paired_view([base, chosen, other], [0, 1, 2])
+    assert units == {"fairness": " (%)", "utility": " (%)"}
+    assert (view[0]["fairness"], view[0]["utility"], view[0]["fairness_ci"]) == (0.0, 0.0, None)
+    assert view[1]["fairness"] == pytest.approx(-19.1) and view[1]["utility_ci"] == pytest.approx([2.5, 4.7])
+    page = write_report(tmp_path / "r", [base, chosen, other], objectives=BOTH_LOWER).read_text(encoding="utf-8")
+    main = figure(page, "fig-front")
+    assert "change vs unrepaired (%)" in main and 'class="zero"' in main
+    zero_x = float(re.search(r'class="zero" d="M([0-9.]+),', main).group(1))
+    base_x = float(re.search(r'data-name="unrepaired" cx="([0-9.]+)"', main).group(1))
+    assert base_x == pytest.approx(zero_x)
+    labels = re.findall(r'<text class="point-label"[^>]*>([^<]*)</text>', main)
+    assert sorted(labels) == sorted(["unrepaired", "chosen: prune 1 head: 0:8", "prune 2 heads: 0:1, 3:2"])
+    assert "Chose <b>prune 1 head: 0:8</b>" in page and "-19.1%" in page.split('id="headline"')[1].split("</section>")[0]
+
+
+def test_without_paired_changes_the_plot_keeps_the_values(tmp_path):
+    from reports.figures import paired_view
+
+    view, units = paired_view(LOWER, list(range(len(LOWER))))
+    assert units is None and [v["fairness"] for v in view] == [p["fairness"] for p in LOWER]
+
+
+def test_point_names_say_what_each_configuration_does():
+    from repair.methods import short_name
+    from repair.run import point_names
+
+    assert short_name("prune", {"pruned_heads": [[0, 8]]}) == "prune 1 head: 0:8"
+    assert short_name("fairmed", {"layers": [22, 25, 26, 27, 28, 29], "lambda": 0.1, "steps": 3, "gate": 0.0,
+                                  "target": "neutral"}) == "fairmed layers 22, 25-29, lambda 0.1"
+    stack = {"stack": {"experts": {"alpha": 0.75, "rule": "logits"}, "prune": {"pruned_heads": [[0, h] for h in range(5)]}}}
+    assert short_name("stack", stack) == "experts alpha 0.75 + prune 5 heads"
+    same = {"method": "prune", "config": {"pruned_heads": [[0, 1], [1, 1], [2, 1], [3, 1]]}}
+    assert point_names([{"method": "base", "config": {}}, same, same]) == ["unrepaired", "prune 4 heads", "prune 4 heads (2)"]

@@ -330,3 +330,99 @@ def test_finished_run_report_renders(driver, finished_run):
     assert csv_front and csv_front == brute_force_front(finite, better)
     problems = check_page(driver, report / "index.html", csv_front)
     assert no_problems(problems), problems
+
+
+# ------------------------------------------------------------- as a person sees it: desktop and phone
+
+SCREENS = {"desktop": (1280, 800), "phone": (390, 844)}
+
+LAYOUT_JS = """
+const vw = window.innerWidth, vh = window.innerHeight, out = [];
+if (document.documentElement.scrollWidth > vw + 1)
+  out.push(`the page scrolls sideways: ${document.documentElement.scrollWidth} px wide in ${vw}`);
+const scroller = (el) => el.closest('.scroll');
+for (const el of document.querySelectorAll('main *')) {
+  if (el.closest('svg') || el.children.length || !el.textContent.trim() || scroller(el)) continue;
+  const r = el.getBoundingClientRect();
+  if (r.width && (r.left < -1 || r.right > vw + 1)) out.push(`cut off: <${el.tagName.toLowerCase()}> "${el.textContent.trim().slice(0, 40)}" spans ${Math.round(r.left)}-${Math.round(r.right)} of ${vw}`);
+}
+for (const svg of document.querySelectorAll('svg.plot')) {
+  const box = svg.getBoundingClientRect();
+  const texts = [...svg.querySelectorAll('text')].filter(t => t.textContent.trim());
+  for (const t of texts) {
+    const r = t.getBoundingClientRect();
+    if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+      out.push(`cut off in #${svg.id}: "${t.textContent.trim().slice(0, 40)}"`);
+  }
+  const labels = [...svg.querySelectorAll('text.point-label')].map(t => [t, t.getBoundingClientRect()]);
+  for (let i = 0; i < labels.length; i++) for (let j = i + 1; j < labels.length; j++) {
+    const [a, ra] = labels[i], [b, rb] = labels[j];
+    if (ra.left < rb.right && rb.left < ra.right && ra.top < rb.bottom && rb.top < ra.bottom)
+      out.push(`overlapping labels in #${svg.id}: "${a.textContent}" and "${b.textContent}"`);
+  }
+}
+const head = document.getElementById('headline');
+if (!head) out.push('no #headline');
+else if (head.getBoundingClientRect().bottom > vh) out.push(`#headline ends at ${Math.round(head.getBoundingClientRect().bottom)} px, below the first screen (${vh})`);
+return out;
+"""
+
+
+def layout_problems(driver, path: Path, screen: str, shot: Path | None = None) -> list[str]:
+    """At the screen size `screen` (the viewport exactly, not the window): nothing cut off at the page's
+    edges or an SVG's, no two point labels overlapping, the headline (what was chosen, how much
+    fairer, at what cost) within the first screen; `shot` gets a screenshot of that first screen."""
+    width, height = SCREENS[screen]
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+    try:
+        open_page(driver, path)
+        problems = driver.execute_script(LAYOUT_JS)
+        if shot is not None:
+            driver.save_screenshot(str(shot))
+            if Image.open(shot).size != (width, height):
+                problems.append(f"screenshot {Image.open(shot).size} is not the {width}x{height} screen")
+        return problems
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+@pytest.mark.xdist_group("all_run")  # the run comes from conftest.all_run
+@pytest.mark.parametrize("screen", SCREENS)
+def test_a_run_report_reads_on_a_desktop_and_a_phone(driver, all_run, screen, tmp_path):
+    """The report of a run of every method (stacks, long names): checked, and a screenshot of the first
+    screen taken, at 1280x800 and at 390x844; every point of the front plot carries its name there."""
+    shot = tmp_path / f"report-{screen}.png"
+    assert layout_problems(driver, all_run / "report" / "index.html", screen, shot) == []
+    assert blank_problems(Image.open(shot).convert("RGB"), screen) == []
+    page = (all_run / "report" / "index.html").read_text(encoding="utf-8")
+    doc = json.loads((all_run / "report" / "pareto.json").read_text(encoding="utf-8"))
+    labels = re.findall(r'<text class="point-label"[^>]*>([^<]*)</text>', page)
+    assert len(labels) == len(doc["points"]) and "not labelled" not in page
+    assert not any(re.fullmatch(r"[a-z]+-[0-9a-f]{6}", p["name"]) for p in doc["points"])  # no internal keys
+
+
+def _label_moved_onto_another(page: str) -> str:
+    xs = re.findall(r'<text class="point-label" x="([^"]+)" y="([^"]+)"', page)
+    (x0, y0), (x1, y1) = xs[0], xs[1]
+    return page.replace(f'<text class="point-label" x="{x1}" y="{y1}"', f'<text class="point-label" x="{x0}" y="{y0}"', 1)
+
+
+LAYOUT_BROKEN = {
+    "overlapping-labels": (_label_moved_onto_another, "overlapping labels in #fig-front-svg"),
+    "wide-line": (lambda p: p.replace("</main>", '<p style="white-space:nowrap">' + "wide " * 400 + "</p></main>"),
+                  "the page scrolls sideways"),
+    "headline-pushed-down": (lambda p: p.replace('<section id="headline">', '<div style="height:900px"></div><section id="headline">'),
+                             "below the first screen"),
+}
+
+
+@pytest.mark.xdist_group("all_run")
+@pytest.mark.parametrize("name", LAYOUT_BROKEN)
+def test_layout_checks_fail_on_a_broken_page(driver, all_run, tmp_path, name):
+    breaker, needle = LAYOUT_BROKEN[name]
+    page = (all_run / "report" / "index.html").read_text(encoding="utf-8")
+    broken = tmp_path / "index.html"
+    broken.write_text(breaker(page), encoding="utf-8")
+    assert broken.read_text(encoding="utf-8") != page
+    assert any(needle in p for p in layout_problems(driver, broken, "desktop")), name

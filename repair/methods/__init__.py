@@ -130,6 +130,14 @@ def build(config, model) -> dict:
     return {n: METHODS[n](c, model) for n, c in method_configs(config).items()}
 
 
+def short_name(method: str, config: dict) -> str:
+    """A configuration's name on the report ("prune 1 head: 0:8", "experts alpha 0.75 + prune 5 heads"):
+    each part's `short_name` for a stack, "unrepaired" for the unrepaired model."""
+    if "stack" in config:
+        return " + ".join(METHODS[m].short_name(part) for m, part in config["stack"].items())
+    return METHODS[method].short_name(config) if method in METHODS else "unrepaired"
+
+
 def describe(method: str, config: dict) -> str:
     """A configuration of `method` in a few words (its `describe`; each part's for a stack, "unrepaired"
     for the unrepaired model): the one text of the console summary, the report and the model card."""

@@ -78,6 +78,12 @@ class Method(ABC):
         """A configuration in a few words (`config`: its space's `describe(key)`), the one text the
         console summary, the report and the model card show."""
 
+    @classmethod
+    def short_name(cls, config: dict) -> str:
+        """The configuration's name on the report's plot and tables: the method and what it changes,
+        shorter than `describe` ("prune 1 head: 0:8")."""
+        return f"{cls.name} {cls.describe(config)}"
+
     # ---- the run's configuration, before any model loads (class methods) -----------------------
     @classmethod
     def check_config(cls, config, names: tuple[str, ...]) -> None:

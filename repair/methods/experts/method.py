@@ -54,6 +54,11 @@ class Experts(Method):
         return f"experts' shift: alpha {config['alpha']:g}, rule {config['rule']}" if config["alpha"] else "experts off"
 
     @classmethod
+    def short_name(cls, config: dict) -> str:
+        return (f"experts alpha {config['alpha']:g}" + (" (probs)" if config["rule"] == "probs" else "")
+                if config["alpha"] else "experts off")
+
+    @classmethod
     def merge_setting(cls, saved: dict, setting: dict, n_layers: int) -> dict:
         merged = {**saved, **setting}
         ExpertSetting(**merged).check()
@@ -61,7 +66,7 @@ class Experts(Method):
 
     @classmethod
     def reattach(cls, model, tensors: dict, meta: dict, folder: Path) -> ExpertsTransform:
-        """Load an exported bundle's experts beside `model` and make its generate() apply them
+        """Load an exported bundle's experts beside `model` and make its forward apply them
         (repair.load); ValueError when they do not fit the model."""
         param = next(model.parameters())
         models = training.load_models(folder, param.device, param.dtype)
@@ -150,7 +155,7 @@ class Experts(Method):
 
     # ---- applying and exporting a configuration -------------------------------------------------
     def attach(self, model, key: str) -> ExpertsTransform:
-        """The configuration on `model` in memory: its generate() applies the experts; removable."""
+        """The configuration on `model` in memory: its forward applies the experts; removable."""
         return ExpertsTransform(model, self.models["expert"], self.models["anti_expert"], [self.space.config(key)]).attach()
 
     def bundle(self, key: str) -> tuple[dict, dict, dict | None]:

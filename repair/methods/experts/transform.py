@@ -12,16 +12,19 @@ rule (`tests/test_experts.py` checks the identity). The probability difference i
 differs: it is bounded by alpha, and it ignores tokens both experts find unlikely.
 DExperts filters the target's logits to their top-p nucleus before combining; scoring a fixed
 option needs its probability under the full distribution, so nothing is filtered here (generation
-may still sample with `top_p`, applied after this processor).
+may still sample with `top_p`, applied after the shift).
 
 One class serves both places a model's next-token distribution is read:
-- the evaluator (`Evaluator(..., transform=...)`): the target's and the experts' forwards run once
-  per batch, and every setting (alpha, rule) of the batch is combined from those logits, so a whole
-  alpha grid costs three forwards;
-- `generate()`, as a `transformers.LogitsProcessor`: each expert keeps its own KV cache across
-  decoding steps (a step feeds the experts only the new token), with the attention mask and position
-  ids the target uses (left padding included). When the ids a step sees do not extend the ones the
-  caches hold (a new generate call, beams reordered), the caches restart from the full ids.
+- the search's evaluator (`Evaluator(..., transform=...)`): the target's and the experts' forwards run
+  once per batch, and every setting (alpha, rule) of the batch is combined from those logits, so a
+  whole alpha grid costs three forwards;
+- the model itself, once attached (`attach()`, what `repair.load` does): a forward hook on the
+  target's CausalLM runs both experts on the same inputs (attention mask, position ids, the kept
+  positions) and returns the combined logits from `model(...)`, so every scorer that calls the model
+  (the evaluator on a checkpoint, lm-evaluation-harness, a perplexity script) and plain `generate()`
+  see the repair. With a KV cache, the experts' caches travel inside the target's cache object (see
+  `_ExpertCaches`): the cache `model(...)` returns carries them to the next call, and generate's
+  beam reordering and cropping reach them too.
 alpha 0 returns the target's logits untouched, bit for bit.
 """
 from __future__ import annotations
@@ -30,8 +33,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from transformers import LogitsProcessor
-
 from repair.methods.rows import PerRowHooks
 
 RULES = ("logits", "probs")
@@ -72,32 +73,96 @@ def vocab_problem(target, experts: Sequence, names: Sequence[str] = ("the expert
     return None
 
 
+SHARED_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position", "logits_to_keep", "use_cache")
+
+
+def _bind(module, args: tuple, kwargs: dict) -> dict:
+    """A forward call's arguments by name (lm-evaluation-harness passes the ids positionally)."""
+    import inspect
+
+    return {**dict(zip(inspect.signature(module.forward).parameters, args)), **kwargs}
+
+
+def _returned_cache(output):
+    """The KV cache a forward returned (transformers 5.24 renamed `past_key_values` to `cache`), or None."""
+    return getattr(output, "cache", None) or getattr(output, "past_key_values", None)
+
+
+class _ExpertCaches:
+    """The experts' KV caches, carried as an attribute of the target's cache object: the cache
+    `model(...)` returns holds them for the next call (generate's loop, or a user's own), and the
+    cache's own methods that edit it in place (beam reordering, cropping, batch selection) edit
+    them too. A cache that holds keys but none of the experts' (one the plain model made) is
+    refused: the experts cannot see the tokens it stands for."""
+
+    ATTR = "_repair_expert_caches"
+    EDITS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
+
+    def __init__(self, held: list):
+        self.held = held
+
+    @classmethod
+    def of(cls, past, new, n_new: int, n_models: int) -> "_ExpertCaches":
+        held = getattr(past, cls.ATTR, None) if past is not None else None
+        before = 0 if past is None else past.get_seq_length() - (n_new if past is new else 0)
+        if held is None:
+            if before > 0:
+                raise ValueError(f"the cache passed holds {before} positions but not the experts' caches: pass the "
+                                 "cache this repaired model returned (or none)")
+            return cls([None] * n_models)
+        for c in held.held:
+            if c is not None and c.get_seq_length() != before:
+                raise ValueError(f"the experts' caches hold {c.get_seq_length()} positions but the target's {before}: "
+                                 "the cache was edited by a method the experts do not follow")
+        return held
+
+    def ride_on(self, cache) -> None:
+        """Attach to `cache`, wrapping its in-place edits (once per cache object) to reach the experts' caches."""
+        setattr(cache, self.ATTR, self)
+        if getattr(cache, "_repair_edits_wrapped", False):
+            return
+        for name in self.EDITS:
+            original = getattr(cache, name, None)
+            if callable(original):
+                setattr(cache, name, _following(cache, name, original))
+        cache._repair_edits_wrapped = True
+
+
+def _following(cache, name: str, original):
+    def edit(*args, **kwargs):
+        result = original(*args, **kwargs)
+        for c in getattr(cache, _ExpertCaches.ATTR).held:
+            if c is not None:
+                getattr(c, name)(*args, **kwargs)
+        return result
+
+    return edit
+
+
 def _cache_argument(model) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class ExpertsTransform(PerRowHooks, LogitsProcessor):
+class ExpertsTransform(PerRowHooks):
     """The experts' shift of a target model's next-token logits, one setting per batch row.
 
         transform = ExpertsTransform(target, expert, anti, [ExpertSetting(1.5)])
-        transform.attach()              # target.generate(...) now applies it
+        transform.attach()              # target(...) and target.generate(...) now apply it
         Evaluator(target, tok, transform=transform)     # every suite scores the combined distribution
     """
 
-    transforms_outputs = True  # read by the evaluator and the scorer: not a forward hook
+    transforms_outputs = True  # the search's evaluator combines its grid itself when given it unattached
 
-    def __init__(self, target, expert, anti_expert, settings: Sequence[ExpertSetting] = (ExpertSetting(),), *,
-                 cache: bool = True):
+    def __init__(self, target, expert, anti_expert, settings: Sequence[ExpertSetting] = (ExpertSetting(),)):
         problem = vocab_problem(target, (expert, anti_expert))
         if problem:
             raise ValueError(problem)
-        self.target, self.models, self.cache = target, (expert, anti_expert), cache
+        self.target, self.models = target, (expert, anti_expert)
         self._handles = []
-        self._generate = None
+        self._aside = False
         self.set_variants(settings)
-        self.begin()
 
     def set_variants(self, settings: Sequence[ExpertSetting]) -> None:
         settings = list(settings)
@@ -122,83 +187,67 @@ class ExpertsTransform(PerRowHooks, LogitsProcessor):
         n, dev = target.shape[0], target.device
         return combine(target, *experts, self._alpha[variant].expand(n).to(dev), self._probs[variant].expand(n).to(dev))
 
-    # ---- generate() -------------------------------------------------------------------------
-    def begin(self, attention_mask: torch.Tensor | None = None) -> None:
-        """Start a generation whose prompt rows have `attention_mask` (None: no padding); drop the caches."""
-        self._mask = attention_mask
-        self._ids = None
-        self._caches = [None, None]
-
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        rows = self._row_ids(input_ids.shape[0])
-        alpha = self._alpha[rows].to(scores.device)
-        if not (alpha != 0).any():
-            return scores
-        expert, anti = self._next_logits(input_ids)
-        return combine(scores, expert, anti, alpha, self._probs[rows].to(scores.device)).to(scores.dtype)
-
-    def _attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The prompt's mask followed by ones for every generated token (what generate() gives the target)."""
-        batch, length = input_ids.shape
-        mask = self._mask
-        if mask is None or mask.shape[0] != batch or mask.shape[1] > length:
-            return torch.ones_like(input_ids)
-        mask = mask.to(input_ids.device)
-        return torch.cat([mask, mask.new_ones(batch, length - mask.shape[1])], dim=1)
-
-    def _next_logits(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
-        mask = self._attention_mask(input_ids)
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        held = self._ids
-        resume = (self.cache and held is not None and held.shape[0] == input_ids.shape[0]
-                  and held.shape[1] < input_ids.shape[1] and torch.equal(input_ids[:, :held.shape[1]], held))
-        start = held.shape[1] if resume else 0
-        out = []
-        for k, model in enumerate(self.models):
-            cache_arg = _cache_argument(model)  # transformers 5.24 renamed past_key_values to cache
-            result = model(input_ids=input_ids[:, start:], attention_mask=mask, position_ids=positions[:, start:],
-                           use_cache=self.cache, logits_to_keep=1, **{cache_arg: self._caches[k] if resume else None})
-            self._caches[k] = getattr(result, cache_arg, None) if self.cache else None
-            out.append(result.logits[:, -1].float())
-        self._ids = input_ids.clone() if self.cache else None
-        return out
-
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The combined logits at every position of `input_ids` under setting 0, from plain forwards:
-        the reference the exported bundle's reload check compares."""
-        z = [m(input_ids=input_ids).logits for m in (self.target, *self.models)]
+        """The combined logits at every position of `input_ids` under setting 0, from three plain
+        forwards combined here (the attached hook, if any, stands aside): the reference that the
+        exported bundle's reload check and the tests compare the repaired forward with."""
+        self._aside = True
+        try:
+            z = [m(input_ids=input_ids).logits for m in (self.target, *self.models)]
+        finally:
+            self._aside = False
         flat = [t.reshape(-1, t.shape[-1]) for t in z]
         return self.apply(flat[0].float(), (flat[1], flat[2]), 0).reshape(z[0].shape)
 
     # ---- attached to a model ----------------------------------------------------------------
     def attach(self) -> "ExpertsTransform":
-        """Make `target.generate()` apply this transform (before any processor the caller passes);
-        `remove()` restores the target's own generate."""
-        from transformers import LogitsProcessorList
-
-        if self._generate is not None:
-            return self
-        original = self.target.generate
-
-        def generate(*args, logits_processor=None, attention_mask=None, **kwargs):
-            self.begin(attention_mask)
-            processors = LogitsProcessorList([self, *(logits_processor or [])])
-            try:
-                return original(*args, attention_mask=attention_mask, logits_processor=processors, **kwargs)
-            finally:
-                self.begin()  # free the experts' caches
-
-        self.target.generate = generate
-        self._generate = original
+        """Make the target's forward return the combined logits (and so its generate() too);
+        `remove()` restores the plain forward."""
+        if not self._handles:
+            self._handles.append(self.target.register_forward_hook(self._combine_outputs, with_kwargs=True))
         return self
 
-    def remove(self) -> None:
-        if self._generate is not None:
-            del self.target.generate  # the instance attribute: the class's generate shows again
-            self._generate = None
-        self.begin()
+    @torch.no_grad()
+    def _combine_outputs(self, module, args, kwargs, output):
+        if self._aside:
+            return output
+        logits, inputs = output.logits, _bind(module, args, kwargs)
+        if inputs.get("input_ids") is None:
+            raise ValueError("the decoding-time experts need input_ids (they have embeddings of their own), "
+                             "not inputs_embeds")
+        rows = self._row_ids(inputs["input_ids"].shape[0])
+        if not (self._alpha[rows] != 0).any():
+            return output
+        past = inputs.pop("cache", None) if "cache" in inputs else inputs.pop("past_key_values", None)
+        new = _returned_cache(output)
+        caches = _ExpertCaches.of(past, new, inputs["input_ids"].shape[1], len(self.models))
+        shared = {k: inputs[k] for k in SHARED_INPUTS if inputs.get(k) is not None}
+        experts = []
+        for k, model in enumerate(self.models):
+            out = model(**shared, **{_cache_argument(model): caches.held[k]})
+            caches.held[k] = _returned_cache(out)
+            experts.append(out.logits)
+        if new is not None:
+            caches.ride_on(new)
+        alpha, probs = self._per_position(rows, inputs, logits)
+        flat = [z.reshape(-1, z.shape[-1]) for z in (logits, *experts)]
+        output.logits = combine(*flat, alpha, probs).reshape(logits.shape)
+        labels = inputs.get("labels")
+        if labels is not None and getattr(output, "loss", None) is not None:
+            output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=output.logits.shape[-1])
+        return output
+
+    def _per_position(self, rows: torch.Tensor, inputs: dict, logits: torch.Tensor):
+        """Each logits row's alpha and rule flag: a batch row's, repeated over its positions (logits
+        [B, T, V]) or over its kept positions (a boolean `logits_to_keep`, flattened row-major)."""
+        keep = inputs.get("logits_to_keep")
+        if logits.dim() == 3:
+            row_of = torch.arange(logits.shape[0]).repeat_interleave(logits.shape[1])
+        else:
+            row_of = torch.arange(keep.shape[0], device=keep.device)[:, None].expand(keep.shape)[keep].cpu()
+        rows = rows[row_of]
+        return self._alpha[rows].to(logits.device), self._probs[rows].to(logits.device)
 
     def describe(self) -> str:
         s = self.settings[0]

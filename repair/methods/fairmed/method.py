@@ -65,6 +65,12 @@ class FairMed(Method):
                 f"gate {config['gate']:g}, target {config['target']}")
 
     @classmethod
+    def short_name(cls, config: dict) -> str:
+        if not config["layers"]:
+            return "fairmed off"
+        return f"fairmed layers {layer_ranges(config['layers'])}, lambda {config['lambda']:g}"
+
+    @classmethod
     def merge_setting(cls, saved: dict, setting: dict, n_layers: int) -> dict:
         if "gate" in setting and setting["gate"] not in GATE_QUANTILES:
             raise UserError(f"--gate must be one of {', '.join(f'{g:g}' for g in GATE_QUANTILES)} (a quantile of the "
@@ -193,6 +199,17 @@ class FairMed(Method):
 
         tensors, meta, _ = self.bundle(key)
         return export_hooked(loaded, "fairmed", tensors, meta, target, manifest, card)
+
+
+def layer_ranges(layers) -> str:
+    """'22, 25-29' for [22, 25, 26, 27, 28, 29]."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def _setting_dict(s: NeutralizerSetting) -> dict:

@@ -71,6 +71,12 @@ class FairSteer(Method):
         return f"layer {config['layer']} steered, alpha {config['alpha']:g}, {gate}"
 
     @classmethod
+    def short_name(cls, config: dict) -> str:
+        if config["layer"] is None:
+            return "fairsteer off"
+        return f"fairsteer layer {config['layer']}, alpha {config['alpha']:g}" + (", always" if config["threshold"] is None else "")
+
+    @classmethod
     def merge_setting(cls, saved: dict, setting: dict, n_layers: int) -> dict:
         setting = dict(setting)
         if "layers" in setting:

@@ -45,6 +45,12 @@ class Prune(Method):
         return f"{len(config['pruned_heads'])} pruned heads"
 
     @classmethod
+    def short_name(cls, config: dict) -> str:
+        heads = config["pruned_heads"]
+        listed = f": {', '.join(f'{layer}:{head}' for layer, head in heads)}" if 0 < len(heads) <= 3 else ""
+        return f"prune {len(heads)} head{'' if len(heads) == 1 else 's'}{listed}"
+
+    @classmethod
     def surrogates_folder(cls, out: Path) -> Path:
         return out / "surrogates"  # where runs of one method kept them before there were several
 
