@@ -3,6 +3,7 @@
     python benchmarks/experts.py --checkpoint runs/experts/checkpoint   # the run's bundle (experts as large as the target)
     python benchmarks/experts.py --tiny                                 # a random target, experts a tenth of its size
     python benchmarks/experts.py --training                             # full fine-tuning vs the top layers only
+    python benchmarks/experts.py --trunk                                # full copies vs tops over the shared trunk, K = 2..8
 
 Generation is greedy with the KV cache (the experts keep their own caches), timed alternately with
 and without the experts (benchmarks/generation_speed.py). With experts as large as the target a
@@ -57,6 +58,54 @@ def tiny(args) -> None:
         compare(target, tokenizer, lambda m: transform.attach(), "experts", args.tokens, args.reps)
 
 
+def trunk(args) -> None:
+    """The embedded SmolLM2 as the target; its experts as two full copies (today's bundle, top K layers
+    changed as training changes them) and as those K layers alone over the target's trunk
+    (`--expert-layers K`), for K = 2, 4, 6, 8: generation slowdown, extra parameters, and the largest
+    logit difference between the two paths (they compute the same numbers)."""
+    import copy
+
+    from repair.methods.experts.top import ExpertTop
+    from repair.methods.experts.transform import ExpertSetting, ExpertsTransform
+    from repair.models import load_model, ModelSpec
+
+    loaded = load_model(ModelSpec())
+    target, tokenizer = loaded.model, loaded.tokenizer
+    size = lambda ms: sum(p.numel() for m in ms for p in m.parameters())  # noqa: E731
+    ids = torch.tensor([tokenizer("The nurse said that the engineer was late because").input_ids])
+
+    def experts(k):
+        out = []
+        for seed in (1, 2):
+            model = copy.deepcopy(target)
+            gen = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for layer in model.model.layers[-k:]:
+                    for p in layer.parameters():
+                        p.add_(0.01 * p.abs().mean() * torch.randn(p.shape, generator=gen))
+            out.append(model)
+        return out
+
+    full_params = None
+    for k in args.layers:
+        full = experts(k)
+        tops = [ExpertTop.from_model(target, m, k) for m in full]
+        with torch.inference_mode():
+            a = ExpertsTransform(target, *full, [ExpertSetting(1.0)]).logits(ids)
+            b = ExpertsTransform(target, *tops, [ExpertSetting(1.0)]).logits(ids)
+        full_params = size(full)
+        print(f"\nK = {k}: tops {size(tops) / 1e6:.1f}M extra parameters, full copies {full_params / 1e6:.1f}M "
+              f"({size(tops) / full_params:.1%}); max |logit difference| {float((a - b).abs().max()):.2g}")
+        if k == args.layers[0] or args.every_full:
+            print("full copies:")
+            transform = ExpertsTransform(target, *full, [ExpertSetting(1.0)])
+            compare(target, tokenizer, lambda m: transform.attach(), "experts", args.tokens, args.reps)
+        print(f"tops over the shared trunk (K = {k}):")
+        transform = ExpertsTransform(target, *tops, [ExpertSetting(1.0)])
+        compare(target, tokenizer, lambda m: transform.attach(), "experts", args.tokens, args.reps)
+        del full, tops
+
+
 def training(args) -> None:
     """Seconds per step (32 sentences of 16 tokens) of full fine-tuning and of the top layers only."""
     from repair.methods.experts.training import TrainConfig
@@ -88,17 +137,23 @@ def main() -> None:
     p.add_argument("--checkpoint", type=Path, default=None, help="an experts bundle exported by repair run --method experts")
     p.add_argument("--tiny", action="store_true", help="random target and experts a tenth of its size")
     p.add_argument("--training", action="store_true", help="time a training step: full fine-tuning vs the top layers")
+    p.add_argument("--trunk", action="store_true", help="full-copy experts vs tops over the shared trunk, K = --layers")
+    p.add_argument("--layers", type=lambda t: [int(x) for x in t.split(",")], default=[6, 2, 4, 8],
+                   help="the K of --trunk, comma-separated (default 6,2,4,8; full copies are timed at the first)")
+    p.add_argument("--every-full", action="store_true", help="time the full copies at every K of --trunk")
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=5)
     args = p.parse_args()
-    if not (args.checkpoint or args.tiny or args.training):
-        p.error("give --checkpoint, --tiny or --training")
+    if not (args.checkpoint or args.tiny or args.training or args.trunk):
+        p.error("give --checkpoint, --tiny, --training or --trunk")
     if args.checkpoint:
         bundle(args)
     if args.tiny:
         tiny(args)
     if args.training:
         training(args)
+    if args.trunk:
+        trunk(args)
 
 
 if __name__ == "__main__":

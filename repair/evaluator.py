@@ -206,9 +206,12 @@ class Evaluator:
         self._own_head = True
         self.work = WorkCounter()
         self._check_against_plain_forward()
-        # the transform's own models, each scored the way this evaluator scores the target (checked likewise)
-        self._experts = [Evaluator(m, tokenizer, batch_tokens=batch_tokens, max_rows=max_rows, progress=False)
-                         for m in getattr(transform, "models", ())]
+        # the transform's own models, each scored the way this evaluator scores the target (checked likewise);
+        # tops over the target's trunk read the target's forward instead (repair.methods.experts.top)
+        self._trunk = transform._reader() if getattr(transform, "tops", False) else None
+        self._experts = [] if self._trunk is not None else [
+            Evaluator(m, tokenizer, batch_tokens=batch_tokens, max_rows=max_rows, progress=False)
+            for m in getattr(transform, "models", ())]
         self.work = WorkCounter()
 
     @property
@@ -334,6 +337,15 @@ class Evaluator:
             shared.setdefault(self.transform.forward_of[v], []).append(v)
         return list(shared.items())
 
+    def _trunk_tops(self, rows: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
+        """The tops' logits (float32) at the kept positions of `rows`, from the trunk this batch's forward
+        passed; [] for full expert models."""
+        if self._trunk is None:
+            return []
+        out = [z.float() for z in self.transform.top_logits(self._trunk, rows, keep[rows])]
+        self.work.head_positions += sum(z.shape[0] for z in out)
+        return out
+
     def _variant_logits(self, logits: torch.Tensor, members: list[list[int]], keep: torch.Tensor, ids: torch.Tensor,
                         experts):
         """(variant, log-probs at the kept positions) for each variant of `members`, computed at the
@@ -358,7 +370,11 @@ class Evaluator:
         wanted = sorted({v for m in members for v in m})
         active = {v for v in wanted if self.transform.active([v])}
         need = [r for r, m in enumerate(members) if active & set(m)]
-        if need:
+        if need and self._trunk is not None:  # tops read each row's own trunk: nothing to share between rows
+            same_as, reps = {r: r for r in need}, need
+            shift = experts(torch.tensor(reps, device=ids.device))
+            rep_start = dict(zip(reps, np.cumsum([0, *[counts[r] for r in reps[:-1]]]).tolist()))
+        elif need:
             _, inverse = torch.unique(ids[need], dim=0, return_inverse=True)
             first: dict[int, int] = {}
             for r, u in zip(need, inverse.tolist()):
@@ -471,7 +487,8 @@ class Evaluator:
 
         if members is None:
             return totals_of(torch.log_softmax(logits, dim=-1))
-        experts = lambda r: [e._logits(ids[r], e._tree_mask(sees[r], pos[r]), pos[r], keep[r]) for e in self._experts]  # noqa: E731
+        experts = lambda r: self._trunk_tops(r, keep) or [  # noqa: E731
+            e._logits(ids[r], e._tree_mask(sees[r], pos[r]), pos[r], keep[r]) for e in self._experts]
         return [(v, totals_of(logp)) for v, logp in self._variant_logits(logits, members, keep, ids, experts)]
 
     def _totals(self, logp, seg, tgt, keep, prompt_end, row_of, first_tok) -> torch.Tensor:
@@ -529,7 +546,8 @@ class Evaluator:
                 self.work.padded_tokens += mask.numel()
                 targets = torch.cat([ids[t0:e] for _, (_, e, t0) in group])
                 members = [groups[g][1] for g, _ in group]
-                experts = lambda r: [e._logits(inputs[r], mask[r], None, keep[r]) for e in self._experts]  # noqa: E731
+                experts = lambda r: self._trunk_tops(r, keep) or [  # noqa: E731
+                    e._logits(inputs[r], mask[r], None, keep[r]) for e in self._experts]
                 for v, logp in self._variant_logits(logits, members, keep, inputs, experts):
                     scored = -logp.gather(1, targets[:, None])[:, 0].double()
                     at = 0

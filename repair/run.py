@@ -179,22 +179,22 @@ WIDTH = 80  # the console summary's columns
 
 
 def compact_change(change: dict | None) -> str:
-    """'-19.1% [-22.7, -15.3] *': `format_change` in fewer columns (the interval's bounds in percent)."""
+    """'-19.1% [-22.7, -15.3] *': `format_change` in fewer columns (the interval's bounds in percent);
+    an absolute change, where a relative one has no meaning, has no % sign."""
     if not change:
         return "n/a"
     mark = " *" if change["significant"] else ""
     if not change.get("relative_defined", True):
         lo, hi = change["delta_ci"]
-        return f"{change['delta']:+.2g} [{lo:+.2g}, {hi:+.2g}] abs{mark}"
+        return f"{change['delta']:+.2g} [{lo:+.2g}, {hi:+.2g}]{mark}"
     lo, hi = change["relative_ci"]
     return f"{change['relative']:+.1%} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
 
 
 def _fit(text: str, indent: str = "") -> str:
-    """`text` on one line of at most WIDTH columns, cut at a word with '…' when longer."""
-    import textwrap
-
-    return textwrap.shorten(text, WIDTH, initial_indent=indent, placeholder=" …") if len(indent + text) > WIDTH else indent + text
+    """`text` on one line of at most WIDTH columns, cut with '…' when longer."""
+    line = indent + text
+    return line if len(line) <= WIDTH else line[:WIDTH - 1] + "…"
 
 
 def excluded_rows(candidates: list[dict]) -> list[dict]:
@@ -216,21 +216,21 @@ def summary_lines(config, objectives, base, chosen, report, result, methods) -> 
     """What a finished run prints: one screen (at most 40 lines of at most 80 columns): the choice, its
     paired changes on the report split, what the guards excluded, each method's best, where the
     checkpoint and the report are. The report holds the rest."""
-    import textwrap
-
     out = [f"LLM evaluations: {result.n_evaluations} in {result.seconds / 60:.1f} min"]
     if chosen is base:
-        out.append("no repaired configuration passed the guards: the checkpoint is the unrepaired model")
+        out.append("no repaired configuration passed the guards: keeping the unrepaired model")
     else:
-        out += textwrap.wrap(f"chosen: {describe_chosen(chosen)}", WIDTH, subsequent_indent="  ")[:2]
+        out.append(_fit(f"chosen: {short_name(chosen['method'], chosen['config'])}"))
+        out.append(_fit(describe_chosen(chosen), "  "))
     out.append("  chosen on the select split, measured on the report split (no choice saw it)")
     rows = summary_rows(objectives, base, chosen, "report")
-    width = min(34, max(len(r[0]) for r in rows))
+    width = min(32, max(len(r[0]) for r in rows))
     out.append(f"{'report split':<{width}} {'before':>9} {'after':>9}  change, paired 95% CI")
     for label, a, b, change in rows:
-        label = label if len(label) <= width else label[:width - 3] + "… " + label.rsplit(" ", 1)[-1]
+        arrow = label.rsplit(" ", 1)[-1]
+        label = label if len(label) <= width else label[:width - 2 - len(arrow)] + "… " + arrow
         out.append(f"{label:<{width}} {a:9.4f} {b:9.4f}  {change}"[:WIDTH])
-    out.append("  * the interval excludes 0;  ↓ lower is better, →½ closer to 0.5, →0 closer to 0")
+    out.append("  * CI excludes 0; no %: absolute; better: ↓ lower, →½ near 0.5, →0 near 0")
     rho = result.search_select_spearman
     out.append(_fit(f"search vs select fairness ranking of {rho['n']} verified configurations: Spearman "
                     f"{rho['spearman']:.2f}"))
@@ -248,7 +248,7 @@ def summary_lines(config, objectives, base, chosen, report, result, methods) -> 
             changes = (c["changes"] or {}).get("report") or {}
             fair, util = (changes.get(k) for k in ("fairness", "utility"))
             short = [f"{100 * x['relative']:+.1f}%{'*' if x['significant'] else ''}" if x else "n/a" for x in (fair, util)]
-            out.append(_fit(f"{name:<9} {short[0]:>8} {short[1]:>8}  {describe(c['method'], c['config'])}", "  "))
+            out.append(_fit(f"{name:<9} {short[0]:>8} {short[1]:>8}  {short_name(c['method'], c['config'])}", "  "))
     out.append(f"checkpoint: {config.out / 'checkpoint'}")
     out.append(f"report:     {report}")
     return out

@@ -115,8 +115,9 @@ def test_stacks_are_every_pair_of_bests_and_the_choice_is_the_fairest_within_the
     assert [k for k, c in cands.items() if c["chosen"]] == [expected]
 
 
-def test_costs_count_what_each_repair_adds(all_run):
+def test_costs_count_what_each_repair_adds(all_run, model_dir):
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     costs = json.loads((all_run / "costs.json").read_text())
     rows = {r["method"]: r for r in costs["rows"]}
@@ -124,9 +125,11 @@ def test_costs_count_what_each_repair_adds(all_run):
     assert rows["prune"]["extra_parameters"] == 0
     n_experts = 0
     for folder in ("expert", "anti_expert"):
-        with safe_open(str(all_run / "checkpoints" / "experts" / folder / "model.safetensors"), "pt") as f:
+        with safe_open(str(all_run / "checkpoints" / "experts" / folder / "top.safetensors"), "pt") as f:
             n_experts += sum(f.get_tensor(k).numel() for k in f.keys())
-    assert rows["experts"]["extra_parameters"] == n_experts  # tied embeddings are stored once: as many as run
+    # the experts' trained top layers over the target's trunk: every layer of the 3-layer tiny model, no embeddings
+    per_layer = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).model.layers[0].parameters())
+    assert rows["experts"]["extra_parameters"] == n_experts == 2 * 3 * per_layer
     with safe_open(str(all_run / "checkpoints" / "fairsteer" / "interventions.safetensors"), "pt") as f:
         assert rows["fairsteer"]["extra_parameters"] == sum(f.get_tensor(k).numel() for k in f.keys())
     for r in rows.values():

@@ -57,14 +57,14 @@ def test_the_bundle_loads_with_the_experts_applied_to_generate(experts_run, mode
     from repair.models import ModelSpec, load_model
 
     loaded = load_model(ModelSpec(str(model_dir), device="cpu"))
-    experts = load_saved(experts_run / "experts", torch.device("cpu"), torch.float32)
+    experts = load_saved(experts_run / "experts", loaded.model)
     setting = ExpertSetting(30.0, "logits")  # the experts differ only by group words: a large alpha to shift greedy tokens
     transform = ExpertsTransform(loaded.model, experts["expert"], experts["anti_expert"], [setting])
     manifest = json.loads((experts_run / "checkpoint" / "repair_manifest.json").read_text())
     manifest.update(alpha=30.0, rule="logits")
     bundle = export_hooked(loaded, "experts", {}, {"setting": {"alpha": 30.0, "rule": "logits"}}, tmp_path / "bundle",
                            manifest, "# card\n", models=experts, expected=transform.logits)
-    assert {"expert/model.safetensors", "anti_expert/model.safetensors"} <= set(manifest_files(bundle))
+    assert {"expert/top.safetensors", "anti_expert/top.safetensors"} <= set(manifest_files(bundle))
 
     inputs = {"input_ids": torch.tensor([[5, 17, 33, 2, 90]])}
     model, _ = repair.load(bundle)
@@ -92,8 +92,8 @@ def test_the_run_exports_a_bundle_with_its_manifest_and_card(experts_run):
     ckpt = experts_run / "checkpoint"
     manifest = json.loads((ckpt / "repair_manifest.json").read_text())
     assert manifest["method"] == "experts" and {"alpha", "rule"} <= set(manifest)
-    assert {"interventions.safetensors", "model.safetensors", "expert/model.safetensors",
-            "anti_expert/model.safetensors"} == set(manifest["files_sha256"])
+    assert {"interventions.safetensors", "model.safetensors", "expert/top.safetensors",
+            "anti_expert/top.safetensors"} == set(manifest["files_sha256"])  # the experts' trained layers alone
     assert "kl_neutral" in (ckpt / "README.md").read_text() and "kl_uniform" in (ckpt / "README.md").read_text()
 
 

@@ -39,12 +39,17 @@ class Experts(Method):
         self.models: dict | None = None
         self.record: dict = {}
         self.expert_base = None
+        # the top layers that learn: --expert-layers, else TrainConfig's 6 or every layer of a smaller model
+        self.trained_layers = self.options.expert_layers or min(training.TrainConfig.layers, _depth(model))
 
     @classmethod
     def check_config(cls, config, names) -> None:
         if config.baselines and names[0] == "experts":
             raise UserError("--baselines random,knockout are baselines of --method prune (and random of fairsteer); "
                             "experts has its own (it evaluates its whole grid)")
+        if cls.options_of(config).expert_layers is not None and cls.options_of(config).expert_layers < 1:
+            raise UserError(f"--expert-layers must be at least 1 (the top decoder layers the experts train), got "
+                            f"{cls.options_of(config).expert_layers}")
         if cls.options_of(config).expert_base and "experts" not in names:
             raise UserError(f"--expert-base is the starting model of --method experts' experts; --method {config.method} "
                             "trains none (leave the flag out)")
@@ -68,8 +73,7 @@ class Experts(Method):
     def reattach(cls, model, tensors: dict, meta: dict, folder: Path) -> ExpertsTransform:
         """Load an exported bundle's experts beside `model` and make its forward apply them
         (repair.load); ValueError when they do not fit the model."""
-        param = next(model.parameters())
-        models = training.load_models(folder, param.device, param.dtype)
+        models = training.load_models(folder, model)
         return ExpertsTransform(model, models["expert"], models["anti_expert"], [ExpertSetting(**meta["setting"])]).attach()
 
     def min_budget(self) -> int:
@@ -78,7 +82,13 @@ class Experts(Method):
 
     def check_inputs(self, loaded) -> None:
         """Load `--expert-base` and refuse one whose vocabulary differs from the target's, before the
-        run writes anything."""
+        run writes anything; refuse more trained layers than the model has."""
+        from repair import arch
+
+        n = len(arch.decoder_layers(loaded.model, "decoding-time experts"))
+        if self.trained_layers > n:
+            raise UserError(f"--expert-layers {self.options.expert_layers}: the model has {n} decoder layers "
+                            f"(give 1 to {n})")
         if not self.options.expert_base:
             return
         from dataclasses import replace
@@ -102,7 +112,8 @@ class Experts(Method):
     def prepare(self, loaded, config, search, probes) -> None:
         """The expert and the anti-expert, trained on the search split's text, kept in RUN_DIR/experts/."""
         self.models, self.record = training.prepare(loaded, search, self._folder(config),
-                                                   training.TrainConfig(seed=config.seed), self.expert_base)
+                                                   training.TrainConfig(layers=self.trained_layers, seed=config.seed),
+                                                   self.expert_base)
         self.expert_base = None  # trained copies made; the base is not needed any more
         loss = self.record["loss"]
         print("experts trained on " + ", ".join(f"{n} sentences ({r.replace('_', '-')}: loss {loss[r]['first']:.2f} -> "
@@ -128,8 +139,7 @@ class Experts(Method):
         if not (folder / "experts.json").is_file():
             raise UserError(f"this worker cannot read the run's experts in {folder}: put the run folder on a "
                             "filesystem both machines share, or copy it to the same path here")
-        param = next(self.target.parameters())
-        self.models = training.load_saved(folder, param.device, param.dtype, stored["sha256"])
+        self.models = training.load_saved(folder, self.target, stored["sha256"])
 
     def intervention(self, model) -> ExpertsTransform:
         try:
@@ -174,3 +184,9 @@ class Experts(Method):
         transform = ExpertsTransform(loaded.model, self.models["expert"], self.models["anti_expert"], [self.space.config(key)])
         return export_hooked(loaded, self.name, tensors, meta, target, manifest, card, models=models,
                              expected=transform.logits)
+
+
+def _depth(model) -> int:
+    from repair import arch
+
+    return len(arch.decoder_layers(model, "decoding-time experts"))

@@ -15,8 +15,9 @@ Training: each expert starts as a copy of the expert base (default: the target i
 top `TRAIN_LAYERS` decoder layers learn (AdamW, one pass over the text, seeded): the backward pass
 stops there, which makes a step 2.5 times cheaper than full fine-tuning on this CPU
 (benchmarks/experts.py --training), and the rest of the model keeps what it knew. The experts are
-saved as safetensors checkpoints under RUN_DIR/experts/ with their sha256, so a resumed run loads
-them instead of training again.
+saved under RUN_DIR/experts/ with their sha256, so a resumed run loads them instead of training
+again: when they start from the target itself, as their trained top layers alone (`top.ExpertTop`:
+they run over the target's own trunk), else (`--expert-base`) as whole safetensors checkpoints.
 """
 from __future__ import annotations
 
@@ -115,15 +116,19 @@ def fine_tune(model, tokenizer, pairs: list[tuple[str, str]], config: TrainConfi
     return losses
 
 
-def train(base, tokenizer, text: dict, config: TrainConfig) -> tuple[dict, dict]:
-    """({role: a copy of `base` trained on text[role]}, what was done: sentences, losses)."""
+def train(base, tokenizer, text: dict, config: TrainConfig, target=None) -> tuple[dict, dict]:
+    """({role: a copy of `base` trained on text[role]}, what was done: sentences, losses). With
+    `target` (the model `base` is), each expert is kept as its trained top layers over the target's trunk."""
+    from repair.methods.experts.top import ExpertTop
+
     models, info = {}, {"config": asdict(config), "sentences": {r: len(t) for r, t in text.items()}, "loss": {}}
     for k, role in enumerate(ROLES):
         torch.manual_seed(config.seed + k)
         model = copy.deepcopy(base)
         losses = fine_tune(model, tokenizer, text[role], config, f"training the {role.replace('_', '-')}")
         info["loss"][role] = {"first": losses[0], "last": sum(losses[-5:]) / len(losses[-5:]), "steps": len(losses)}
-        models[role] = model
+        models[role] = model if target is None else ExpertTop.from_model(target, model, config.layers)
+        del model
     return models, info
 
 
@@ -147,16 +152,24 @@ def save(models: dict, folder: Path, info: dict) -> dict:
     return record
 
 
-def load_models(folder: Path, device, dtype) -> dict:
-    """{role: the checkpoint in folder/role}, on `device` in `dtype`, for inference (a run's experts,
-    a bundle's)."""
+def load_models(folder: Path, target) -> dict:
+    """{role: the expert in folder/role} for inference beside `target` (on its device, in its dtype): a
+    top over its trunk, or a whole checkpoint (a run's experts, a bundle's); ValueError when a top
+    does not fit the target."""
     from transformers import AutoModelForCausalLM
 
-    return {role: AutoModelForCausalLM.from_pretrained(Path(folder) / role, dtype=dtype).to(device).eval().requires_grad_(False)
-            for role in ROLES}
+    from repair.methods.experts.top import is_top, load_top
+
+    param = next(target.parameters())
+    out = {}
+    for role in ROLES:
+        where = Path(folder) / role
+        out[role] = load_top(where, target) if is_top(where) else \
+            AutoModelForCausalLM.from_pretrained(where, dtype=param.dtype).to(param.device).eval().requires_grad_(False)
+    return out
 
 
-def load_saved(folder: Path, device, dtype, sha256: dict | None = None) -> dict | None:
+def load_saved(folder: Path, target, sha256: dict | None = None) -> dict | None:
     """The experts saved in `folder` (None when there are none), checked against their sha256."""
     record_path = folder / "experts.json"
     if not record_path.is_file():
@@ -166,7 +179,7 @@ def load_saved(folder: Path, device, dtype, sha256: dict | None = None) -> dict 
         if not (folder / role).is_dir() or _digest(folder / role) != want.get(role):
             raise UserError(f"{folder / role} is missing or does not match its sha256 in {record_path} "
                             "(delete the folder to train the experts again)")
-    return load_models(folder, device, dtype)
+    return load_models(folder, target)
 
 
 def prepare(loaded, eval_config, folder: Path, config: TrainConfig, expert_base=None) -> tuple[dict, dict]:
@@ -174,12 +187,11 @@ def prepare(loaded, eval_config, folder: Path, config: TrainConfig, expert_base=
     from `expert_base` (a LoadedModel; default the target) on the corpus and saved there."""
     from repair.methods.experts.corpus import Corpus
 
-    model = loaded.model
-    param = next(model.parameters())
-    saved = load_saved(folder, param.device, param.dtype)
+    saved = load_saved(folder, loaded.model)
     if saved is not None:
         return saved, json.loads((folder / "experts.json").read_text())
     corpus = Corpus()
-    models, info = train((expert_base or loaded).model, loaded.tokenizer, training_text(corpus, config.counterfactuals), config)
+    models, info = train((expert_base or loaded).model, loaded.tokenizer, training_text(corpus, config.counterfactuals), config,
+                         target=None if expert_base is not None else loaded.model)
     info["corpus_sha256"] = corpus.sha256
     return models, save(models, folder, info)

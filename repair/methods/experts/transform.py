@@ -98,22 +98,22 @@ class _ExpertCaches:
     ATTR = "_repair_expert_caches"
     EDITS = ("reorder_cache", "crop", "batch_repeat_interleave", "batch_select_indices", "reset")
 
-    def __init__(self, held: list):
-        self.held = held
+    def __init__(self, held: list, layer: int):
+        self.held, self.layer = held, layer  # `layer`: one the experts' caches hold (a top's first)
 
     @classmethod
-    def of(cls, past, new, n_new: int, n_models: int) -> "_ExpertCaches":
+    def of(cls, past, new, n_new: int, n_models: int, layer: int = 0) -> "_ExpertCaches":
         held = getattr(past, cls.ATTR, None) if past is not None else None
         before = 0 if past is None else past.get_seq_length() - (n_new if past is new else 0)
         if held is None:
             if before > 0:
                 raise ValueError(f"the cache passed holds {before} positions but not the experts' caches: pass the "
                                  "cache this repaired model returned (or none)")
-            return cls([None] * n_models)
+            return cls([None] * n_models, layer)
         for c in held.held:
-            if c is not None and c.get_seq_length() != before:
-                raise ValueError(f"the experts' caches hold {c.get_seq_length()} positions but the target's {before}: "
-                                 "the cache was edited by a method the experts do not follow")
+            if c is not None and c.get_seq_length(held.layer) != before:
+                raise ValueError(f"the experts' caches hold {c.get_seq_length(held.layer)} positions but the target's "
+                                 f"{before}: the cache was edited by a method the experts do not follow")
         return held
 
     def ride_on(self, cache) -> None:
@@ -156,11 +156,18 @@ class ExpertsTransform(PerRowHooks):
     transforms_outputs = True  # the search's evaluator combines its grid itself when given it unattached
 
     def __init__(self, target, expert, anti_expert, settings: Sequence[ExpertSetting] = (ExpertSetting(),)):
-        problem = vocab_problem(target, (expert, anti_expert))
+        from repair.methods.experts.top import ExpertTop
+
+        self.tops = isinstance(expert, ExpertTop)  # shared trunk: the experts are top layers over the target's
+        if self.tops != isinstance(anti_expert, ExpertTop) or (self.tops and expert.start != anti_expert.start):
+            raise ValueError("the expert and the anti-expert must both be full models or both tops of one depth")
+        problem = None if self.tops else vocab_problem(target, (expert, anti_expert))
         if problem:
             raise ValueError(problem)
         self.target, self.models = target, (expert, anti_expert)
+        self.start = expert.start if self.tops else 0
         self._handles = []
+        self._trunk = None
         self._aside = False
         self.set_variants(settings)
 
@@ -193,10 +200,17 @@ class ExpertsTransform(PerRowHooks):
         forwards combined here (the attached hook, if any, stands aside): the reference that the
         exported bundle's reload check and the tests compare the repaired forward with."""
         self._aside = True
+        reader = self._reader()
         try:
-            z = [m(input_ids=input_ids).logits for m in (self.target, *self.models)]
+            z = [self.target(input_ids=input_ids).logits]
+            if self.tops:
+                z += [top.logits(reader.hidden, reader.kwargs, None) for top in self.models]
+            else:
+                z += [m(input_ids=input_ids).logits for m in self.models]
         finally:
             self._aside = False
+            if reader is not self._trunk:
+                reader.remove()
         flat = [t.reshape(-1, t.shape[-1]) for t in z]
         return self.apply(flat[0].float(), (flat[1], flat[2]), 0).reshape(z[0].shape)
 
@@ -205,8 +219,29 @@ class ExpertsTransform(PerRowHooks):
         """Make the target's forward return the combined logits (and so its generate() too);
         `remove()` restores the plain forward."""
         if not self._handles:
+            if self.tops:
+                self._trunk = self._reader()
+                self._handles.append(self._trunk)
             self._handles.append(self.target.register_forward_hook(self._combine_outputs, with_kwargs=True))
         return self
+
+    def _reader(self):
+        """What reads the trunk for the tops: the attached one, else a new one (None for full experts)."""
+        from repair.methods.experts.top import TrunkReader
+
+        if not self.tops:
+            return None
+        return self._trunk if self._trunk is not None else TrunkReader(self.target, self.start)
+
+    def top_logits(self, reader, rows: torch.Tensor, keep: torch.Tensor) -> list[torch.Tensor]:
+        """The tops' logits at the kept positions of batch rows `rows` of the trunk `reader` last read
+        (the evaluator's shared forward)."""
+        hidden, kwargs = reader.rows(rows)
+        return [top.logits(hidden, kwargs, None, keep) for top in self.models]
+
+    def remove(self) -> None:
+        super().remove()
+        self._trunk = None
 
     @torch.no_grad()
     def _combine_outputs(self, module, args, kwargs, output):
@@ -221,13 +256,22 @@ class ExpertsTransform(PerRowHooks):
             return output
         past = inputs.pop("cache", None) if "cache" in inputs else inputs.pop("past_key_values", None)
         new = _returned_cache(output)
-        caches = _ExpertCaches.of(past, new, inputs["input_ids"].shape[1], len(self.models))
-        shared = {k: inputs[k] for k in SHARED_INPUTS if inputs.get(k) is not None}
+        caches = _ExpertCaches.of(past, new, inputs["input_ids"].shape[1], len(self.models), self.start)
         experts = []
-        for k, model in enumerate(self.models):
-            out = model(**shared, **{_cache_argument(model): caches.held[k]})
-            caches.held[k] = _returned_cache(out)
-            experts.append(out.logits)
+        if self.tops:
+            from transformers import DynamicCache
+
+            for k, top in enumerate(self.models):
+                if caches.held[k] is None and new is not None:
+                    caches.held[k] = DynamicCache()
+                experts.append(top.logits(self._trunk.hidden, self._trunk.kwargs, caches.held[k],
+                                          inputs.get("logits_to_keep", 0)))
+        else:
+            shared = {k: inputs[k] for k in SHARED_INPUTS if inputs.get(k) is not None}
+            for k, model in enumerate(self.models):
+                out = model(**shared, **{_cache_argument(model): caches.held[k]})
+                caches.held[k] = _returned_cache(out)
+                experts.append(out.logits)
         if new is not None:
             caches.ride_on(new)
         alpha, probs = self._per_position(rows, inputs, logits)
