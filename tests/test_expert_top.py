@@ -61,11 +61,12 @@ def test_the_evaluator_scores_tops_as_it_scores_the_full_experts(pair, one_torch
     assert not np.allclose(got["tops"][1][0], got["tops"][1][1])  # alpha 1.5 changed something
 
 
-def _attached(target, models, fn):
-    transform = ExpertsTransform(target, *models, [ExpertSetting(2.0)]).attach()
+def _attached(target, models, fn, setting):
+    transform = ExpertsTransform(target, *models, [setting]).attach()
+    folded = bool(target.get_output_embeddings()._forward_pre_hooks)
     try:
         with torch.no_grad():
-            return fn()
+            return fn(), folded
     finally:
         transform.remove()
 
@@ -74,7 +75,10 @@ PROMPTS = {"input_ids": torch.tensor([[0, 0, 84, 105, 33, 9], [84, 104, 101, 32,
            "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
 
 
-def test_the_repaired_forward_cache_and_generation_equal_the_full_experts(pair, one_torch_thread):
+@pytest.mark.parametrize("setting", [ExpertSetting(2.0), ExpertSetting(8.0, "probs")])
+def test_the_repaired_forward_cache_and_generation_equal_the_full_experts(pair, setting, one_torch_thread):
+    """Rule `logits` folds the tops' shift into the target's head (one vocabulary projection per
+    token); rule `probs` combines three heads' logits: both give the full experts' numbers."""
     target, full, tops = pair
     ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])
 
@@ -89,12 +93,13 @@ def test_the_repaired_forward_cache_and_generation_equal_the_full_experts(pair, 
                                          use_cache=False)
         return whole, torch.cat([out.logits, step], 1), greedy, beams, beams_uncached
 
-    a, b = _attached(target, full, run), _attached(target, tops, run)
+    (a, folded_full), (b, folded) = _attached(target, full, run, setting), _attached(target, tops, run, setting)
+    assert not folded_full and folded == (setting.rule == "logits")
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(b[1], b[0], rtol=0, atol=1e-4)  # cached equals uncached
     assert torch.equal(a[2], b[2]) and torch.equal(a[3], b[3]) and torch.equal(b[3], b[4])
     with torch.no_grad():
-        assert not torch.equal(b[2], target.generate(**PROMPTS, max_new_tokens=8, do_sample=False, pad_token_id=0))
+        assert not torch.allclose(b[0], target(ids).logits, atol=1e-3)  # the shift is there
 
 
 def test_a_saved_top_loads_back_the_same_and_another_depth_is_refused(pair, tmp_path):

@@ -63,9 +63,9 @@ class ExpertTop(torch.nn.Module):
     def target(self):
         return self._target[0]
 
-    def logits(self, hidden: torch.Tensor, layer_kwargs: dict, cache, logits_to_keep=0) -> torch.Tensor:
-        """Logits from the trunk's hidden state at layer L-K (`hidden`, with the kwargs that layer got),
-        with this top's own KV cache (or None)."""
+    def normed(self, hidden: torch.Tensor, layer_kwargs: dict, cache, logits_to_keep=0) -> torch.Tensor:
+        """The final norm's output at the kept positions, from the trunk's hidden state at layer L-K
+        (`hidden`, with the kwargs that layer got), with this top's own KV cache (or None)."""
         from repair import arch
 
         kwargs = dict(layer_kwargs)
@@ -73,8 +73,11 @@ class ExpertTop(torch.nn.Module):
         for layer in self.layers:
             out = layer(hidden, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
-        hidden = arch.final_norm(self.target)(hidden)
-        return self.target.get_output_embeddings()(keep_positions(hidden, logits_to_keep))
+        return keep_positions(arch.final_norm(self.target)(hidden), logits_to_keep)
+
+    def logits(self, hidden: torch.Tensor, layer_kwargs: dict, cache, logits_to_keep=0) -> torch.Tensor:
+        """The logits at the kept positions (`normed`, then the target's output layer)."""
+        return self.target.get_output_embeddings()(self.normed(hidden, layer_kwargs, cache, logits_to_keep))
 
     def save_pretrained(self, folder, safe_serialization: bool = True) -> None:
         """The trained layers only (the bundle's and the run's storage), with what rebuilds them."""
@@ -84,6 +87,16 @@ class ExpertTop(torch.nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in self.layers.state_dict().items()}, str(folder / TOP_FILE))
         (folder / TOP_META).write_text(json.dumps({"layers": self.k, "start": self.start}) + "\n")
+
+
+@torch.no_grad()
+def plain_head(model) -> bool:
+    """Whether `model`'s logits are its output layer on its backbone's output and nothing more (no
+    soft-cap after it), which a top's logits and the head fold rely on; checked on a few tokens."""
+    ids = torch.arange(3, 9, device=next(model.parameters()).device)[None] % model.get_input_embeddings().weight.shape[0]
+    want = model(input_ids=ids).logits.float()
+    got = model.get_output_embeddings()(model.base_model(input_ids=ids).last_hidden_state).float()
+    return bool((want - got).abs().max() <= 1e-3 * (1 + want.abs().max()))
 
 
 def is_top(folder: Path) -> bool:

@@ -119,7 +119,10 @@ def fine_tune(model, tokenizer, pairs: list[tuple[str, str]], config: TrainConfi
 def train(base, tokenizer, text: dict, config: TrainConfig, target=None) -> tuple[dict, dict]:
     """({role: a copy of `base` trained on text[role]}, what was done: sentences, losses). With
     `target` (the model `base` is), each expert is kept as its trained top layers over the target's trunk."""
-    from repair.methods.experts.top import ExpertTop
+    from repair.methods.experts.top import ExpertTop, plain_head
+
+    if target is not None and not plain_head(target):
+        target = None  # its logits are more than head(norm(h)) (a soft-cap): whole expert models, as with --expert-base
 
     models, info = {}, {"config": asdict(config), "sentences": {r: len(t) for r, t in text.items()}, "loss": {}}
     for k, role in enumerate(ROLES):

@@ -102,9 +102,10 @@ class _ExpertCaches:
         self.held, self.layer = held, layer  # `layer`: one the experts' caches hold (a top's first)
 
     @classmethod
-    def of(cls, past, new, n_new: int, n_models: int, layer: int = 0) -> "_ExpertCaches":
+    def of(cls, past, n_models: int, layer: int = 0) -> "_ExpertCaches":
+        """The experts' caches for a forward given the target's cache `past` (before the forward)."""
         held = getattr(past, cls.ATTR, None) if past is not None else None
-        before = 0 if past is None else past.get_seq_length() - (n_new if past is new else 0)
+        before = 0 if past is None else past.get_seq_length()
         if held is None:
             if before > 0:
                 raise ValueError(f"the cache passed holds {before} positions but not the experts' caches: pass the "
@@ -217,13 +218,31 @@ class ExpertsTransform(PerRowHooks):
     # ---- attached to a model ----------------------------------------------------------------
     def attach(self) -> "ExpertsTransform":
         """Make the target's forward return the combined logits (and so its generate() too);
-        `remove()` restores the plain forward."""
+        `remove()` restores the plain forward.
+
+        Tops under the `logits` rule fold into the target's own output layer: z_t + a (z_e - z_a) =
+        W (x_t + a (x_e - x_a)) for a linear head W without bias shared by all three (the tops' head is
+        the target's), so a pre-hook on the head adds a (x_e - x_a) to its input and the vocabulary
+        projection, the largest matrix of a small model, runs once per token instead of three times."""
         if not self._handles:
+            folds = self._folds()  # a forward of the target: before this transform's hooks are in place
             if self.tops:
                 self._trunk = self._reader()
                 self._handles.append(self._trunk)
+            self._handles.append(self.target.register_forward_pre_hook(self._read_call, with_kwargs=True))
+            if folds:
+                self._handles.append(self.target.get_output_embeddings().register_forward_pre_hook(
+                    self._shift_head_input, with_kwargs=True))
             self._handles.append(self.target.register_forward_hook(self._combine_outputs, with_kwargs=True))
         return self
+
+    def _folds(self) -> bool:
+        """Whether the shift can be added to the head's input (see `attach`)."""
+        from repair.methods.experts.top import plain_head
+
+        head = self.target.get_output_embeddings()
+        return (self.tops and not bool(self._probs.any()) and isinstance(head, torch.nn.Linear) and head.bias is None
+                and plain_head(self.target))
 
     def _reader(self):
         """What reads the trunk for the tops: the attached one, else a new one (None for full experts)."""
@@ -241,45 +260,77 @@ class ExpertsTransform(PerRowHooks):
 
     def remove(self) -> None:
         super().remove()
-        self._trunk = None
+        self._trunk, self._call = None, None
 
-    @torch.no_grad()
-    def _combine_outputs(self, module, args, kwargs, output):
+    def _read_call(self, module, args, kwargs) -> None:
+        """Before the target's forward: its inputs, each row's setting, the experts' caches."""
+        self._call = None
         if self._aside:
-            return output
-        logits, inputs = output.logits, _bind(module, args, kwargs)
+            return
+        inputs = _bind(module, args, kwargs)
         if inputs.get("input_ids") is None:
             raise ValueError("the decoding-time experts need input_ids (they have embeddings of their own), "
                              "not inputs_embeds")
         rows = self._row_ids(inputs["input_ids"].shape[0])
         if not (self._alpha[rows] != 0).any():
-            return output
+            return
         past = inputs.pop("cache", None) if "cache" in inputs else inputs.pop("past_key_values", None)
-        new = _returned_cache(output)
-        caches = _ExpertCaches.of(past, new, inputs["input_ids"].shape[1], len(self.models), self.start)
-        experts = []
-        if self.tops:
-            from transformers import DynamicCache
+        self._call = (inputs, rows, _ExpertCaches.of(past, len(self.models), self.start))
 
-            for k, top in enumerate(self.models):
-                if caches.held[k] is None and new is not None:
-                    caches.held[k] = DynamicCache()
-                experts.append(top.logits(self._trunk.hidden, self._trunk.kwargs, caches.held[k],
-                                          inputs.get("logits_to_keep", 0)))
-        else:
-            shared = {k: inputs[k] for k in SHARED_INPUTS if inputs.get(k) is not None}
-            for k, model in enumerate(self.models):
-                out = model(**shared, **{_cache_argument(model): caches.held[k]})
-                caches.held[k] = _returned_cache(out)
-                experts.append(out.logits)
+    def _run_tops(self, normed: bool) -> list[torch.Tensor]:
+        """The tops on this forward's trunk, with their caches (started when the target keeps one)."""
+        from transformers import DynamicCache
+
+        inputs, _, caches = self._call
+        keep_cache = inputs.get("use_cache", getattr(self.target.config, "use_cache", True))
+        out = []
+        for k, top in enumerate(self.models):
+            if caches.held[k] is None and keep_cache:
+                caches.held[k] = DynamicCache()
+            run = top.normed if normed else top.logits
+            out.append(run(self._trunk.hidden, self._trunk.kwargs, caches.held[k], inputs.get("logits_to_keep", 0)))
+        return out
+
+    @torch.no_grad()
+    def _shift_head_input(self, module, args, kwargs):
+        """The head's input x_t + a (x_e - x_a) (the fold, see `attach`)."""
+        if self._call is None:
+            return None
+        x = args[0]
+        expert, anti = self._run_tops(normed=True)
+        alpha, _ = self._per_position(self._call[1], self._call[0], x)
+        shift = (alpha[:, None] * (expert - anti).reshape(-1, x.shape[-1]).float()).reshape(x.shape)
+        self._call = (*self._call, True)  # folded: the logits need nothing more
+        return (x + shift.to(x.dtype), *args[1:]), kwargs
+
+    @torch.no_grad()
+    def _combine_outputs(self, module, args, kwargs, output):
+        if self._call is None:
+            return output
+        inputs, rows, caches, *folded = self._call
+        self._call = None
+        new = _returned_cache(output)
+        if not folded:
+            logits = output.logits
+            if self.tops:
+                self._call = (inputs, rows, caches)
+                experts = self._run_tops(normed=False)
+                self._call = None
+            else:
+                shared = {k: inputs[k] for k in SHARED_INPUTS if inputs.get(k) is not None}
+                experts = []
+                for k, model in enumerate(self.models):
+                    out = model(**shared, **{_cache_argument(model): caches.held[k]})
+                    caches.held[k] = _returned_cache(out)
+                    experts.append(out.logits)
+            alpha, probs = self._per_position(rows, inputs, logits)
+            flat = [z.reshape(-1, z.shape[-1]) for z in (logits, *experts)]
+            output.logits = combine(*flat, alpha, probs).reshape(logits.shape)
+            labels = inputs.get("labels")
+            if labels is not None and getattr(output, "loss", None) is not None:
+                output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=output.logits.shape[-1])
         if new is not None:
             caches.ride_on(new)
-        alpha, probs = self._per_position(rows, inputs, logits)
-        flat = [z.reshape(-1, z.shape[-1]) for z in (logits, *experts)]
-        output.logits = combine(*flat, alpha, probs).reshape(logits.shape)
-        labels = inputs.get("labels")
-        if labels is not None and getattr(output, "loss", None) is not None:
-            output.loss = module.loss_function(logits=output.logits, labels=labels, vocab_size=output.logits.shape[-1])
         return output
 
     def _per_position(self, rows: torch.Tensor, inputs: dict, logits: torch.Tensor):
