@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from reports.atomic import publish_dir
-from reports.figures import direction_words, fit_figure, front_figure, method_colours
+from reports.figures import direction_words, fit_figure, front_figure, method_colours, paired_view
 from reports.heatmap import check_probes, probe_heatmap
 from reports.records import (
     describe_config,
@@ -438,11 +438,14 @@ def _tradeoff(points, front, objectives) -> str:
                "search split and are not compared with them).")
     else:
         how = "The front holds the points that no other point beats on both objectives."
+    paired = paired_view(usable, range(len(usable)))[1] is not None
     caption = (
         f"Fairness ({esc(direction_words(objectives['fairness']['better']))}) against utility "
-        f"({esc(direction_words(objectives['utility']['better']))}) for every configuration; bars are "
-        f"confidence intervals. The line joins the Pareto front. {esc(how)}{esc(_better_corner(objectives))} "
-        f"Hover a point for its name."
+        f"({esc(direction_words(objectives['utility']['better']))}) for every configuration"
+        + (", each as its paired change against the unrepaired model (where the dashed lines cross); bars are "
+           "paired 95% intervals of the change. " if paired else "; bars are confidence intervals. ")
+        + f"The line joins the Pareto front. {esc(how)}{esc(_better_corner(objectives))} "
+        f"Hover a point for its numbers."
     )
     missing = [p["name"] for p in points if not plottable(p)]
     note = ""
