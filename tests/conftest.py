@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,14 +74,26 @@ def all_flags():
 
 
 @pytest.fixture(scope="session")
-def all_run(model_dir, tmp_path_factory):
-    """A SMALL `--method all --export-all` run: a checkpoint of every kind (pruned, FairMed, FairSteer,
-    experts, a stack) and a study of every method. Its tests carry `xdist_group("all_run")`, so one
-    worker builds it once (bin/test distributes with --dist loadgroup)."""
-    from repair.cli import main
+def all_run(tmp_path_factory, worker_id):
+    """A SMALL `--method all --export-all` run of its own tiny model (`all_run.parent / "model"`): a
+    checkpoint of every kind (pruned, FairMed, FairSteer, experts, a stack) and a study of every
+    method. Built once for the whole test session: under pytest-xdist the first worker to need it
+    builds it in the workers' shared temporary folder, holding a lock the others wait on. Tests only
+    read it (one that resumes or changes a run copies it first)."""
+    from filelock import FileLock
 
-    out = tmp_path_factory.mktemp("all") / "run"
-    assert main(["run", "--model", str(model_dir), "--out", str(out), *all_flags(), *ALL]) == 0
+    from repair.cli import main
+    from tiny import tiny_checkpoint
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if worker_id != "master" else root
+    out = root / "all-shared" / "run"
+    with FileLock(str(root / "all-shared.lock")):
+        if not (out.parent / "built").is_file():
+            shutil.rmtree(out.parent, ignore_errors=True)
+            model = tiny_checkpoint(out.parent / "model")
+            assert main(["run", "--model", str(model), "--out", str(out), *all_flags(), *ALL]) == 0
+            (out.parent / "built").write_text("")
     return out
 
 

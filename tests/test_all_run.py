@@ -17,7 +17,6 @@ from repair.methods.experts.space import ExpertSpace
 from repair.rundir import RunConfig
 from repair.space import BASE, STACK, method_of, parts, stack_key
 
-pytestmark = pytest.mark.xdist_group("all_run")  # one worker builds the shared run (conftest.all_run)
 IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 7, 100, 3]])
 
 
@@ -115,7 +114,7 @@ def test_stacks_are_every_pair_of_bests_and_the_choice_is_the_fairest_within_the
     assert [k for k, c in cands.items() if c["chosen"]] == [expected]
 
 
-def test_costs_count_what_each_repair_adds(all_run, model_dir):
+def test_costs_count_what_each_repair_adds(all_run):
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
@@ -128,7 +127,7 @@ def test_costs_count_what_each_repair_adds(all_run, model_dir):
         with safe_open(str(all_run / "checkpoints" / "experts" / folder / "top.safetensors"), "pt") as f:
             n_experts += sum(f.get_tensor(k).numel() for k in f.keys())
     # the experts' trained top layers over the target's trunk: every layer of the 3-layer tiny model, no embeddings
-    per_layer = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).model.layers[0].parameters())
+    per_layer = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(all_run.parent / "model").model.layers[0].parameters())
     assert rows["experts"]["extra_parameters"] == n_experts == 2 * 3 * per_layer
     with safe_open(str(all_run / "checkpoints" / "fairsteer" / "interventions.safetensors"), "pt") as f:
         assert rows["fairsteer"]["extra_parameters"] == sum(f.get_tensor(k).numel() for k in f.keys())
@@ -152,9 +151,11 @@ def test_report_shows_the_select_view_the_costs_and_each_methods_colour(all_run)
     assert report_svg.count("<circle") == sum(c["report"] is not None for c in cands)
 
 
-def test_export_all_writes_each_best_and_a_stack_reloads_as_its_parts_composed(all_run, model_dir):
+def test_export_all_writes_each_best_and_a_stack_reloads_as_its_parts_composed(all_run):
     import repair
     from repair.load import attach_saved
+
+    model_dir = all_run.parent / "model"
 
     cands = _candidates(all_run)
     for c in cands:
@@ -210,23 +211,27 @@ def test_a_worker_scores_stacks_and_every_method_as_the_run_did(all_run):
             assert row["fairness"] == pytest.approx(t.values[0], abs=1e-9), t.user_attrs["key"]
 
 
-def test_a_rerun_resumes_without_evaluating_again_and_prints_one_screen(all_run, model_dir, capsys):
+def test_a_rerun_resumes_without_evaluating_again_and_prints_one_screen(all_run, tmp_path, capsys):
+    import shutil
+
     from repair.cli import main
 
-    before = {k: t.number for k, t in _trials(all_run).items()}
-    chosen = [c["key"] for c in _candidates(all_run) if c["chosen"]]
+    run = shutil.copytree(all_run, tmp_path / "run")  # the shared run stays as it is for the other tests
+    before = {k: t.number for k, t in _trials(run).items()}
+    chosen = [c["key"] for c in _candidates(run) if c["chosen"]]
     capsys.readouterr()
-    assert main(["run", "--model", str(model_dir), "--out", str(all_run), *_flags(), *ALL]) == 0
+    assert main(["run", "--model", str(all_run.parent / "model"), "--out", str(run), *_flags(), *ALL]) == 0
     printed = capsys.readouterr().out
     summary = printed[printed.rindex("LLM evaluations"):].strip().splitlines()
     assert summary[-1].startswith("report:")
-    assert len(summary) <= 40 and max(map(len, summary)) <= 80, summary  # one screen at 80 columns
+    texts = [line for line in summary if not line.startswith(("checkpoint: ", "report: "))]  # paths print whole
+    assert len(summary) <= 40 and max(map(len, texts)) <= 80, summary  # one screen at 80 columns
     assert sum(line.startswith(f"  {m} ") for line in summary for m in METHODS) == len(METHODS)  # each method's best
-    assert {k: t.number for k, t in _trials(all_run).items()} == before
-    assert [c["key"] for c in _candidates(all_run) if c["chosen"]] == chosen
+    assert {k: t.number for k, t in _trials(run).items()} == before
+    assert [c["key"] for c in _candidates(run) if c["chosen"]] == chosen
 
 
-def test_a_run_killed_in_the_second_methods_search_resumes_to_the_same_result(all_run, model_dir, tmp_path):
+def test_a_run_killed_in_the_second_methods_search_resumes_to_the_same_result(all_run, tmp_path):
     """SIGKILL once FairMed has stored evaluations (prune's search is done by then), rerun: nothing is
     evaluated twice and the run ends where the uninterrupted one did."""
     import os
@@ -239,7 +244,7 @@ def test_a_run_killed_in_the_second_methods_search_resumes_to_the_same_result(al
     from repair.cli import main
 
     out = tmp_path / "run"
-    args = ["run", "--model", str(model_dir), "--out", str(out), *_flags(), *ALL]
+    args = ["run", "--model", str(all_run.parent / "model"), "--out", str(out), *_flags(), *ALL]
     proc = subprocess.Popen([sys.executable, "-m", "repair", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
@@ -254,7 +259,7 @@ def test_a_run_killed_in_the_second_methods_search_resumes_to_the_same_result(al
     assert returncode == -signal.SIGKILL, "the run ended before FairMed's evaluations were seen"
     partial = _trials(out)
     assert any(method_of(k) == "fairmed" for k in partial) and not any(method_of(k) == "experts" for k in partial)
-    assert main(["run", "--model", str(model_dir), "--out", str(out), *_flags(), *ALL]) == 0
+    assert main(["run", "--model", str(all_run.parent / "model"), "--out", str(out), *_flags(), *ALL]) == 0
     resumed, uninterrupted = _trials(out), _trials(all_run)
     assert set(resumed) == set(uninterrupted)
     for k, t in partial.items():  # kept, not evaluated again

@@ -15,7 +15,6 @@ from conftest import run_cli
 from repair.evaluator import Evaluator
 from repair.suites.base import ChoiceRequest
 
-pytestmark = pytest.mark.xdist_group("all_run")  # the checkpoints come from conftest.all_run
 KINDS = ("prune", "fairmed", "fairsteer", "experts", "stack")
 IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7, 7, 100, 3, 64, 12]])
 REQUESTS = [ChoiceRequest("The nurse was", (" a man", " a woman", " tired")),
@@ -23,10 +22,11 @@ REQUESTS = [ChoiceRequest("The nurse was", (" a man", " a woman", " tired")),
 
 
 @pytest.fixture(scope="module")
-def base(model_dir):
+def base(all_run):
+    """The unrepaired model of the checkpoints (conftest.all_run's)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return AutoModelForCausalLM.from_pretrained(all_run.parent / "model").eval()
 
 
 def _loaded(all_run, kind):

@@ -387,7 +387,6 @@ def layout_problems(driver, path: Path, screen: str, shot: Path | None = None) -
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
-@pytest.mark.xdist_group("all_run")  # the run comes from conftest.all_run
 @pytest.mark.parametrize("screen", SCREENS)
 def test_a_run_report_reads_on_a_desktop_and_a_phone(driver, all_run, screen, tmp_path):
     """The report of a run of every method (stacks, long names): checked, and a screenshot of the first
@@ -418,7 +417,6 @@ LAYOUT_BROKEN = {
 }
 
 
-@pytest.mark.xdist_group("all_run")
 @pytest.mark.parametrize("name", LAYOUT_BROKEN)
 def test_layout_checks_fail_on_a_broken_page(driver, all_run, tmp_path, name):
     breaker, needle = LAYOUT_BROKEN[name]
