@@ -220,7 +220,7 @@ def _evaluate_with_lm_eval(args) -> int:
     import json
     import tempfile
 
-    from repair.harness import run_harness
+    from repair.harness import run_harness, task_manager
     from repair.io import check_writable, write_json_atomic
 
     tasks = list(dict.fromkeys(args.lm_eval))
@@ -236,11 +236,12 @@ def _evaluate_with_lm_eval(args) -> int:
         check_writable(args.json, "--json")
     from repair.models import load_model
 
-    loaded = load_model(model_spec(args))
-    hook = _attach_checkpoint(loaded, args.model, hooked_setting(args))
     with tempfile.TemporaryDirectory(prefix="repair-lm-eval-") as work:
-        result = run_harness(loaded.model, loaded.tokenizer, tasks, include=args.lm_eval_include, limit=args.limit,
-                             batch_size=args.lm_eval_batch, workdir=Path(work))
+        manager = task_manager(tasks, args.lm_eval_include, Path(work))  # unknown tasks fail before the model loads
+        loaded = load_model(model_spec(args))
+        hook = _attach_checkpoint(loaded, args.model, hooked_setting(args))
+        result = run_harness(loaded.model, loaded.tokenizer, tasks, limit=args.limit, batch_size=args.lm_eval_batch,
+                             workdir=Path(work), manager=manager)
     if hook is not None:
         hook.remove()
     from lm_eval.utils import make_table

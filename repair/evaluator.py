@@ -208,7 +208,7 @@ class Evaluator:
         self._check_against_plain_forward()
         # the transform's own models, each scored the way this evaluator scores the target (checked likewise);
         # tops over the target's trunk read the target's forward instead (repair.methods.experts.top)
-        self._trunk = transform._reader() if getattr(transform, "tops", False) else None
+        self._trunk = transform.trunk_reader() if getattr(transform, "tops", False) else None
         self._experts = [] if self._trunk is not None else [
             Evaluator(m, tokenizer, batch_tokens=batch_tokens, max_rows=max_rows, progress=False)
             for m in getattr(transform, "models", ())]
@@ -371,16 +371,15 @@ class Evaluator:
         active = {v for v in wanted if self.transform.active([v])}
         need = [r for r, m in enumerate(members) if active & set(m)]
         if need and self._trunk is not None:  # tops read each row's own trunk: nothing to share between rows
-            same_as, reps = {r: r for r in need}, need
-            shift = experts(torch.tensor(reps, device=ids.device))
-            rep_start = dict(zip(reps, np.cumsum([0, *[counts[r] for r in reps[:-1]]]).tolist()))
+            same_as = {r: r for r in need}
         elif need:
             _, inverse = torch.unique(ids[need], dim=0, return_inverse=True)
             first: dict[int, int] = {}
             for r, u in zip(need, inverse.tolist()):
                 first.setdefault(u, r)
             same_as = {r: first[u] for r, u in zip(need, inverse.tolist())}
-            reps = sorted(first.values())
+        if need:
+            reps = sorted(set(same_as.values()))
             shift = experts(torch.tensor(reps, device=ids.device))
             rep_start = dict(zip(reps, np.cumsum([0, *[counts[r] for r in reps[:-1]]]).tolist()))
         plain = None

@@ -59,19 +59,26 @@ def harness_model(model, tokenizer, batch_size: int = 24):
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, prefix_token_id=prefix)
 
 
-def run_harness(model, tokenizer, tasks: list[str], *, include: Path | None = None, limit: int | None = None,
-                batch_size: int = 24, log_samples: bool = False, workdir: Path) -> dict:
-    """lm-eval's `simple_evaluate` on `model` for `tasks`; `repair_pairs` is written into `workdir`."""
+def task_manager(tasks: list[str], include: Path | None, workdir: Path):
+    """lm-eval's TaskManager with `repair_pairs` (written into `workdir`) and `include`'s tasks;
+    UserError naming the first task it does not know (checked before any model is loaded)."""
     try:
-        import lm_eval
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("--lm-eval needs lm-evaluation-harness: pip install 'fairness-repair[lm-eval]'") from None
-    paths = [str(write_pairs_task(workdir))] + ([str(include)] if include else [])
-    manager = TaskManager(include_path=paths)
+    manager = TaskManager(include_path=[str(write_pairs_task(workdir))] + ([str(include)] if include else []))
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"--lm-eval: unknown task {unknown[0]!r} (lm-eval's task names, {PAIRS_TASK}, or tasks under "
-                        "--lm-eval-include)")
+        raise UserError(f"--lm-eval: unknown task {unknown[0]!r} (give lm-eval's task names, {PAIRS_TASK}, or tasks "
+                        "defined under --lm-eval-include)")
+    return manager
+
+
+def run_harness(model, tokenizer, tasks: list[str], *, include: Path | None = None, limit: int | None = None,
+                batch_size: int = 24, log_samples: bool = False, workdir: Path, manager=None) -> dict:
+    """lm-eval's `simple_evaluate` on `model` for `tasks` (`manager`: a `task_manager`'s, else one is made)."""
+    import lm_eval
+
+    manager = manager or task_manager(tasks, include, workdir)
     return lm_eval.simple_evaluate(model=harness_model(model, tokenizer, batch_size), tasks=tasks, task_manager=manager,
                                    limit=limit, log_samples=log_samples)

@@ -12,7 +12,7 @@ while kl_uniform rises, and their effect shrank in wording they never saw. The l
 sentence after its first word.
 
 Training: each expert starts as a copy of the expert base (default: the target itself) and only its
-top `TRAIN_LAYERS` decoder layers learn (AdamW, one pass over the text, seeded): the backward pass
+top K decoder layers learn (`--expert-layers`, default 6; AdamW, one pass over the text, seeded): the backward pass
 stops there, which makes a step 2.5 times cheaper than full fine-tuning on this CPU
 (benchmarks/experts.py --training), and the rest of the model keeps what it knew. The experts are
 saved under RUN_DIR/experts/ with their sha256, so a resumed run loads them instead of training

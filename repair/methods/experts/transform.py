@@ -18,13 +18,14 @@ One class serves both places a model's next-token distribution is read:
 - the search's evaluator (`Evaluator(..., transform=...)`): the target's and the experts' forwards run
   once per batch, and every setting (alpha, rule) of the batch is combined from those logits, so a
   whole alpha grid costs three forwards;
-- the model itself, once attached (`attach()`, what `repair.load` does): a forward hook on the
-  target's CausalLM runs both experts on the same inputs (attention mask, position ids, the kept
-  positions) and returns the combined logits from `model(...)`, so every scorer that calls the model
-  (the evaluator on a checkpoint, lm-evaluation-harness, a perplexity script) and plain `generate()`
-  see the repair. With a KV cache, the experts' caches travel inside the target's cache object (see
-  `_ExpertCaches`): the cache `model(...)` returns carries them to the next call, and generate's
-  beam reordering and cropping reach them too.
+- the model itself, once attached (`attach()`, what `repair.load` does): hooks on the target's
+  CausalLM run both experts on the same inputs (attention mask, position ids, the kept positions;
+  experts trained from the target run as their top layers over its own trunk, `top.py`, and under
+  the `logits` rule their shift is added to the head's input) and `model(...)` returns the combined
+  logits, so every scorer that calls the model (the evaluator on a checkpoint, lm-evaluation-harness,
+  a perplexity script) and plain `generate()` see the repair. With a KV cache, the experts' caches
+  travel inside the target's cache object (see `_ExpertCaches`): the cache `model(...)` returns
+  carries them to the next call, and generate's beam reordering and cropping reach them too.
 alpha 0 returns the target's logits untouched, bit for bit.
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
 from repair.methods.rows import PerRowHooks
 
 RULES = ("logits", "probs")
@@ -201,7 +203,7 @@ class ExpertsTransform(PerRowHooks):
         forwards combined here (the attached hook, if any, stands aside): the reference that the
         exported bundle's reload check and the tests compare the repaired forward with."""
         self._aside = True
-        reader = self._reader()
+        reader = self.trunk_reader()
         try:
             z = [self.target(input_ids=input_ids).logits]
             if self.tops:
@@ -227,7 +229,7 @@ class ExpertsTransform(PerRowHooks):
         if not self._handles:
             folds = self._folds()  # a forward of the target: before this transform's hooks are in place
             if self.tops:
-                self._trunk = self._reader()
+                self._trunk = self.trunk_reader()
                 self._handles.append(self._trunk)
             self._handles.append(self.target.register_forward_pre_hook(self._read_call, with_kwargs=True))
             if folds:
@@ -244,7 +246,7 @@ class ExpertsTransform(PerRowHooks):
         return (self.tops and not bool(self._probs.any()) and isinstance(head, torch.nn.Linear) and head.bias is None
                 and plain_head(self.target))
 
-    def _reader(self):
+    def trunk_reader(self):
         """What reads the trunk for the tops: the attached one, else a new one (None for full experts)."""
         from repair.methods.experts.top import TrunkReader
 
