@@ -160,13 +160,14 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
     b, c = base[split], chosen[split]
     changes = (chosen["changes"] or {}).get(split) or {"metrics": {}}
     rows = [(f"fairness: {desc['fairness']['name']} {DIRECTION['lower']}", b["fairness"], c["fairness"],
-             compact_change(changes.get("fairness"))),
+             format_change(changes.get("fairness"), compact=True)),
             (f"utility: {desc['utility']['name']} {DIRECTION[desc['utility']['better']]}", b["utility"], c["utility"],
-             compact_change(changes.get("utility")))]
+             format_change(changes.get("utility"), compact=True))]
     for key in ALWAYS_SHOWN:
         if key in b["metrics"] and key in c["metrics"]:
             rows.append((f"{key.split('/')[0]}: {key.split('/')[-1]} {DIRECTION[b['metrics'][key]['better']]}",
-                         b["metrics"][key]["value"], c["metrics"][key]["value"], compact_change(changes["metrics"].get(key))))
+                         b["metrics"][key]["value"], c["metrics"][key]["value"],
+                         format_change(changes["metrics"].get(key), compact=True)))
     drift = (chosen.get("q_drift") or {}).get(split)
     if drift and drift["value"] == drift["value"]:  # not NaN: the split measured a reference
         spread = f"its own spread {drift['spread']:.4f}" if drift.get("spread") is not None else ""
@@ -176,19 +177,6 @@ def summary_rows(objectives: Objectives, base: dict, chosen: dict, split: str) -
 
 DIRECTION = {"lower": "↓", "higher": "↑", "closer-to-zero": "→0", "closer-to-half": "→½", "reference": ""}
 WIDTH = 80  # the console summary's columns
-
-
-def compact_change(change: dict | None) -> str:
-    """'-19.1% [-22.7, -15.3] *': `format_change` in fewer columns (the interval's bounds in percent);
-    an absolute change, where a relative one has no meaning, has no % sign."""
-    if not change:
-        return "n/a"
-    mark = " *" if change["significant"] else ""
-    if not change.get("relative_defined", True):
-        lo, hi = change["delta_ci"]
-        return f"{change['delta']:+.2g} [{lo:+.2g}, {hi:+.2g}]{mark}"
-    lo, hi = change["relative_ci"]
-    return f"{change['relative']:+.1%} [{100 * lo:+.1f}, {100 * hi:+.1f}]{mark}"
 
 
 def _fit(text: str, indent: str = "") -> str:

@@ -196,15 +196,19 @@ def paired_change(before: Units, after: Units, *, n_boot: int = N_BOOT, seed: in
                                   replicates(after.statistic, after.n, n_boot=n_boot, seed=seed))
 
 
-def format_change(change: dict | None) -> str:
+def format_change(change: dict | None, compact: bool = False) -> str:
     """'-7.4% [-9.1%, -5.6%] *': a Change (as_dict) relative, with its paired 95% interval, '*' when
     that interval excludes zero; the absolute change ('-0.69 [-1.25, -0.31] *') where a relative one
-    has no meaning (`Change.relative_defined`); 'n/a' without one."""
+    has no meaning (`Change.relative_defined`); 'n/a' without one. `compact` (the console summary's
+    80 columns): '-7.4% [-9.1, -5.6] *', the interval's bounds in percent, an absolute change to two
+    significant digits and without the word '(absolute)' (it has no % sign)."""
     if not change:
         return "n/a"
     mark = " *" if change["significant"] else ""
     if not change.get("relative_defined", True):
         lo, hi = change["delta_ci"]
-        return f"{change['delta']:+.4g} [{lo:+.4g}, {hi:+.4g}] (absolute){mark}"
+        digits, word = ("+.2g", "") if compact else ("+.4g", " (absolute)")
+        return f"{change['delta']:{digits}} [{lo:{digits}}, {hi:{digits}}]{word}{mark}"
     lo, hi = change["relative_ci"]
-    return f"{change['relative']:+.1%} [{lo:+.1%}, {hi:+.1%}]{mark}"
+    bounds = f"{100 * lo:+.1f}, {100 * hi:+.1f}" if compact else f"{lo:+.1%}, {hi:+.1%}"
+    return f"{change['relative']:+.1%} [{bounds}]{mark}"

@@ -83,9 +83,7 @@ class Experts(Method):
     def check_inputs(self, loaded) -> None:
         """Load `--expert-base` and refuse one whose vocabulary differs from the target's, before the
         run writes anything; refuse more trained layers than the model has."""
-        from repair import arch
-
-        n = len(arch.decoder_layers(loaded.model, "decoding-time experts"))
+        n = _depth(loaded.model)
         if self.trained_layers > n:
             raise UserError(f"--expert-layers {self.options.expert_layers}: the model has {n} decoder layers "
                             f"(give 1 to {n})")

@@ -30,6 +30,7 @@ alpha 0 returns the target's logits untouched, bit for bit.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -80,9 +81,15 @@ SHARED_INPUTS = ("input_ids", "attention_mask", "position_ids", "cache_position"
 
 def _bind(module, args: tuple, kwargs: dict) -> dict:
     """A forward call's arguments by name (lm-evaluation-harness passes the ids positionally)."""
+    return {**dict(zip(_parameters(type(module)), args)), **kwargs}
+
+
+@functools.lru_cache(maxsize=None)
+def _parameters(cls) -> tuple[str, ...]:
+    """The names of a model class's forward parameters, read once per class (the hooks run at every token)."""
     import inspect
 
-    return {**dict(zip(inspect.signature(module.forward).parameters, args)), **kwargs}
+    return tuple(inspect.signature(cls.forward).parameters)[1:]  # without self
 
 
 def _returned_cache(output):
@@ -143,9 +150,7 @@ def _following(cache, name: str, original):
 
 
 def _cache_argument(model) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in _parameters(type(model)) else "past_key_values"
 
 
 class ExpertsTransform(PerRowHooks):
@@ -279,11 +284,10 @@ class ExpertsTransform(PerRowHooks):
         past = inputs.pop("cache", None) if "cache" in inputs else inputs.pop("past_key_values", None)
         self._call = (inputs, rows, _ExpertCaches.of(past, len(self.models), self.start))
 
-    def _run_tops(self, normed: bool) -> list[torch.Tensor]:
+    def _run_tops(self, inputs: dict, caches: "_ExpertCaches", normed: bool) -> list[torch.Tensor]:
         """The tops on this forward's trunk, with their caches (started when the target keeps one)."""
         from transformers import DynamicCache
 
-        inputs, _, caches = self._call
         keep_cache = inputs.get("use_cache", getattr(self.target.config, "use_cache", True))
         out = []
         for k, top in enumerate(self.models):
@@ -299,8 +303,9 @@ class ExpertsTransform(PerRowHooks):
         if self._call is None:
             return None
         x = args[0]
-        expert, anti = self._run_tops(normed=True)
-        alpha, _ = self._per_position(self._call[1], self._call[0], x)
+        inputs, rows, caches = self._call
+        expert, anti = self._run_tops(inputs, caches, normed=True)
+        alpha, _ = self._per_position(rows, inputs, x)
         shift = (alpha[:, None] * (expert - anti).reshape(-1, x.shape[-1]).float()).reshape(x.shape)
         self._call = (*self._call, True)  # folded: the logits need nothing more
         return (x + shift.to(x.dtype), *args[1:]), kwargs
@@ -315,9 +320,7 @@ class ExpertsTransform(PerRowHooks):
         if not folded:
             logits = output.logits
             if self.tops:
-                self._call = (inputs, rows, caches)
-                experts = self._run_tops(normed=False)
-                self._call = None
+                experts = self._run_tops(inputs, caches, normed=False)
             else:
                 shared = {k: inputs[k] for k in SHARED_INPUTS if inputs.get(k) is not None}
                 experts = []
