@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from repair import arch
 from repair.errors import UserError
+from repair.fanout import fan_out, plan, row_in_stage
 from repair.suites.base import ChoiceRequest, OptionScores
 
 
@@ -187,9 +188,12 @@ class Evaluator:
     """
 
     def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, progress: bool = True,
-                 on_rows=None, transform=None):
+                 on_rows=None, transform=None, first_layer=None):
         self.model, self.tokenizer = model, tokenizer
-        self.on_rows = on_rows  # called with the variant id of every batch row before each forward
+        # called with the variant id of every batch row before each forward (and, when rows share the layers below
+        # the first one their variants change, with those of each lower stage's rows: see `_sharing`)
+        self.on_rows = on_rows
+        self.first_layer = first_layer  # variant ids -> the first decoder layer any of them changes, None if none (see `_sharing`)
         self.transform = transform  # shifts the logits per variant (decoding-time experts), see `_groups`
         self.backbone = model.base_model  # the decoder stack, ending in the final norm
         self.head = model.get_output_embeddings()
@@ -205,7 +209,10 @@ class Evaluator:
         self._word_start: torch.Tensor | None = None
         self._own_head = True
         self.work = WorkCounter()
+        self._fanned = None  # the stages of the batch being scored (`_sharing`)
+        self.shares_trunk = False
         self._check_against_plain_forward()
+        self.shares_trunk = first_layer is not None and self._check_fan_out()
         # the transform's own models, each scored the way this evaluator scores the target (checked likewise);
         # tops over the target's trunk read the target's forward instead (repair.methods.experts.top)
         self._trunk = transform.trunk_reader() if getattr(transform, "tops", False) else None
@@ -302,6 +309,58 @@ class Evaluator:
         raise UserError(f"{type(self.model).__name__}: the fast evaluator cannot reproduce this model's own forward "
                         f"({problem}); this architecture is not supported (use {arch.SUPPORTED})")
 
+    @torch.inference_mode()
+    def _check_fan_out(self) -> bool:
+        """Whether two rows of one item fanned out at the middle layer (repair.fanout) score what two
+        separate rows score, under variant 0 of the caller's intervention; where they do not, every
+        row runs its own forward."""
+        self._depth = len(arch.decoder_layers(self.model))
+        if self._depth < 2:
+            return False
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        ids = torch.randint(0, vocab, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+        items = [(ids[:4], [ids[4:7], ids[7:9]], False)] * 2 + [(ids[1:6], [ids[6:9]], False)]
+        rows = torch.zeros(3, dtype=torch.long, device=self.device)
+        separate = self._option_totals(items, rows)
+        shared = self._option_totals(items, rows, share=self._depth // 2)
+        exact = next(self.model.parameters()).dtype == torch.float32
+        return bool(((shared - separate).abs() <= (1e-4 if exact else 0.25) * (1 + separate.abs())).all())
+
+    def _sharing(self, keys: list, variants: torch.Tensor, layer: int | None = None):
+        """How a batch shares its forward (repair.fanout.plan): None (every row its own), or its stages.
+        Rows of one item (equal `keys`) compute the same below the first layer their variants change
+        (`layer`: that layer for every row, forced)."""
+        if layer is None and not self.shares_trunk:
+            return None
+        ids = variants.tolist()
+        firsts = {v: layer if layer is not None else self.first_layer([v]) for v in set(ids)}
+        return plan(keys, [firsts[v] for v in ids], self._depth)
+
+    def _forward(self, ids, mask, pos, keep, variants: torch.Tensor, valid: torch.Tensor, stages) -> torch.Tensor:
+        """The logits at the kept positions (`_logits`) of a batch whose rows run under `variants`,
+        shared below the layers they change where `stages` (`_sharing`) say so."""
+        self._fanned = stages
+        if stages is None:
+            self._set_rows(variants)
+            self.work.tokens += int(valid.sum())
+            self.work.padded_tokens += valid.numel()
+            return self._logits(ids, mask, pos, keep)
+        self._set_rows(variants, [variants[s.rows] for s in stages[:-1]])
+        ends = [s.layer for s in stages[1:]] + [self._depth]
+        for stage, end in zip(stages, ends):  # token counts in units of whole forwards
+            share = (end - stage.layer) / self._depth
+            self.work.tokens += round(int(valid[stage.rows].sum()) * share)
+            self.work.padded_tokens += round(valid[stage.rows].numel() * share)
+        reps = torch.tensor(stages[0].rows, device=self.device)
+
+        def pick(value):
+            if isinstance(value, dict):
+                return {k: pick(v) for k, v in value.items()}
+            return None if value is None else value[reps]
+
+        with fan_out(self.model, stages):
+            return self._logits(ids[reps], pick(mask), pick(pos), keep)
+
     # ---- multiple choice -------------------------------------------------------------------
     def score_choices(self, requests: Sequence[ChoiceRequest], desc: str = "") -> list[OptionScores]:
         return self.score_choices_variants(requests, 1, desc)[0]
@@ -342,7 +401,11 @@ class Evaluator:
         passed; [] for full expert models."""
         if self._trunk is None:
             return []
-        out = [z.float() for z in self.transform.top_logits(self._trunk, rows, keep[rows])]
+        read = rows
+        if self._fanned is not None and self._trunk.hidden.shape[0] != keep.shape[0]:  # read before the rows fanned out
+            k = next(k for k, s in enumerate(self._fanned) if len(s.rows) == self._trunk.hidden.shape[0])
+            read = torch.tensor(row_in_stage(self._fanned, k), device=rows.device)[rows]
+        out = [z.float() for z in self.transform.top_logits(self._trunk, read, keep[rows])]
         self.work.head_positions += sum(z.shape[0] for z in out)
         return out
 
@@ -435,12 +498,12 @@ class Evaluator:
         if batch:
             yield batch
 
-    def _set_rows(self, variants: torch.Tensor) -> None:
+    def _set_rows(self, variants: torch.Tensor, shared: torch.Tensor | None = None) -> None:
         if self.on_rows is not None:
-            self.on_rows(variants)
+            self.on_rows(variants) if shared is None else self.on_rows(variants, shared)
 
     def _option_totals(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor,
-                       members: list[list[int]] | None = None):
+                       members: list[list[int]] | None = None, share: int | None = None):
         """One forward per batch: each row is an item's prompt followed by all its options' tokens
         (but the last, unless a word end is scored) side by side. A 4D attention mask lets the prompt
         attend causally to itself and each option to the prompt's keys/values and its own earlier
@@ -448,6 +511,9 @@ class Evaluator:
         shared by every option, exactly as if each option continued the prompt's key/value cache,
         without copying it. Logits are computed at the prompt's last position (it predicts every
         option's first token) and at the options' positions only.
+
+        Rows of one item under different variants share the layers below the first one their variants
+        change (`_sharing`; `share`: that layer, forced, for `_check_fan_out`).
 
         Returns every option's total log-probability (a tensor, in item order); with `members` (the
         variants each row stands for, see `_groups`), (variant, totals) pairs instead."""
@@ -476,10 +542,9 @@ class Evaluator:
         prompt_end = torch.tensor([len(p) - 1 for p, _, _ in items], device=dev)
         keep = seg > 1
         keep[torch.arange(len(items), device=dev), prompt_end] = True
-        self._set_rows(variants)
-        logits = self._logits(ids, self._tree_mask(sees, pos), pos, keep)
-        self.work.tokens += int(valid.sum())
-        self.work.padded_tokens += valid.numel()
+        keys = [(tuple(p), tuple(map(tuple, o)), w) for p, o, w in items]
+        logits = self._forward(ids, self._tree_mask(sees, pos), pos, keep, variants, valid,
+                               self._sharing(keys, variants, share))
 
         def totals_of(logp):
             return self._totals(logp, seg, tgt, keep, prompt_end, row_of, first_tok)
@@ -539,10 +604,9 @@ class Evaluator:
                 keep = torch.zeros_like(mask, dtype=torch.bool)
                 for row, (_, (b, e, t0)) in enumerate(group):
                     keep[row, t0 - 1 - b:e - 1 - b] = True  # the hidden state at position t-1 predicts token t
-                self._set_rows(torch.tensor([groups[g][0] for g, _ in group], device=self.device))
-                logits = self._logits(inputs, mask, None, keep)
-                self.work.tokens += int(mask.sum())
-                self.work.padded_tokens += mask.numel()
+                variants = torch.tensor([groups[g][0] for g, _ in group], device=self.device)
+                logits = self._forward(inputs, mask, None, keep, variants, mask,
+                                       self._sharing([span for _, span in group], variants))
                 targets = torch.cat([ids[t0:e] for _, (_, e, t0) in group])
                 members = [groups[g][1] for g, _ in group]
                 experts = lambda r: self._trunk_tops(r, keep) or [  # noqa: E731

@@ -92,7 +92,7 @@ class Scorer:
             # evaluator's own bars, per suite, under the run's; short batches would only flicker
             long_batches = any(m.keys_per_batch for m in methods.values())
             self.evaluator = Evaluator(loaded.model, loaded.tokenizer, on_rows=self._set_rows, progress=long_batches,
-                                       transform=self.transform)
+                                       transform=self.transform, first_layer=self._first_layer)
             # the report split also scores the transfer panel (suites only shown), for every configuration it measures
             self.objectives = {split: ConfigEvaluator(objectives, cfg, loaded.tokenizer,
                                                       panel(cfg, panel_bbq_limit) if split == "report" else None)
@@ -101,10 +101,17 @@ class Scorer:
             self.close()
             raise
 
-    def _set_rows(self, rows) -> None:
+    def _set_rows(self, rows, shared=None) -> None:
         for hook in self.hooks.values():
             if hook is not self.transform:
-                hook.set_rows(rows)
+                hook.set_rows(rows, shared)
+
+    def _first_layer(self, variants: list[int]) -> int | None:
+        """The first decoder layer any of `variants` changes, over every method's part of them (None:
+        they all leave the forward alone; the experts' transform never changes it): below it the
+        evaluator runs each item once for all of them (repair.fanout)."""
+        found = [hook.first_layer(variants) for hook in self.hooks.values() if hook is not self.transform]
+        return min((f for f in found if f is not None), default=None)
 
     def batch_size(self, batch_masks: int, methods=None) -> int:
         """Keys per evaluation batch: --batch-masks, or what a method evaluates at once (the experts'

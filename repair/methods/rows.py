@@ -11,17 +11,18 @@ class PerRowHooks:
     settings: list
     _handles: list
     _rows: torch.Tensor | None = None
+    _shared: list = []
 
     @property
     def n_variants(self) -> int:
         return len(self.settings)
 
-    def set_rows(self, variant_ids) -> None:
-        """Which setting each batch row of the following forwards uses (shape (B,); may repeat)."""
-        rows = torch.as_tensor(variant_ids, dtype=torch.long).reshape(-1)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.n_variants):
-            raise ValueError(f"variant ids must lie in [0, {self.n_variants}), got {rows.tolist()}")
-        self._rows = rows
+    def set_rows(self, variant_ids, shared=()) -> None:
+        """Which setting each batch row of the following forwards uses (shape (B,); may repeat), and,
+        where rows share the layers below their first change (repair.fanout), those of each lower
+        stage's rows (fewer rows: a forward's batch size says which stage it is in)."""
+        self._rows = checked_rows(variant_ids, self.n_variants)
+        self._shared = [checked_rows(s, self.n_variants) for s in shared or ()]
 
     def _row_ids(self, batch: int) -> torch.Tensor:
         name = type(self).__name__
@@ -30,6 +31,9 @@ class PerRowHooks:
                 raise RuntimeError(f"{name} holds {self.n_variants} settings: call set_rows before the forward")
             return torch.zeros(batch, dtype=torch.long)
         if len(self._rows) != batch:
+            for rows in self._shared or ():
+                if len(rows) == batch:
+                    return rows
             raise RuntimeError(f"{name}.set_rows was given {len(self._rows)} rows but the forward has batch size {batch}")
         return self._rows
 
@@ -44,6 +48,13 @@ class PerRowHooks:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def checked_rows(variant_ids, n_variants: int) -> torch.Tensor:
+    rows = torch.as_tensor(variant_ids, dtype=torch.long).reshape(-1)
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n_variants):
+        raise ValueError(f"variant ids must lie in [0, {n_variants}), got {rows.tolist()}")
+    return rows
 
 
 def hidden_size(model) -> int | None:

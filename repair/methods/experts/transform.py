@@ -189,7 +189,7 @@ class ExpertsTransform(PerRowHooks):
         self._alpha = torch.tensor([s.alpha for s in settings], dtype=torch.float32)
         self._probs = torch.tensor([s.rule == "probs" for s in settings])
         self.forward_of = [0] * len(settings)  # the variant whose target forward each variant shares
-        self._rows = None
+        self._rows, self._shared = None, []
 
     def active(self, variants) -> bool:
         """Whether any of `variants` changes the logits (else the experts need not run)."""

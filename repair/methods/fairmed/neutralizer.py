@@ -93,9 +93,14 @@ class Neutralizer(PerRowHooks):
         g = torch.tensor([GATE_QUANTILES.index(s.gate) for s in settings])
         self._threshold = self.probers.gate_kl[t, :, g]  # (V, L)
         self._log_target = torch.stack([self.probers.targets[s.target] for s in settings]).log()  # (V, G)
-        self._rows = None
+        self._rows, self._shared = None, []
 
     set_settings = set_variants
+
+    def first_layer(self, variants) -> int | None:
+        """The first layer any of `variants` treats (None: none does)."""
+        active = self._active[torch.as_tensor(list(variants), dtype=torch.long)].any(0).nonzero()
+        return int(active[0, 0]) if len(active) else None
 
     def _hook(self, layer: int):
         def hook(module, args, output):

@@ -72,7 +72,12 @@ class Steerer(PerRowHooks):
         self._alpha = torch.tensor([s.alpha for s in settings], dtype=torch.float32)
         # an always-on setting: a threshold no probability stays under
         self._threshold = torch.tensor([-1.0 if s.threshold is None else s.threshold for s in settings])
-        self._rows = None
+        self._rows, self._shared = None, []
+
+    def first_layer(self, variants) -> int | None:
+        """The first layer any of `variants` steers (None: none does)."""
+        layers = [self.settings[v].layer for v in variants if self.settings[v].layer is not None]
+        return min(layers, default=None)
 
     def _hook(self, layer: int):
         def hook(module, args, output):

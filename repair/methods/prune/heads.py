@@ -23,6 +23,7 @@ from torch import nn
 
 from repair import arch
 from repair.errors import UserError
+from repair.methods.rows import checked_rows
 
 PURPOSE = "head pruning"
 
@@ -89,6 +90,7 @@ class HeadMasker:
         self.modules = [attention_output(layer, model) for layer in decoder_layers(model)]
         self._layer_masks: list[torch.Tensor] = []  # per layer: (V, n_heads * head_dim)
         self._row_masks: list[torch.Tensor] | None = None  # per layer: (B, n_heads * head_dim), or None
+        self._shared_rows: list[torch.Tensor] = []  # the variants of a fan-out's lower stages' rows (set_rows)
         self._handles = []
         self.set_masks(masks)
         self._handles = [m.register_forward_pre_hook(self._hook(i)) for i, m in enumerate(self.modules)]
@@ -109,24 +111,34 @@ class HeadMasker:
             # Expand each head's bit over its head_dim inputs once, here, not in every forward.
             per_input = masks[:, layer, :].repeat_interleave(self.head_dim, dim=1)
             self._layer_masks.append(per_input.to(device=w.device, dtype=dtype))
-        self._row_masks = None
+        self._changed = (masks != 1).any(-1)  # (V, n_layers): where each variant scales a head
+        self._row_masks, self._shared_rows = None, []
 
     def set_variants(self, masks) -> None:
         """The interface every intervention shares (repair.interventions): a list of (layers, heads) masks."""
         self.set_masks(torch.as_tensor(np.stack([np.asarray(m, dtype=np.float32) for m in masks])))
 
-    def set_rows(self, variant_ids) -> None:
-        """Which variant each batch row of the following forwards uses (shape (B,); may repeat)."""
-        rows = torch.as_tensor(variant_ids, dtype=torch.long).reshape(-1)
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.n_variants):
-            raise ValueError(f"variant ids must lie in [0, {self.n_variants}), got {rows.tolist()}")
+    def set_rows(self, variant_ids, shared=()) -> None:
+        """Which variant each batch row of the following forwards uses (shape (B,); may repeat), and,
+        where rows share the layers below their first change (repair.fanout), those of each lower
+        stage's rows (fewer rows: a forward's batch size says which stage it is in)."""
+        rows = checked_rows(variant_ids, self.n_variants)
         self._row_masks = [m[rows.to(m.device)] for m in self._layer_masks]
+        self._shared_rows = [checked_rows(s, self.n_variants) for s in shared or ()]
+
+    def first_layer(self, variants) -> int | None:
+        """The first layer where any of `variants` masks a head (None: none does)."""
+        changed = self._changed[torch.as_tensor(list(variants), dtype=torch.long)].any(0).nonzero()
+        return int(changed[0, 0]) if len(changed) else None
 
     def _hook(self, layer: int):
         def hook(module, args):
             x = args[0]
             if self._row_masks is not None:
                 mask = self._row_masks[layer]
+                stage = next((r for r in self._shared_rows if len(r) == x.shape[0] != mask.shape[0]), None)
+                if stage is not None:
+                    mask = self._layer_masks[layer][stage.to(mask.device)]
                 if x.shape[0] != mask.shape[0]:
                     raise RuntimeError(f"HeadMasker.set_rows was given {mask.shape[0]} rows but the forward has "
                                        f"batch size {x.shape[0]}")
