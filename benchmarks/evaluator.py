@@ -9,7 +9,8 @@ full logits. Checks that all three choose the same answers (scores within 1e-4),
 for each, the fast evaluator's tokens/s, this machine's float matrix-multiply peak measured in the
 same run (around each fast run), the fraction of it achieved, and as its last lines `speedup: X.XX`
 (against the reference) and `speedup over batched: X.XX`. The fast evaluator is timed before and
-after the others and averaged, so a drifting machine speed hits both sides alike.
+after the others and averaged, so a drifting machine speed hits both sides alike. With --profile,
+it prints instead where one fast pass spends its time, operator by operator.
 FLOPs counted: 2 x (block weights) per real token through the blocks + 2 x hidden x vocab per
 output-layer position; attention-score FLOPs and padding are not counted, so the fraction is a floor.
 """
@@ -102,6 +103,27 @@ class BatchedScorer:
                 for i, (_, opts, _) in seqs]
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")
+
+
+def profile(fast: Evaluator, requests) -> int:
+    """One fast pass under torch.profiler: each operator's share of the operators' own time, largest
+    first, with the matrix multiplies' share summed (what the matmul peak bounds) and the rest."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fast.score_choices(requests[:8])
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fast.score_choices(requests)
+    ops = sorted(((e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()), key=lambda r: -r[1])
+    total = sum(t for _, t, _ in ops)
+    matmul = sum(t for k, t, _ in ops if k in MATMUL_OPS)
+    print(f"{len(requests)} items; operators' own time {total / 1e6:.1f} s; matrix multiplies {matmul / total:.1%}, "
+          f"everything else {1 - matmul / total:.1%}")
+    for key, t, n in ops[:16]:
+        print(f"  {key:48s} {t / total:6.1%}  {n:7d} calls")
+    return 0
+
+
 def timed(scorer, requests):
     start = time.perf_counter()
     out = scorer.score_choices(requests, desc=type(scorer).__name__)
@@ -118,6 +140,8 @@ def main() -> int:
     ap.add_argument("--mode", choices=["cloze", "choice"], default="cloze")
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead: where one fast pass spends its time, by operator (torch.profiler)")
     args = ap.parse_args()
 
     loaded = load_model(ModelSpec(args.model, device=args.device))
@@ -130,6 +154,8 @@ def main() -> int:
 
     param = next(model.parameters())
     fast = Evaluator(model, tok, batch_tokens=args.batch_tokens, progress=False)
+    if args.profile:
+        return profile(fast, requests)
     ref = ReferenceScorer(model, tok, progress=False)
     batched = BatchedScorer(model, tok)
     fast.score_choices(requests[:8])  # warm-up (allocator, kernels)

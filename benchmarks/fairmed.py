@@ -1,11 +1,13 @@
 """Generation speed with and without the FairMed neutralizer: same model, same prompts, same run.
 
     python benchmarks/fairmed.py --checkpoint runs/fairmed/checkpoint [--layers 0,5,9] [--tokens 32]
+    python benchmarks/fairmed.py --probers RUN_DIR/fairmed/probers.safetensors --layers 23,24,25,26,28,29
 
-Loads a hooked checkpoint with `repair.load`, then times greedy generation (KV cache on, batch of
-prompts) alternately with the neutralizer attached and removed, `--reps` times each, and prints
-tokens per second for both and their ratio (the medians). `--layers` (with --lam/--steps/--gate)
-times another setting with the checkpoint's probers, e.g. the most layers a run may treat.
+Loads a hooked checkpoint with `repair.load` (or `--model` with the probers a run or `repair probe`
+fitted, `--probers`), then times greedy generation (KV cache on, batch of prompts) alternately with
+the neutralizer attached and removed, `--reps` times each, and prints tokens per second for both and
+their ratio (the medians). `--layers` (with --lam/--steps/--gate) times another setting with the
+checkpoint's probers, e.g. the most layers a run may treat.
 """
 from __future__ import annotations
 
@@ -29,15 +31,27 @@ def main() -> None:
     parser.add_argument("--gate", type=float, default=0.0)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--probers", type=Path, default=None, help="a probers.safetensors (with --model, --layers)")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--target", default="neutral")
     args = parser.parse_args()
-    model, tokenizer = repair.load(args.checkpoint)
-    hook = model.repair_interventions[0]
-    setting = hook.settings[0]
+    if args.probers is not None:
+        from repair.methods.fairmed.probers import Probers
+        from repair.models import ModelSpec, load_model
+
+        loaded = load_model(ModelSpec(args.model))
+        model, tokenizer, probers = loaded.model, loaded.tokenizer, Probers.load(args.probers)
+        setting = NeutralizerSetting((), args.lam, args.steps, args.gate, args.target)
+    else:
+        model, tokenizer = repair.load(args.checkpoint)
+        hook = model.repair_interventions[0]
+        setting, probers = hook.settings[0], hook.probers
+        hook.remove()
     if args.layers:
         setting = NeutralizerSetting(tuple(int(l) for l in args.layers.split(",")), args.lam, args.steps, args.gate,
                                      setting.target)
-    probers = hook.probers
-    hook.remove()
+    if not setting.layers:
+        parser.error("--probers needs --layers")
     print(f"setting: layers {list(setting.layers)}, lambda {setting.lam:g}, {setting.steps} steps, gate {setting.gate:g}, "
           f"target {setting.target}")
     compare(model, tokenizer, lambda m: Neutralizer(m, probers, [setting]), "neutralizer", args.tokens, args.reps)

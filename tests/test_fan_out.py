@@ -152,3 +152,17 @@ def test_a_runs_scorer_shares_the_trunk_for_every_method_and_the_stack(all_run):
     stored = {r["key"]: r["select"] for r in rows}
     for key, b in zip(keys, got):
         assert b["fairness"] == pytest.approx(stored[key]["fairness"], rel=1e-4, abs=1e-6), key
+
+
+def test_the_unrepaired_models_held_out_outputs_are_computed_once_per_run(all_run):
+    """Every comparison on a held-out split reads the unrepaired model's one stored evaluation there
+    (its per-unit numbers give the paired intervals), stacks verified after the first choice included."""
+    from conftest import study_trials
+
+    storage, name = f"sqlite:///{all_run / 'study.db'}", f"repair-{all_run.name}"
+    rows = [json.loads(line) for line in (all_run / "candidates.jsonl").read_text().splitlines()]
+    assert any(r["method"] == "stack" for r in rows) and all(r["changes"]["select"] for r in rows[1:])
+    for split in ("select", "report"):
+        trials = study_trials(storage, f"{name}-{split}")
+        assert [t.user_attrs["key"] for t in trials].count("base") == 1, split
+        assert len(trials) > 2

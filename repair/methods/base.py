@@ -134,7 +134,8 @@ class Method(ABC):
     @abstractmethod
     def intervention(self, model):
         """One removable hook (or output transform) on `model` serving every configuration of the space:
-        `set_variants(settings)` and `set_rows(rows)` choose each batch row's."""
+        `set_variants(settings)` and `set_rows(rows, shared)` choose each batch row's, and
+        `first_layer(variants)` names the first layer they change (repair.methods.rows.PerRowHooks)."""
 
     # ---- the search ---------------------------------------------------------------------------
     @abstractmethod

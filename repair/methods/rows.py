@@ -24,6 +24,12 @@ class PerRowHooks:
         self._rows = checked_rows(variant_ids, self.n_variants)
         self._shared = [checked_rows(s, self.n_variants) for s in shared or ()]
 
+    def first_layer(self, variants) -> int | None:
+        """The first decoder layer any of `variants` changes (None: none does): below it the evaluator
+        runs each item once for all of them (repair.fanout). By default 0, which shares nothing;
+        an intervention that knows its layers says so."""
+        return 0
+
     def _row_ids(self, batch: int) -> torch.Tensor:
         name = type(self).__name__
         if self._rows is None:

@@ -87,6 +87,7 @@ class Neutralizer(PerRowHooks):
         self._active = torch.zeros(len(settings), L, dtype=torch.bool)
         for v, s in enumerate(settings):
             self._active[v, list(s.layers)] = True
+        self._treated = {l for s in settings for l in s.layers}  # the other layers' hooks return at once
         self._lam = torch.tensor([s.lam for s in settings], dtype=torch.float32)
         self._steps = torch.tensor([s.steps for s in settings])
         t = torch.tensor([TARGETS.index(s.target) for s in settings])
@@ -104,6 +105,8 @@ class Neutralizer(PerRowHooks):
 
     def _hook(self, layer: int):
         def hook(module, args, output):
+            if layer not in self._treated:
+                return None
             out = output[0] if isinstance(output, tuple) else output
             rows = self._row_ids(out.shape[0])
             active = self._active[rows, layer]

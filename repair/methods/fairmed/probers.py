@@ -36,6 +36,7 @@ L2_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # per-sample penalty on the weights, ch
 DIMS = 64
 FOLDS = 5
 POSITIONS = ("concept", "middle", "last")  # where in a prompt activations are read (positions_of)
+PAD_LOGIT = -1e9  # the logit of a padded slot in Probers.kl_to_target's grid: its probability is exactly 0
 GATE_QUANTILES = (0.0, 0.5, 0.75, 0.9)  # the gate levels a search may choose, as quantiles of the prober's KL
 PURPOSE = "FairMed (MLP outputs)"
 
@@ -308,16 +309,37 @@ class Probers:
 
     def kl_to_target(self, x: torch.Tensor, layer: int, log_target: torch.Tensor):
         """(KL summed over attributes, its gradient in x) for activations x (..., d) at `layer`; the
-        target's log-probabilities broadcast against x's leading dims (..., G)."""
+        target's log-probabilities broadcast against x's leading dims (..., G).
+
+        The attributes' segments are laid out as one padded grid (attributes x the largest group
+        count, `_grid`), so the per-attribute softmaxes and sums are a few whole-tensor operations:
+        the neutralizer runs this at every treated layer of every generated token."""
+        grid, flat, n_attr, width = self._grid(x.device)
         A, c = self.A[layer].to(x.device), self.c[layer].to(x.device)
-        z = x @ A.T + c
-        logp = torch.cat([torch.log_softmax(s, -1) for s in z.split(self.sizes, -1)], -1)
+
+        def gridded(v, pad):  # (..., G) -> (..., attributes, width), `pad` in the unused slots
+            return torch.cat([v, v.new_full((*v.shape[:-1], 1), pad)], -1)[..., grid].unflatten(-1, (n_attr, width))
+
+        logp = torch.log_softmax(gridded(x @ A.T + c, PAD_LOGIT), -1)  # a padded slot: probability 0
         p = logp.exp()
-        term = p * (logp - log_target)
-        kls = [t.sum(-1, keepdim=True) for t in term.split(self.sizes, -1)]
-        kl_seg = torch.cat([k.expand(*k.shape[:-1], n) for k, n in zip(kls, self.sizes)], -1)
-        grad_z = p * (logp - log_target - kl_seg)  # d KL_a / d z within each attribute's segment
-        return sum(kls)[..., 0], grad_z @ A
+        gap = logp - gridded(log_target, 0.0)
+        kls = (p * gap).sum(-1)  # (..., attributes)
+        grad_z = (p * (gap - kls[..., None])).flatten(-2)[..., flat]  # d KL_a / d z within each attribute's segment
+        return kls.sum(-1), grad_z @ A
+
+    def _grid(self, device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(for each slot of the padded grid the flat index it reads, G for padding; for each flat index
+        its slot; attributes; the grid's width), on `device`, computed once per device."""
+        cache = self.__dict__.setdefault("_grids", {})
+        if device not in cache:
+            width, total = max(self.sizes), sum(self.sizes)
+            grid = torch.full((len(self.sizes), width), total, dtype=torch.long)
+            starts = np.cumsum([0, *self.sizes[:-1]])
+            for a, (start, n) in enumerate(zip(starts, self.sizes)):
+                grid[a, :n] = torch.arange(start, start + n)
+            flat = (grid.flatten() < total).nonzero()[:, 0]
+            cache[device] = (grid.flatten().to(device), flat.to(device), len(self.sizes), width)
+        return cache[device]
 
     def calibrated(self, activations: torch.Tensor) -> "Probers":
         """These probers with `gate_kl` measured on `activations` (n, L, d)."""

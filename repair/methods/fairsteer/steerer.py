@@ -69,6 +69,7 @@ class Steerer(PerRowHooks):
             s.check(self.steering.n_layers)
         self.settings = settings
         self._layer = torch.tensor([-1 if s.layer is None else s.layer for s in settings])
+        self._steered = {s.layer for s in settings if s.layer is not None}  # the other layers' hooks return at once
         self._alpha = torch.tensor([s.alpha for s in settings], dtype=torch.float32)
         # an always-on setting: a threshold no probability stays under
         self._threshold = torch.tensor([-1.0 if s.threshold is None else s.threshold for s in settings])
@@ -81,6 +82,8 @@ class Steerer(PerRowHooks):
 
     def _hook(self, layer: int):
         def hook(module, args, output):
+            if layer not in self._steered:
+                return None
             out = output[0] if isinstance(output, tuple) else output
             rows = self._row_ids(out.shape[0])
             sel = (self._layer[rows] == layer).nonzero()[:, 0]
