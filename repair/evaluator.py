@@ -498,7 +498,7 @@ class Evaluator:
         if batch:
             yield batch
 
-    def _set_rows(self, variants: torch.Tensor, shared: torch.Tensor | None = None) -> None:
+    def _set_rows(self, variants: torch.Tensor, shared: list[torch.Tensor] | None = None) -> None:
         if self.on_rows is not None:
             self.on_rows(variants) if shared is None else self.on_rows(variants, shared)
 

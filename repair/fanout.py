@@ -25,9 +25,9 @@ from repair import arch
 
 @dataclass(frozen=True)
 class Stage:
-    """The rows of a batch from decoder layer `layer` up (to the next stage's): `rows`, one batch row
-    standing for each (a row of the first in the batch that shares its computation there);
-    `index`, the previous stage's row each comes from; `shared`, the first stage's."""
+    """A batch from decoder layer `layer` up to the next stage's: `rows`, the batch rows computed
+    there, each standing for the rows that share its computation (it is the first of them); `index`,
+    the previous stage's row each comes from; `shared`, the first stage's."""
 
     layer: int
     rows: list[int]
@@ -77,9 +77,8 @@ def fan_out(model, stages: list[Stage]):
     """Within the block, forwards of `len(stages[0].rows)` rows fan out at the stages' layers (see
     `plan`), ending in a batch of `len(stages[-1].rows)` rows."""
     layers = arch.decoder_layers(model)
-    device = next(layers[0].parameters()).device
-    index = [torch.tensor(s.index, device=device) for s in stages]
-    shared = [torch.tensor(s.shared, device=device) for s in stages]
+    index = [torch.tensor(s.index) for s in stages]
+    shared = [torch.tensor(s.shared) for s in stages]
     n_shared = len(stages[0].rows)
     stage_of = [max(k for k, s in enumerate(stages) if s.layer <= j) for j in range(len(layers))]
     expanded: dict = {}  # (id of a per-forward argument, stage) -> (it, its rows repeated): the layers share them
@@ -88,7 +87,7 @@ def fan_out(model, stages: list[Stage]):
         if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[0] == n_shared:
             key = (id(value), k)
             if key not in expanded:
-                expanded[key] = (value, value[shared[k]])
+                expanded[key] = (value, value[shared[k].to(value.device)])
             return expanded[key][1]
         if isinstance(value, tuple):
             return tuple(repeat(v, k) for v in value)
@@ -103,7 +102,7 @@ def fan_out(model, stages: list[Stage]):
         def expand(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             if starts:
-                hidden = hidden[index[k]]
+                hidden = hidden[index[k].to(hidden.device)]  # a sharded model's layers sit on several devices
             kwargs = {name: repeat(v, k) for name, v in kwargs.items() if name != "hidden_states"}
             if args:
                 return (hidden, *(repeat(a, k) for a in args[1:])), kwargs

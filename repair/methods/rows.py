@@ -11,7 +11,7 @@ class PerRowHooks:
     settings: list
     _handles: list
     _rows: torch.Tensor | None = None
-    _shared: list = []
+    _shared: list = ()  # the variants of a fan-out's lower stages' rows (set_rows)
 
     @property
     def n_variants(self) -> int:
@@ -37,9 +37,9 @@ class PerRowHooks:
                 raise RuntimeError(f"{name} holds {self.n_variants} settings: call set_rows before the forward")
             return torch.zeros(batch, dtype=torch.long)
         if len(self._rows) != batch:
-            for rows in self._shared or ():
-                if len(rows) == batch:
-                    return rows
+            stage = stage_rows(self._shared, batch)
+            if stage is not None:
+                return stage
             raise RuntimeError(f"{name}.set_rows was given {len(self._rows)} rows but the forward has batch size {batch}")
         return self._rows
 
@@ -54,6 +54,12 @@ class PerRowHooks:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def stage_rows(stages, batch: int) -> torch.Tensor | None:
+    """The variant ids of the lower fan-out stage (repair.fanout) whose forwards have `batch` rows;
+    None if none has (the stages' sizes differ, so a batch size names one)."""
+    return next((rows for rows in stages or () if len(rows) == batch), None)
 
 
 def checked_rows(variant_ids, n_variants: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from repair import arch
 from repair.errors import UserError
-from repair.methods.rows import checked_rows
+from repair.methods.rows import checked_rows, stage_rows
 
 PURPOSE = "head pruning"
 
@@ -119,9 +119,7 @@ class HeadMasker:
         self.set_masks(torch.as_tensor(np.stack([np.asarray(m, dtype=np.float32) for m in masks])))
 
     def set_rows(self, variant_ids, shared=()) -> None:
-        """Which variant each batch row of the following forwards uses (shape (B,); may repeat), and,
-        where rows share the layers below their first change (repair.fanout), those of each lower
-        stage's rows (fewer rows: a forward's batch size says which stage it is in)."""
+        """As repair.methods.rows.PerRowHooks.set_rows: each row's variant, and each lower fan-out stage's."""
         rows = checked_rows(variant_ids, self.n_variants)
         self._row_masks = [m[rows.to(m.device)] for m in self._layer_masks]
         self._shared_rows = [checked_rows(s, self.n_variants) for s in shared or ()]
@@ -136,7 +134,7 @@ class HeadMasker:
             x = args[0]
             if self._row_masks is not None:
                 mask = self._row_masks[layer]
-                stage = next((r for r in self._shared_rows if len(r) == x.shape[0] != mask.shape[0]), None)
+                stage = stage_rows(self._shared_rows, x.shape[0]) if x.shape[0] != mask.shape[0] else None
                 if stage is not None:
                     mask = self._layer_masks[layer][stage.to(mask.device)]
                 if x.shape[0] != mask.shape[0]:
