@@ -5,6 +5,8 @@ does the least work the answers need:
 - each multiple-choice prompt is encoded once and its keys/values serve every option: the options'
   tokens sit side by side after the prompt in the same row, a 4D attention mask keeping each option
   to the prompt and itself (see `_option_totals`), so nothing is recomputed or copied per option;
+  items that share tokens (a sentence frame, a BBQ context, a pair's prefix) share them the same way,
+  one prefix tree per row (repair.packing);
 - the output layer runs only at the positions whose next token is scored (the last prompt token and
   the option tokens), never over the whole sequence, and it is the model's own (see `Evaluator`);
 - prompts are sorted by length and packed into batches of at most `batch_tokens` tokens, padded on
@@ -28,13 +30,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from repair import arch
+from repair import arch, packing
 from repair.errors import UserError
 from repair.fanout import fan_out, plan, row_in_stage
+from repair.packing import WORD_END
 from repair.suites.base import ChoiceRequest, OptionScores
 
 
 PAD_WASTE = 0.05
+ROW_TOKENS = 256  # a row's tree of items grows to this many tokens (attention over it grows with its square)
 
 
 @dataclass
@@ -169,9 +173,6 @@ def _input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-WORD_END = -1  # target of the position after an option's last token when a word end is scored
-
-
 class Evaluator:
     """The fast scorer (see the module docstring). Works on CPU and CUDA alike: the device and dtype
     are the model's.
@@ -187,8 +188,8 @@ class Evaluator:
     model that neither reproduces is refused with one line naming its class instead of mis-scored.
     """
 
-    def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, progress: bool = True,
-                 on_rows=None, transform=None, first_layer=None):
+    def __init__(self, model, tokenizer, *, batch_tokens: int = 4096, max_rows: int = 128, row_tokens: int = ROW_TOKENS,
+                 progress: bool = True, on_rows=None, transform=None, first_layer=None):
         self.model, self.tokenizer = model, tokenizer
         # called with the variant id of every batch row before each forward (and, when rows share the layers below
         # the first one their variants change, with those of each lower stage's rows: see `_sharing`)
@@ -201,6 +202,7 @@ class Evaluator:
         embed = model.get_input_embeddings().weight.dtype
         self._mask_dtype = embed if embed.is_floating_point else torch.float32
         self.batch_tokens, self.max_rows, self.progress = batch_tokens, max_rows, progress
+        self.row_tokens = row_tokens  # the widest prefix tree items are packed into (repair.packing)
         self.tokens = _Tokens(tokenizer)
         config = arch.text_config(model)
         self._layer_types = sorted(set(getattr(config, "layer_types", None) or ()))
@@ -296,7 +298,7 @@ class Evaluator:
                 seq = torch.tensor([prompt + options[0]], device=self.device)
                 self._set_rows(one_row)
                 head = self._log_probs(seq, None, None, torch.ones_like(seq, dtype=torch.bool))
-                got = self._option_totals([(prompt, options, False)], one_row).cpu()
+                got = self._option_totals([[(prompt, options, False)]], one_row).cpu()
             except Exception as e:  # a forward that takes no bool logits_to_keep, or no 4D mask
                 problem = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 continue
@@ -319,7 +321,7 @@ class Evaluator:
             return False
         vocab = self.model.get_input_embeddings().weight.shape[0]
         ids = torch.randint(0, vocab, (9,), generator=torch.Generator().manual_seed(1)).tolist()
-        items = [(ids[:4], [ids[4:7], ids[7:9]], False)] * 2 + [(ids[1:6], [ids[6:9]], False)]
+        items = [[(ids[:4], [ids[4:7], ids[7:9]], False)]] * 2 + [[(ids[1:6], [ids[6:9]], False)]]
         rows = torch.zeros(3, dtype=torch.long, device=self.device)
         separate = self._option_totals(items, rows)
         shared = self._option_totals(items, rows, share=self._depth // 2)
@@ -369,19 +371,21 @@ class Evaluator:
     def score_choices_variants(self, requests: Sequence[ChoiceRequest], n_variants: int, desc: str = "") -> list[list[OptionScores]]:
         """Scores of every request under each of `n_variants` variants: result[variant][request]."""
         encoded = [self.tokens.request(r) for r in requests]
+        trees = packing.pack(encoded, self.row_tokens)
         groups = self._groups(n_variants)
-        jobs = [(g, i) for i in range(len(encoded)) for g in range(len(groups))]
-        width = _row_widths(encoded)
+        jobs = [(g, t) for t in range(len(trees)) for g in range(len(groups))]
+        width = [packing.width([encoded[i] for i in tree]) for tree in trees]
         order = sorted(range(len(jobs)), key=lambda j: width[jobs[j][1]])
         results: list[list] = [[None] * len(encoded) for _ in range(n_variants)]
         with tqdm(total=len(encoded) * n_variants, desc=desc or "scoring", unit="item", disable=not self.progress,
                   leave=False) as bar:
-            for batch in self._batches(order, [width[i] for _, i in jobs]):
+            for batch in self._batches(order, [width[t] for _, t in jobs]):
                 members = [groups[jobs[j][0]][1] for j in batch]
                 rows = torch.tensor([groups[jobs[j][0]][0] for j in batch], device=self.device)
-                for v, row, scores in self._score_batch([encoded[jobs[j][1]] for j in batch], rows, members):
-                    results[v][jobs[batch[row]][1]] = scores
-                bar.update(sum(map(len, members)))
+                batch_trees = [trees[jobs[j][1]] for j in batch]
+                for v, row, k, scores in self._score_batch([[encoded[i] for i in t] for t in batch_trees], rows, members):
+                    results[v][batch_trees[row][k]] = scores
+                bar.update(sum(len(m) * len(t) for m, t in zip(members, batch_trees)))
         return results
 
     def _groups(self, n_variants: int) -> list[tuple[int, list[int]]]:
@@ -409,7 +413,7 @@ class Evaluator:
         self.work.head_positions += sum(z.shape[0] for z in out)
         return out
 
-    def _variant_logits(self, logits: torch.Tensor, members: list[list[int]], keep: torch.Tensor, ids: torch.Tensor,
+    def _variant_logits(self, logits: torch.Tensor, members: list[list[int]], keep: torch.Tensor, text: torch.Tensor,
                         experts):
         """(variant, log-probs at the kept positions) for each variant of `members`, computed at the
         positions of the rows that stand for it (zero elsewhere); `experts(rows)` gives the transform's
@@ -418,8 +422,9 @@ class Evaluator:
 
         A batch may mix rows of many forwards (several methods' configurations): the variants the
         transform leaves alone share one log-softmax of the plain logits; the experts run only on rows
-        that stand for a variant they change, once per distinct row of text (their logits depend on the
-        text alone), and such a variant's softmax covers its own rows only."""
+        that stand for a variant they change, once per distinct row of `text` (their logits depend on the
+        text alone: rows with equal `text` compute the same), and such a variant's softmax covers its own
+        rows only."""
         if self.transform is None:
             yield None, torch.log_softmax(logits, dim=-1)
             return
@@ -436,14 +441,14 @@ class Evaluator:
         if need and self._trunk is not None:  # tops read each row's own trunk: nothing to share between rows
             same_as = {r: r for r in need}
         elif need:
-            _, inverse = torch.unique(ids[need], dim=0, return_inverse=True)
+            _, inverse = torch.unique(text[need], dim=0, return_inverse=True)
             first: dict[int, int] = {}
             for r, u in zip(need, inverse.tolist()):
                 first.setdefault(u, r)
             same_as = {r: first[u] for r, u in zip(need, inverse.tolist())}
         if need:
             reps = sorted(set(same_as.values()))
-            shift = experts(torch.tensor(reps, device=ids.device))
+            shift = experts(torch.tensor(reps, device=text.device))
             rep_start = dict(zip(reps, np.cumsum([0, *[counts[r] for r in reps[:-1]]]).tolist()))
         plain = None
         for v in wanted:
@@ -470,13 +475,15 @@ class Evaluator:
         intervention the caller installed (one variant): for gradients of a suite's metric with
         respect to that intervention, e.g. a head mask that requires grad."""
         encoded = [self.tokens.request(r) for r in requests]
-        width = _row_widths(encoded)
+        trees = packing.pack(encoded, self.row_tokens)
+        width = [packing.width([encoded[i] for i in tree]) for tree in trees]
         out: list = [None] * len(encoded)
         with torch.enable_grad():
-            for batch in self._batches(sorted(range(len(encoded)), key=width.__getitem__), width):
-                totals = self._option_totals([encoded[i] for i in batch], torch.zeros(len(batch), dtype=torch.long))
+            for batch in self._batches(sorted(range(len(trees)), key=width.__getitem__), width):
+                rows = [[encoded[i] for i in trees[t]] for t in batch]
+                totals = self._option_totals(rows, torch.zeros(len(batch), dtype=torch.long, device=self.device))
                 k = 0
-                for i in batch:
+                for i in (i for t in batch for i in trees[t]):
                     out[i] = totals[k:k + len(encoded[i][1])]
                     k += len(encoded[i][1])
         return out
@@ -502,88 +509,67 @@ class Evaluator:
         if self.on_rows is not None:
             self.on_rows(variants) if shared is None else self.on_rows(variants, shared)
 
-    def _option_totals(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor,
+    def _option_totals(self, rows: list[list[tuple[list[int], list[list[int]], bool]]], variants: torch.Tensor,
                        members: list[list[int]] | None = None, share: int | None = None):
-        """One forward per batch: each row is an item's prompt followed by all its options' tokens
-        (but the last, unless a word end is scored) side by side. A 4D attention mask lets the prompt
-        attend causally to itself and each option to the prompt's keys/values and its own earlier
-        tokens only, with position ids restarting after the prompt: the prompt is encoded once and
-        shared by every option, exactly as if each option continued the prompt's key/value cache,
-        without copying it. Logits are computed at the prompt's last position (it predicts every
-        option's first token) and at the options' positions only.
+        """One forward per batch: each row is a prefix tree of its items (repair.packing): every
+        distinct token path of their prompts and options (all of an option's tokens but the last,
+        unless a word end is scored) once, each token seeing its ancestors through a 4D attention
+        mask, at the position of its depth. A prompt is thus encoded once and shared by its options,
+        exactly as if each option continued the prompt's key/value cache, without copying it, and so
+        are the tokens items share. Logits are computed only at the nodes whose next token is scored.
 
-        Rows of one item under different variants share the layers below the first one their variants
+        Rows of one tree under different variants share the layers below the first one their variants
         change (`_sharing`; `share`: that layer, forced, for `_check_fan_out`).
 
-        Returns every option's total log-probability (a tensor, in item order); with `members` (the
-        variants each row stands for, see `_groups`), (variant, totals) pairs instead."""
-        dev = self.device
-        seqs, segs, poss, tgts, first_tok, row_of = [], [], [], [], [], []
-        j = 0
-        for b, (prompt, opts, word_end) in enumerate(items):
-            seq, seg, pos, tgt = list(prompt), [1] * len(prompt), list(range(len(prompt))), [0] * len(prompt)
-            for opt in opts:  # option j's tokens 1.. are predicted from its tokens ..-1, its word end from its last
-                fed = opt if word_end else opt[:-1]
-                seq += fed
-                seg += [j + 2] * len(fed)
-                pos += range(len(prompt), len(prompt) + len(fed))
-                tgt += opt[1:] + [WORD_END] * word_end
-                first_tok.append(opt[0])
-                row_of.append(b)
-                j += 1
-            seqs.append(seq), segs.append(seg), poss.append(pos), tgts.append(tgt)
-        ids, valid = _right_pad(seqs, dev)
-        seg, _ = _right_pad(segs, dev)  # 0: padding, 1: prompt, j + 2: option j
-        pos, _ = _right_pad(poss, dev)
-        tgt, _ = _right_pad(tgts, dev)
-        width = ids.shape[1]
-        causal = torch.ones(width, width, dtype=torch.bool, device=dev).tril()
-        sees = causal & ((seg[:, None, :] == 1) | ((seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 1)))
-        prompt_end = torch.tensor([len(p) - 1 for p, _, _ in items], device=dev)
-        keep = seg > 1
-        keep[torch.arange(len(items), device=dev), prompt_end] = True
-        keys = [(tuple(p), tuple(map(tuple, o)), w) for p, o, w in items]
-        logits = self._forward(ids, self._tree_mask(sees, pos), pos, keep, variants, valid,
+        Returns every option's total log-probability (a tensor, in row, item, option order); with
+        `members` (the variants each row stands for, see `_groups`), (variant, totals) pairs instead."""
+        packed = packing.build(rows, self.device)
+        ids, pos, sees, keep = packed.ids, packed.position, packed.sees, packed.keep
+        keys = [tuple((tuple(p), tuple(map(tuple, o)), w) for p, o, w in row) for row in rows]
+        logits = self._forward(ids, self._tree_mask(sees, pos), pos, keep, variants, packed.valid,
                                self._sharing(keys, variants, share))
 
         def totals_of(logp):
-            return self._totals(logp, seg, tgt, keep, prompt_end, row_of, first_tok)
+            return self._totals(logp, packed)
 
         if members is None:
             return totals_of(torch.log_softmax(logits, dim=-1))
         experts = lambda r: self._trunk_tops(r, keep) or [  # noqa: E731
             e._logits(ids[r], e._tree_mask(sees[r], pos[r]), pos[r], keep[r]) for e in self._experts]
-        return [(v, totals_of(logp)) for v, logp in self._variant_logits(logits, members, keep, ids, experts)]
+        text = torch.cat([ids, packed.parent], dim=1)  # rows computing the same: equal tokens in the same tree
+        return [(v, totals_of(logp)) for v, logp in self._variant_logits(logits, members, keep, text, experts)]
 
-    def _totals(self, logp, seg, tgt, keep, prompt_end, row_of, first_tok) -> torch.Tensor:
-        """Every option's total log-probability from the log-probs at the kept positions (see `_option_totals`)."""
-        dev = self.device
-        at = (keep.flatten().cumsum(0) - 1).view_as(keep)  # each kept position's row in logp
-        row_of = torch.tensor(row_of, device=dev)
-        totals = logp[at[row_of, prompt_end[row_of]], torch.tensor(first_tok, device=dev)].double()
-        kseg, ktgt = seg[keep], tgt[keep]
-        token = (kseg > 1) & (ktgt != WORD_END)
+    def _totals(self, logp, packed: packing.Packed) -> torch.Tensor:
+        """Every option's total log-probability from the log-probs at the kept nodes: the sum of its
+        terms (`packing.build`), each a token's log-prob or, for a word end, the log of the mass on
+        the tokens that start a new word."""
+        at = (packed.keep.flatten().cumsum(0) - 1).view_as(packed.keep)  # each kept node's row in logp
+        read = at[packed.term_row, packed.term_node]
+        target = packed.term_target
+        term = torch.zeros(target.shape, dtype=torch.float64, device=logp.device)
+        token = target != WORD_END
         if token.any():
-            token_logp = logp.gather(1, ktgt.clamp(min=0)[:, None])[:, 0].double()
-            totals = totals.index_add(0, kseg[token] - 2, token_logp[token])
-        end = (kseg > 1) & (ktgt == WORD_END)
+            term = term.index_put((token.nonzero()[:, 0],), logp[read[token], target[token]].double())
+        end = ~token
         if end.any():
-            end_logp = torch.logsumexp(logp[end][:, self._word_start_mask(logp.shape[1])], dim=-1).double()
-            totals = totals.index_add(0, kseg[end] - 2, end_logp)
-        return totals
+            mass = torch.logsumexp(logp[read[end]][:, self._word_start_mask(logp.shape[1])], dim=-1).double()
+            term = term.index_put((end.nonzero()[:, 0],), mass)
+        return torch.zeros(packed.n_options, dtype=torch.float64, device=logp.device).index_add(0, packed.term_option, term)
 
-    def _score_batch(self, items: list[tuple[list[int], list[list[int]], bool]], variants: torch.Tensor,
+    def _score_batch(self, rows: list[list[tuple[list[int], list[list[int]], bool]]], variants: torch.Tensor,
                      members: list[list[int]]):
-        """(variant, row, OptionScores) for every row of the batch and every variant it stands for."""
-        n_tok = np.array([len(o) for _, opts, _ in items for o in opts], dtype=np.int64)
-        for v, totals in self._option_totals(items, variants, members):
+        """(variant, row, item within the row, OptionScores) for every item of the batch's rows and every
+        variant its row stands for."""
+        n_tok = np.array([len(o) for row in rows for _, opts, _ in row for o in opts], dtype=np.int64)
+        for v, totals in self._option_totals(rows, variants, members):
             totals = totals.cpu().numpy()
             k = 0
-            for row, (_, opts, _) in enumerate(items):
-                if v is None or v in members[row]:
-                    yield (members[row][0] if v is None else v), row, OptionScores(totals[k:k + len(opts)].copy(),
-                                                                                  n_tok[k:k + len(opts)].copy())
-                k += len(opts)
+            for r, row in enumerate(rows):
+                for i, (_, opts, _) in enumerate(row):
+                    if v is None or v in members[r]:
+                        yield (members[r][0] if v is None else v), r, i, OptionScores(totals[k:k + len(opts)].copy(),
+                                                                                      n_tok[k:k + len(opts)].copy())
+                    k += len(opts)
 
     # ---- perplexity ------------------------------------------------------------------------
     def token_nll(self, token_ids, window: int, stride: int, desc: str = "") -> np.ndarray:
@@ -620,12 +606,6 @@ class Evaluator:
                         at += e - t0
                 bar.update(len(group))
         return nll.cpu().numpy()
-
-
-def _row_widths(encoded) -> list[int]:
-    """Tokens in each request's row: the prompt and every option's tokens but the last (all of them
-    when a word end is scored)."""
-    return [len(p) + sum(len(o) - 1 + word_end for o in opts) for p, opts, word_end in encoded]
 
 
 def _right_pad(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -68,9 +68,14 @@ def test_token_nll_matches_reference(make):
 def test_evaluator_counts_only_needed_output_positions():
     model, tok = tiny_llama(), ByteTokenizer()
     ev = Evaluator(model, tok, progress=False)
+    ev.score_choices([ChoiceRequest("abc", ("x", "yz"))])
+    # last prompt position + tokens 2.. of each option: 1 + (0 + 1) = 2 positions, not 3 + 1 + 2
+    assert ev.work.head_positions == 2
+    ev.work.__init__()
     ev.score_choices([ChoiceRequest("abc", (" x", " yz"))])
-    # last prompt position + tokens 2.. of each option: 1 + (1 + 2) = 4 positions, not 3 + 2 + 3
-    assert ev.work.head_positions == 4
+    # both options start with the byte " ": it is fed once and predicts both "x" and "y", so the tree is
+    # a b c " " y (5 tokens, not 3 + 2 + 3 - 2 = 6 fed) read at c, " " and y
+    assert (ev.work.tokens, ev.work.head_positions) == (5, 3)
 
 
 def test_the_table_counts_boundary_merges_only_when_there_are_some():
