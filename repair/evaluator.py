@@ -38,6 +38,7 @@ from repair.suites.base import ChoiceRequest, OptionScores
 
 
 PAD_WASTE = 0.05
+VOCAB_ROWS = 64  # positions whose logits are combined and normalised at a time (64 x 49,152 float32: 12.6 MB)
 ROW_TOKENS = 256  # a row's tree of items grows to this many tokens (attention over it grows with its square)
 
 
@@ -415,18 +416,22 @@ class Evaluator:
 
     def _variant_logits(self, logits: torch.Tensor, members: list[list[int]], keep: torch.Tensor, text: torch.Tensor,
                         experts):
-        """(variant, log-probs at the kept positions) for each variant of `members`, computed at the
-        positions of the rows that stand for it (zero elsewhere); `experts(rows)` gives the transform's
-        models' logits at the kept positions of `rows`. Without a transform each row has one variant
-        and one log-softmax serves them all (variant None: each row's own).
+        """(variant, where, z_of) for each variant of `members`: `z_of(a, b)` gives the variant's logits
+        at its positions a..b-1, and `where` numbers the kept positions that way (-1 at rows that do not
+        stand for the variant; None: every kept position, in order). `experts(rows)` gives the
+        transform's models' logits at the kept positions of `rows`. Without a transform each row has
+        one variant and the plain logits serve them all (variant None: each row's own).
 
         A batch may mix rows of many forwards (several methods' configurations): the variants the
-        transform leaves alone share one log-softmax of the plain logits; the experts run only on rows
-        that stand for a variant they change, once per distinct row of `text` (their logits depend on the
-        text alone: rows with equal `text` compute the same), and such a variant's softmax covers its own
-        rows only."""
+        transform leaves alone read the plain logits; the experts run only on rows that stand for a
+        variant they change, once per distinct row of `text` (their logits depend on the text alone:
+        rows with equal `text` compute the same). A variant's logits are combined a slice at a time as
+        they are read (`_term_log_probs`), never for all positions at once."""
+        def plain(a, b):
+            return logits[a:b]
+
         if self.transform is None:
-            yield None, torch.log_softmax(logits, dim=-1)
+            yield None, None, plain
             return
         counts = keep.sum(1).tolist()
         starts = np.cumsum([0, *counts[:-1]]).tolist()
@@ -450,25 +455,25 @@ class Evaluator:
             reps = sorted(set(same_as.values()))
             shift = experts(torch.tensor(reps, device=text.device))
             rep_start = dict(zip(reps, np.cumsum([0, *[counts[r] for r in reps[:-1]]]).tolist()))
-        plain = None
         for v in wanted:
             if v not in active:
-                plain = torch.log_softmax(logits, dim=-1) if plain is None else plain
-                yield v, plain
+                yield v, None, plain
                 continue
             rows = [r for r, m in enumerate(members) if v in m]
-            every = len(rows) == len(members)
-            own = None if every else positions(rows, starts)
-            part = logits if every else logits[own]
-            at = torch.cat([torch.arange(rep_start[same_as[r]], rep_start[same_as[r]] + counts[r], device=dev)
-                            for r in rows])
-            part = self.transform.apply(part, [s[at] for s in shift], v)
-            if every:
-                yield v, torch.log_softmax(part, dim=-1)
+            at = positions([same_as[r] for r in rows], rep_start)  # each of the variant's positions in `shift`
+            if len(rows) == len(members):
+                own, where = None, None
             else:
-                logp = torch.zeros_like(logits)
-                logp[own] = torch.log_softmax(part, dim=-1)
-                yield v, logp
+                own = positions(rows, starts)
+                where = torch.full((logits.shape[0],), -1, dtype=torch.long, device=dev)
+                where[own] = torch.arange(len(own), device=dev)
+            in_order = len(at) == shift[0].shape[0] and bool((at == torch.arange(len(at), device=dev)).all())
+
+            def z_of(a, b, v=v, own=own, at=at, in_order=in_order):
+                part = logits[a:b] if own is None else logits[own[a:b]]
+                return self.transform.apply(part, [s[a:b] if in_order else s[at[a:b]] for s in shift], v)
+
+            yield v, where, z_of
 
     def option_logprobs(self, requests: Sequence[ChoiceRequest]) -> list[torch.Tensor]:
         """Every option's total log-probability, one differentiable tensor per request, under the
@@ -529,32 +534,46 @@ class Evaluator:
         logits = self._forward(ids, self._tree_mask(sees, pos), pos, keep, variants, packed.valid,
                                self._sharing(keys, variants, share))
 
-        def totals_of(logp):
-            return self._totals(logp, packed)
+        at = (keep.flatten().cumsum(0) - 1).view_as(keep)  # each kept node's row in the logits
+        read = at[packed.term_row, packed.term_node]  # the kept position each term reads
+
+        def totals(where, z_of):  # an option's total: the sum of its terms' log-probs (packing.build)
+            terms = self._term_log_probs(z_of, logits.shape[0] if where is None else int((where >= 0).sum()),
+                                         read if where is None else where[read], packed.term_target)
+            return torch.zeros(packed.n_options, dtype=torch.float64, device=self.device).index_add(0, packed.term_option, terms)
 
         if members is None:
-            return totals_of(torch.log_softmax(logits, dim=-1))
+            return totals(None, lambda a, b: logits[a:b])
         experts = lambda r: self._trunk_tops(r, keep) or [  # noqa: E731
             e._logits(ids[r], e._tree_mask(sees[r], pos[r]), pos[r], keep[r]) for e in self._experts]
         text = torch.cat([ids, packed.parent], dim=1)  # rows computing the same: equal tokens in the same tree
-        return [(v, totals_of(logp)) for v, logp in self._variant_logits(logits, members, keep, text, experts)]
+        return [(v, totals(where, z_of)) for v, where, z_of in self._variant_logits(logits, members, keep, text, experts)]
 
-    def _totals(self, logp, packed: packing.Packed) -> torch.Tensor:
-        """Every option's total log-probability from the log-probs at the kept nodes: the sum of its
-        terms (`packing.build`), each a token's log-prob or, for a word end, the log of the mass on
-        the tokens that start a new word."""
-        at = (packed.keep.flatten().cumsum(0) - 1).view_as(packed.keep)  # each kept node's row in logp
-        read = at[packed.term_row, packed.term_node]
-        target = packed.term_target
-        term = torch.zeros(target.shape, dtype=torch.float64, device=logp.device)
-        token = target != WORD_END
-        if token.any():
-            term = term.index_put((token.nonzero()[:, 0],), logp[read[token], target[token]].double())
-        end = ~token
-        if end.any():
-            mass = torch.logsumexp(logp[read[end]][:, self._word_start_mask(logp.shape[1])], dim=-1).double()
-            term = term.index_put((end.nonzero()[:, 0],), mass)
-        return torch.zeros(packed.n_options, dtype=torch.float64, device=logp.device).index_add(0, packed.term_option, term)
+    def _term_log_probs(self, z_of, n: int, reads: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log P(target) at each term's position (float64; 0 where `reads` is -1): `reads` numbers
+        positions as `z_of(a, b)` does (logits [b - a, vocab]), `targets` are token ids or WORD_END, whose
+        log-prob is that of the tokens that start a new word. Read VOCAB_ROWS positions at a time: a
+        slice's logits and softmax stay small and are reused, where log-probs of every position at once
+        (hundreds of MB per variant in a batch) would be allocated, faulted in and freed each time."""
+        out = torch.zeros(reads.shape, dtype=torch.float64, device=reads.device)
+        order = torch.argsort(reads)
+        bounds = torch.searchsorted(reads[order], torch.arange(0, n + VOCAB_ROWS, VOCAB_ROWS, device=reads.device)).tolist()
+        for k, a in enumerate(range(0, n, VOCAB_ROWS)):
+            if bounds[k] == bounds[k + 1]:
+                continue
+            z = z_of(a, min(a + VOCAB_ROWS, n)).float()
+            terms = order[bounds[k]:bounds[k + 1]]
+            local, target = reads[terms] - a, targets[terms]
+            lse = torch.logsumexp(z, dim=-1)
+            token = target != WORD_END
+            value = torch.zeros(len(terms), dtype=torch.float64, device=reads.device)
+            value = value.index_put((token.nonzero()[:, 0],), (z[local[token], target[token]] - lse[local[token]]).double())
+            end = ~token
+            if end.any():
+                mass = torch.logsumexp(z[local[end]][:, self._word_start_mask(z.shape[1])], dim=-1) - lse[local[end]]
+                value = value.index_put((end.nonzero()[:, 0],), mass.double())
+            out = out.index_put((terms,), value)
+        return out
 
     def _score_batch(self, rows: list[list[tuple[list[int], list[list[int]], bool]]], variants: torch.Tensor,
                      members: list[list[int]]):
@@ -597,8 +616,10 @@ class Evaluator:
                 members = [groups[g][1] for g, _ in group]
                 experts = lambda r: self._trunk_tops(r, keep) or [  # noqa: E731
                     e._logits(inputs[r], mask[r], None, keep[r]) for e in self._experts]
-                for v, logp in self._variant_logits(logits, members, keep, inputs, experts):
-                    scored = -logp.gather(1, targets[:, None])[:, 0].double()
+                read = torch.arange(len(targets), device=self.device)
+                for v, where, z_of in self._variant_logits(logits, members, keep, inputs, experts):
+                    n = len(targets) if where is None else int((where >= 0).sum())
+                    scored = -self._term_log_probs(z_of, n, read if where is None else where, targets)
                     at = 0
                     for row, (_, (_, e, t0)) in enumerate(group):
                         if v is None or v in members[row]:

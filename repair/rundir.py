@@ -83,10 +83,24 @@ class RunConfig:
             own = asdict(self.options.get(name) or METHODS.options(name)())
             assert not set(own) & set(d), f"{name}'s options reuse a name of the run's: {set(own) & set(d)}"
             d.update(own)
+        d["unset"] = unset_defaults(self.options)
         d["model"] = {"model": self.model.model, "trust_remote_code": self.model.trust_remote_code}
         d["numbers"] = model_numbers(self.model)
         d["records"] = RECORDS
         return json.loads(json.dumps(d, default=str))
+
+
+def unset_defaults(options: Mapping) -> dict:
+    """What the methods' unset flags (None) resolve to in this version (`methods.base.flag`'s `unset`),
+    by flag: a run's identity records it, so a run made when a default differed is not continued under
+    another (a resumed run or a worker would compute its configurations with other settings)."""
+    from repair.methods import METHODS
+
+    out = {}
+    for name in METHODS:
+        own = options.get(name) or METHODS.options(name)()
+        out.update({f.name: f.metadata["unset"] for f in fields(own) if "unset" in f.metadata and getattr(own, f.name) is None})
+    return out
 
 
 def pop_options(identity: dict) -> dict:

@@ -18,7 +18,7 @@ from repair.errors import UserError
 from repair.models import ModelSpec, load_model, model_numbers
 from repair.objectives import Objectives
 from repair.records import NoSuchStudy, Records, open_study, redact
-from repair.rundir import RECORDS, RunConfig, check_numbers, pop_options
+from repair.rundir import RECORDS, RunConfig, check_numbers, pop_options, unset_defaults
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,11 @@ def run_config_from_study(study, worker: WorkerConfig) -> RunConfig:
                   "restart the run with this version of fairness-repair")
     data_dir = worker.data_dir or stored["data_dir"]
     identity["baselines"] = tuple(identity["baselines"])
+    unset = identity.pop("unset", {})
     options = pop_options(identity)
+    if unset != unset_defaults(options):
+        raise UserError(f"study {worker.study!r} was made when unset flags meant {unset}; this version of fairness-repair "
+                        f"means {unset_defaults(options)}: run the worker with the run's version")
     return RunConfig(out=Path("."), model=spec, data_dir=Path(data_dir) if data_dir else None, options=options,
                      heartbeat=stored["heartbeat"], **{k: v for k, v in identity.items() if k != "data_dir"})
 

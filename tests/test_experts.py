@@ -43,7 +43,9 @@ def _hand_option(trio, tok, prompt: str, option: str, setting: ExpertSetting, wo
     return total
 
 
-def test_scores_are_the_formula_applied_by_hand_for_every_variant_of_one_shared_forward(trio, one_torch_thread):
+@pytest.mark.parametrize("vocab_rows", [64, 2])  # 2: every batch's positions read in many slices
+def test_scores_are_the_formula_applied_by_hand_for_every_variant_of_one_shared_forward(trio, one_torch_thread, vocab_rows, monkeypatch):
+    monkeypatch.setattr("repair.evaluator.VOCAB_ROWS", vocab_rows)
     tok = ByteTokenizer()
     transform = ExpertsTransform(*trio, SETTINGS)
     got = Evaluator(trio[0], tok, transform=transform, progress=False).score_choices_variants(REQUESTS, len(SETTINGS))
@@ -53,7 +55,9 @@ def test_scores_are_the_formula_applied_by_hand_for_every_variant_of_one_shared_
             np.testing.assert_allclose(got[v][i].logprob, want, rtol=0, atol=2e-4)
 
 
-def test_perplexity_variants_are_the_formula_applied_by_hand(trio, one_torch_thread):
+@pytest.mark.parametrize("vocab_rows", [64, 2])  # 2: every batch's positions read in many slices
+def test_perplexity_variants_are_the_formula_applied_by_hand(trio, one_torch_thread, vocab_rows, monkeypatch):
+    monkeypatch.setattr("repair.evaluator.VOCAB_ROWS", vocab_rows)
     ids = list(range(3, 40))
     transform = ExpertsTransform(*trio, SETTINGS)
     nll = Evaluator(trio[0], ByteTokenizer(), transform=transform, progress=False).token_nll_variants(ids, 40, 40, len(SETTINGS))
@@ -293,7 +297,9 @@ def test_fine_tuning_trains_only_the_top_layers_and_lowers_the_loss(one_torch_th
     assert changed and all(n.startswith("model.layers.2.") for n in changed)
 
 
-def test_a_batch_mixing_forwards_scores_each_variant_as_by_hand(trio, one_torch_thread):
+@pytest.mark.parametrize("vocab_rows", [64, 2])  # 2: every batch's positions read in many slices
+def test_a_batch_mixing_forwards_scores_each_variant_as_by_hand(trio, one_torch_thread, vocab_rows, monkeypatch):
+    monkeypatch.setattr("repair.evaluator.VOCAB_ROWS", vocab_rows)
     """Rows of two forwards in one batch (a head mask and none), each read with and without the
     experts: a stack's rows (mask + experts) and the experts' rows get the formula on their own
     forward's logits, the experts running once per distinct text, and no variant reads another's rows."""

@@ -122,6 +122,29 @@ def test_worker_for_a_run_of_an_older_version_is_refused(model_dir, tmp_path):
         run_config_from_study(study, WorkerConfig("sqlite://", "s", device="cpu"))
 
 
+def test_an_unset_flag_is_recorded_as_what_it_resolves_to(model_dir, tmp_path):
+    """--expert-layers unset means 8 in this version: a run made when it meant 6 (its identity said so, or
+    older ones said nothing) is neither resumed nor joined, and an explicit value records no default."""
+    from dataclasses import replace
+    from repair.methods.experts.options import DEFAULT_LAYERS, ExpertsOptions
+
+    assert config(tmp_path / "x", model_dir).identity()["unset"] == {"expert_layers": DEFAULT_LAYERS} == {"expert_layers": 8}
+    explicit = replace(config(tmp_path / "x", model_dir), options={"experts": ExpertsOptions(expert_layers=4)})
+    assert explicit.identity()["unset"] == {} and explicit.identity()["expert_layers"] == 4
+    started(tmp_path / "run", model_dir)
+    saved = tmp_path / "run" / "config.json"
+    old = json.loads(saved.read_text())
+    old["identity"]["unset"] = {"expert_layers": 6}
+    saved.write_text(json.dumps(old))
+    with pytest.raises(UserError, match=r"a different configuration \(unset differ\)"):
+        prepare(config(tmp_path / "run", model_dir), {})
+    study = published(config(tmp_path / "run", model_dir))
+    study.user_attrs["run"]["identity"]["unset"] = {"expert_layers": 6}
+    with pytest.raises(UserError, match=r"made when unset flags meant \{'expert_layers': 6\}; this version .* means "
+                                        r"\{'expert_layers': 8\}"):
+        run_config_from_study(study, WorkerConfig("sqlite://", "s", device="cpu"))
+
+
 def test_hub_model_is_fingerprinted_from_its_files_like_a_local_copy(model_dir, tmp_path, monkeypatch):
     """A hub id's weights are fetched (here: found in an offline cache) before loading and hashed, so a
     worker may use a local copy of a hub model the coordinator named by id."""

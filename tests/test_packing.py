@@ -61,8 +61,9 @@ def _encode(tok, request):
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-@pytest.mark.parametrize("row_tokens", [1, 256])
-def test_trees_score_what_each_item_scores_alone(make, row_tokens):
+@pytest.mark.parametrize("row_tokens, vocab_rows", [(1, 64), (256, 64), (256, 1)])
+def test_trees_score_what_each_item_scores_alone(make, row_tokens, vocab_rows, monkeypatch):
+    monkeypatch.setattr("repair.evaluator.VOCAB_ROWS", vocab_rows)  # 1: each kept position's log-probs alone
     torch.manual_seed(0)
     model, tok = make(), ByteTokenizer(add_bos=True)
     fast = Evaluator(model, tok, row_tokens=row_tokens, progress=False)

@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 
-def flag(default, kind, help: str, **argparse_kwargs):
+def flag(default, kind, help: str, unset=None, **argparse_kwargs):
     """A field of a method's Options that is also its `repair run` flag (`--max-prune` for
-    `max_prune`): `kind` parses the flag's text (float, int, str), `help` is its --help line."""
-    return field(default=default, metadata={"kind": kind, "help": help, **argparse_kwargs})
+    `max_prune`): `kind` parses the flag's text (float, int, str), `help` is its --help line. `unset`:
+    what a default of None resolves to in this version, recorded in a run's identity
+    (`rundir.unset_defaults`), so a run made under another default is neither resumed nor joined."""
+    extra = {} if unset is None else {"unset": unset}
+    return field(default=default, metadata={"kind": kind, "help": help, **extra, **argparse_kwargs})
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class NoOptions:
 def add_flags(group, options: type) -> None:
     """Add a method's Options fields to `repair run` as flags (`group`: an argparse group)."""
     for f in fields(options):
-        extra = {k: v for k, v in f.metadata.items() if k not in ("kind", "help")}
+        extra = {k: v for k, v in f.metadata.items() if k not in ("kind", "help", "unset")}
         group.add_argument("--" + f.name.replace("_", "-"), type=f.metadata["kind"], default=f.default,
                            help=f.metadata["help"], **extra)
 

@@ -39,7 +39,7 @@ class Experts(Method):
         self.models: dict | None = None
         self.record: dict = {}
         self.expert_base = None
-        # the top layers that learn: --expert-layers, else TrainConfig's 6 or every layer of a smaller model
+        # the top layers that learn: --expert-layers, else TrainConfig's 8 or every layer of a smaller model
         self.trained_layers = self.options.expert_layers or min(training.TrainConfig.layers, _depth(model))
 
     @classmethod

@@ -12,7 +12,7 @@ while kl_uniform rises, and their effect shrank in wording they never saw. The l
 sentence after its first word.
 
 Training: each expert starts as a copy of the expert base (default: the target itself) and only its
-top K decoder layers learn (`--expert-layers`, default 6; AdamW, one pass over the text, seeded): the backward pass
+top K decoder layers learn (`--expert-layers`, default 8; AdamW, one pass over the text, seeded): the backward pass
 stops there, which makes a step 2.5 times cheaper than full fine-tuning on this CPU
 (benchmarks/experts.py --training), and the rest of the model keeps what it knew. The experts are
 saved under RUN_DIR/experts/ with their sha256, so a resumed run loads them instead of training
@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from repair.errors import UserError
+from repair.methods.experts.options import DEFAULT_LAYERS
 
 ROLES = ("expert", "anti_expert")
 
@@ -41,7 +42,7 @@ ROLES = ("expert", "anti_expert")
 class TrainConfig:
     """How the experts are trained; part of a run's identity through `repair.rundir.RunConfig`."""
 
-    layers: int = 6  # top decoder layers that learn
+    layers: int = DEFAULT_LAYERS  # top decoder layers that learn
     counterfactuals: str = "matched"  # how the expert's groups are chosen (repair.methods.experts.corpus.COUNTERFACTUAL_RULES)
     epochs: int = 1
     lr: float = 1e-4

@@ -61,9 +61,12 @@ def combine(target: torch.Tensor, expert: torch.Tensor, anti: torch.Tensor, alph
     """The combined logits (float32) for rows of logits [N, V] with per-row `alpha` [N] and rule flag
     `probs` [N] (True: probability difference); rows with alpha 0 are the target's, exactly."""
     target32 = target.float()
-    diff = torch.where(probs[:, None], torch.softmax(expert.float(), -1) - torch.softmax(anti.float(), -1),
-                       expert.float() - anti.float())
-    return torch.where((alpha == 0)[:, None], target32, target32 + alpha[:, None].to(target32) * diff)
+    by_probs, by_logits = bool(probs.any()), not bool(probs.all())  # compute only the rules some row uses
+    diff = torch.softmax(expert.float(), -1) - torch.softmax(anti.float(), -1) if by_probs else None
+    if by_logits:
+        diff = expert.float() - anti.float() if diff is None else torch.where(probs[:, None], diff, expert.float() - anti.float())
+    combined = target32 + alpha[:, None].to(target32) * diff
+    return torch.where((alpha == 0)[:, None], target32, combined) if bool((alpha == 0).any()) else combined
 
 
 def vocab_problem(target, experts: Sequence, names: Sequence[str] = ("the expert", "the anti-expert")) -> str | None:
