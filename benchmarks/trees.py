@@ -6,7 +6,8 @@ Scores the multiple-choice suites a default `repair run` scores (the search spli
 prompts, the report split's association prompts, the pairs suite and, with --data-dir holding BBQ, the
 report split's BBQ panel) with the unrepaired model twice: once with every item in its own row
 (`row_tokens=1`: its prompt shared by its options only, as before the trees) and once with the default
-trees. Checks that both give the same scores (within 1e-4), then prints for each suite the tokens
+trees. Checks that both give the same scores (within 1e-4 per option token: a pair's sentence sums
+float32 log-probs of a dozen tokens or more), then prints for each suite the tokens
 through the decoder blocks and the seconds of each, and their ratios (`<suite>: tokens X.XXx, time
 X.XXx`). The per-item pass is timed before and after the trees and averaged, so a drifting machine
 hits both sides alike.
@@ -66,10 +67,10 @@ def main() -> int:
         shared, trees_s, trees_tokens = timed(trees, requests)
         _, second_s, _ = timed(alone, requests)
         alone_s = (first_s + second_s) / 2
-        diff = max(float(np.abs(a.logprob - b.logprob).max()) for a, b in zip(first, shared))
+        diff = max(float((np.abs(a.logprob - b.logprob) / a.n_tokens).max()) for a, b in zip(first, shared))
         ok &= diff <= 1e-4
         print(f"{name}: {len(requests)} items; tokens {alone_tokens} alone, {trees_tokens} in trees; "
-              f"{alone_s:.1f} s alone ({first_s:.1f}, {second_s:.1f}), {trees_s:.1f} s in trees; max |difference| {diff:.1e}")
+              f"{alone_s:.1f} s alone ({first_s:.1f}, {second_s:.1f}), {trees_s:.1f} s in trees; max |difference| per token {diff:.1e}")
         print(f"{name}: tokens {alone_tokens / trees_tokens:.2f}x, time {alone_s / trees_s:.2f}x")
     if not ok:
         print("MISMATCH between items alone and in trees", file=sys.stderr)
