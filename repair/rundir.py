@@ -152,6 +152,10 @@ def prepare(config: RunConfig, resolved: dict) -> bool:
             raise UserError(f"{out} holds a run made by an older fairness-repair whose records are keyed by head mask "
                             "alone, which this version cannot resume (choose another --out; that run's checkpoint "
                             "and report stay as they are)")
+        if previous.get("unset") != current["unset"]:
+            raise UserError(f"{out} holds a run made when unset flags meant {previous.get('unset', 'older defaults')}; "
+                            f"this version means {current['unset']} and would compute other configurations (choose "
+                            "another --out, or resume it with the version that made it)")
         if previous != current:
             diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise UserError(f"{out} holds a run with a different configuration ({', '.join(diff)} differ): "

@@ -418,6 +418,14 @@ def resume_records_v1(w) -> list:
     return run(w, "--device", "cpu")
 
 
+def resume_other_default(w) -> list:
+    saved = started_run(w) / "config.json"
+    old = json.loads(saved.read_text())
+    old["identity"]["unset"] = {"expert_layers": 6}  # as a run that left --expert-layers unset recorded it under the default 6
+    saved.write_text(json.dumps(old))
+    return run(w, "--device", "cpu")
+
+
 def worker_with_other_model(w) -> list:
     out = started_run(w)
     return ["worker", "--storage", f"sqlite:///{out / 'study.db'}", "--study", "repair-out", "--model", other_model(w),
@@ -634,6 +642,10 @@ CASES = [
     Case("resume-records-v1", "resuming a run whose records are keyed by head mask alone (before the method-neutral pipeline)",
          "a killed `run` whose `config.json` lacks `identity.records`, the same `run` again",
          resume_records_v1, "holds a run made by an older fairness-repair whose records are keyed by head mask alone"),
+    Case("resume-other-default", "resuming a run made when an unset flag meant another value",
+         "a killed `run` whose `config.json` says `identity.unset` = `{\"expert_layers\": 6}`, the same `run` again",
+         resume_other_default, "holds a run made when unset flags meant {'expert_layers': 6}; this version means "
+                               "{'expert_layers': 8}"),
     Case("worker-other-model", "a worker pointed at another model than the run's",
          "a `run` killed at its first evaluation (SQLite study), then `worker --model OTHER` (another random checkpoint)",
          worker_with_other_model, "(different model weights: point --model at a copy of the run's model, with --device cpu)",

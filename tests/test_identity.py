@@ -136,7 +136,7 @@ def test_an_unset_flag_is_recorded_as_what_it_resolves_to(model_dir, tmp_path):
     old = json.loads(saved.read_text())
     old["identity"]["unset"] = {"expert_layers": 6}
     saved.write_text(json.dumps(old))
-    with pytest.raises(UserError, match=r"a different configuration \(unset differ\)"):
+    with pytest.raises(UserError, match=r"made when unset flags meant \{'expert_layers': 6\}; this version means "):
         prepare(config(tmp_path / "run", model_dir), {})
     study = published(config(tmp_path / "run", model_dir))
     study.user_attrs["run"]["identity"]["unset"] = {"expert_layers": 6}
