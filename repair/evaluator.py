@@ -372,10 +372,9 @@ class Evaluator:
     def score_choices_variants(self, requests: Sequence[ChoiceRequest], n_variants: int, desc: str = "") -> list[list[OptionScores]]:
         """Scores of every request under each of `n_variants` variants: result[variant][request]."""
         encoded = [self.tokens.request(r) for r in requests]
-        trees = packing.pack(encoded, self.row_tokens)
+        trees, width = packing.pack(encoded, self.row_tokens)
         groups = self._groups(n_variants)
         jobs = [(g, t) for t in range(len(trees)) for g in range(len(groups))]
-        width = [packing.width([encoded[i] for i in tree]) for tree in trees]
         order = sorted(range(len(jobs)), key=lambda j: width[jobs[j][1]])
         results: list[list] = [[None] * len(encoded) for _ in range(n_variants)]
         with tqdm(total=len(encoded) * n_variants, desc=desc or "scoring", unit="item", disable=not self.progress,
@@ -480,8 +479,7 @@ class Evaluator:
         intervention the caller installed (one variant): for gradients of a suite's metric with
         respect to that intervention, e.g. a head mask that requires grad."""
         encoded = [self.tokens.request(r) for r in requests]
-        trees = packing.pack(encoded, self.row_tokens)
-        width = [packing.width([encoded[i] for i in tree]) for tree in trees]
+        trees, width = packing.pack(encoded, self.row_tokens)
         out: list = [None] * len(encoded)
         with torch.enable_grad():
             for batch in self._batches(sorted(range(len(trees)), key=width.__getitem__), width):
@@ -538,8 +536,7 @@ class Evaluator:
         read = at[packed.term_row, packed.term_node]  # the kept position each term reads
 
         def totals(where, z_of):  # an option's total: the sum of its terms' log-probs (packing.build)
-            terms = self._term_log_probs(z_of, logits.shape[0] if where is None else int((where >= 0).sum()),
-                                         read if where is None else where[read], packed.term_target)
+            terms = self._term_log_probs(z_of, where, logits.shape[0], read, packed.term_target)
             return torch.zeros(packed.n_options, dtype=torch.float64, device=self.device).index_add(0, packed.term_option, terms)
 
         if members is None:
@@ -549,12 +546,15 @@ class Evaluator:
         text = torch.cat([ids, packed.parent], dim=1)  # rows computing the same: equal tokens in the same tree
         return [(v, totals(where, z_of)) for v, where, z_of in self._variant_logits(logits, members, keep, text, experts)]
 
-    def _term_log_probs(self, z_of, n: int, reads: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log P(target) at each term's position (float64; 0 where `reads` is -1): `reads` numbers
-        positions as `z_of(a, b)` does (logits [b - a, vocab]), `targets` are token ids or WORD_END, whose
-        log-prob is that of the tokens that start a new word. Read VOCAB_ROWS positions at a time: a
-        slice's logits and softmax stay small and are reused, where log-probs of every position at once
-        (hundreds of MB per variant in a batch) would be allocated, faulted in and freed each time."""
+    def _term_log_probs(self, z_of, where, n_kept: int, reads: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log P(target) at each term's kept position `reads` (float64; 0 at positions `where` leaves out),
+        from a variant's (`_variant_logits`) logits `z_of(a, b)` ([b - a, vocab], its positions as `where`
+        numbers them; None: all `n_kept`, in order); `targets` are token ids or WORD_END, whose log-prob is
+        that of the tokens that start a new word. Read VOCAB_ROWS positions at a time: a slice's logits
+        and softmax stay small and are reused, where log-probs of every position at once (hundreds of MB
+        per variant in a batch) would be allocated, faulted in and freed each time."""
+        n = n_kept if where is None else int((where >= 0).sum())
+        reads = reads if where is None else where[reads]
         out = torch.zeros(reads.shape, dtype=torch.float64, device=reads.device)
         order = torch.argsort(reads)
         bounds = torch.searchsorted(reads[order], torch.arange(0, n + VOCAB_ROWS, VOCAB_ROWS, device=reads.device)).tolist()
@@ -618,8 +618,7 @@ class Evaluator:
                     e._logits(inputs[r], mask[r], None, keep[r]) for e in self._experts]
                 read = torch.arange(len(targets), device=self.device)
                 for v, where, z_of in self._variant_logits(logits, members, keep, inputs, experts):
-                    n = len(targets) if where is None else int((where >= 0).sum())
-                    scored = -self._term_log_probs(z_of, n, read if where is None else where, targets)
+                    scored = -self._term_log_probs(z_of, where, len(targets), read, targets)
                     at = 0
                     for row, (_, (_, e, t0)) in enumerate(group):
                         if v is None or v in members[row]:

@@ -78,10 +78,11 @@ def width(items: Sequence[Item]) -> int:
     return len(tree.token)
 
 
-def pack(items: Sequence[Item], width_limit: int) -> list[list[int]]:
-    """Rows of item indices (see the module docstring); every item in exactly one row."""
+def pack(items: Sequence[Item], width_limit: int) -> tuple[list[list[int]], list[int]]:
+    """Rows of item indices (see the module docstring), every item in exactly one row, and each row's width."""
     rows: list[list[int]] = []
-    tree, alone = None, 0
+    widths: list[int] = []
+    tree = None
     for i in sorted(range(len(items)), key=lambda i: (items[i][0], i)):
         if tree is not None:
             before, created = len(tree.token), []
@@ -89,12 +90,14 @@ def pack(items: Sequence[Item], width_limit: int) -> list[list[int]]:
             grown = len(tree.token) - before
             if width([items[i]]) - grown >= MIN_SHARED and len(tree.token) <= width_limit:
                 rows[-1].append(i)
+                widths[-1] = len(tree.token)
                 continue
             tree.undo(created)
         tree = _Tree()
         tree.add(items[i])
         rows.append([i])
-    return rows
+        widths.append(len(tree.token))
+    return rows, widths
 
 
 @dataclass(frozen=True)
@@ -129,17 +132,15 @@ def build(rows: Sequence[Sequence[Item]], device) -> Packed:
     parent = np.full((len(rows), size), -1, dtype=np.int64)
     position = np.zeros((len(rows), size), dtype=np.int64)
     sees = np.zeros((len(rows), size, size), dtype=bool)
+    valid = np.zeros((len(rows), size), dtype=np.int64)
     for r, tree in enumerate(trees):
         n = len(tree.token)
-        ids[r, :n], parent[r, :n] = tree.token, tree.parent
+        ids[r, :n], parent[r, :n], valid[r, :n] = tree.token, tree.parent, 1
         for node, up in enumerate(tree.parent):  # a parent precedes its children
             if up >= 0:
                 sees[r, node] = sees[r, up]
                 position[r, node] = position[r, up] + 1
             sees[r, node, node] = True
-    valid = np.zeros((len(rows), size), dtype=np.int64)
-    for r, tree in enumerate(trees):
-        valid[r, :len(tree.token)] = 1
     option, row, node, target = (np.array(c, dtype=np.int64) for c in zip(*terms))
     keep = np.zeros((len(rows), size), dtype=bool)
     keep[row, node] = True

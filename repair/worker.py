@@ -58,9 +58,10 @@ def run_config_from_study(study, worker: WorkerConfig) -> RunConfig:
     identity["baselines"] = tuple(identity["baselines"])
     unset = identity.pop("unset", {})
     options = pop_options(identity)
-    if unset != unset_defaults(options):
+    ours = unset_defaults(options)
+    if unset != ours:
         raise UserError(f"study {worker.study!r} was made when unset flags meant {unset}; this version of fairness-repair "
-                        f"means {unset_defaults(options)}: run the worker with the run's version")
+                        f"means {ours}: run the worker with the run's version")
     return RunConfig(out=Path("."), model=spec, data_dir=Path(data_dir) if data_dir else None, options=options,
                      heartbeat=stored["heartbeat"], **{k: v for k, v in identity.items() if k != "data_dir"})
 

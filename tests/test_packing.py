@@ -47,12 +47,12 @@ def test_a_tree_is_laid_out_by_hand():
 def test_pack_merges_items_that_share_more_than_the_first_token():
     tok = ByteTokenizer(add_bos=True)
     encoded = [_encode(tok, r) for r in REQUESTS]
-    rows = packing.pack(encoded, 10_000)
+    rows, widths = packing.pack(encoded, 10_000)
     assert sorted(map(sorted, rows)) == [[0, 1, 2, 3, 4], [5]]  # "A different start" shares only the BOS
     assert sorted(i for row in rows for i in row) == list(range(len(REQUESTS)))
-    assert sorted(packing.pack(encoded, 1)) == [[i] for i in range(len(REQUESTS))]  # no room: each item alone
-    for row in rows:
-        assert packing.width([encoded[i] for i in row]) == distinct_paths([encoded[i] for i in row])
+    assert sorted(packing.pack(encoded, 1)[0]) == [[i] for i in range(len(REQUESTS))]  # no room: each item alone
+    for row, w in zip(rows, widths):
+        assert packing.width([encoded[i] for i in row]) == w == distinct_paths([encoded[i] for i in row])
 
 
 def _encode(tok, request):
