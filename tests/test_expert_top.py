@@ -110,3 +110,29 @@ def test_a_saved_top_loads_back_the_same_and_another_depth_is_refused(pair, tmp_
     assert all(torch.equal(p, q) for p, q in zip(tops[0].state_dict().values(), again.state_dict().values()))
     with pytest.raises(ValueError, match="the target has 4 layers"):
         load_top(tmp_path / "expert", tiny_llama(0, num_hidden_layers=4))
+
+
+def test_tops_built_while_the_target_is_hooked_carry_none_of_its_hooks(pair, tmp_path, one_torch_thread):
+    """In a stack the other parts' hooks (a neutralizer, steering) are the target's: tops built or loaded
+    while they are attached run without them, as the full expert models do. (Copied with them, the
+    tops of a FairMed + experts stack neutralized their own layers too, and its export failed the
+    reload check.)"""
+    target, full, tops = pair
+    for role, top in zip(("expert", "anti"), tops):
+        top.save_pretrained(tmp_path / role)
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41, 7]])
+    setting = ExpertSetting(2.0)
+    handle = target.model.layers[-1].mlp.register_forward_hook(lambda m, args, out: out * 3)
+    try:
+        built = tuple(ExpertTop.from_model(target, m, K) for m in full)
+        loaded = tuple(load_top(tmp_path / role, target) for role in ("expert", "anti"))
+        assert not any(getattr(m, name) for top in built + loaded for m in top.modules()
+                       for name in ("_forward_hooks", "_forward_pre_hooks"))
+        want, _ = _attached(target, full, lambda: target(ids).logits, setting)
+        for models in (built, loaded):
+            got, _ = _attached(target, models, lambda: target(ids).logits, setting)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    finally:
+        handle.remove()
+    with torch.no_grad():  # the hook changed the repaired target's logits: it was there to be copied
+        assert not torch.allclose(want, _attached(target, full, lambda: target(ids).logits, setting)[0], atol=1e-3)

@@ -21,6 +21,19 @@ import torch
 TOP_FILE, TOP_META = "top.safetensors", "top.json"
 
 
+def copy_without_hooks(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` without the forward and backward hooks on it or its submodules. An expert
+    is a model of its own: the interventions hooked on the target when it is copied (a stack's neutralizer
+    or steering, the evaluator's fan-out) are the target's, and deepcopy would carry them, with copies of
+    the objects they are bound to, into the copy."""
+    memo = {}
+    for m in module.modules():
+        for name, value in vars(m).items():
+            if name.startswith(("_forward_", "_backward_")) and isinstance(value, dict):
+                memo[id(value)] = type(value)()  # deepcopy takes this fresh, empty dict as the copy of the hooks
+    return copy.deepcopy(module, memo)
+
+
 def keep_positions(hidden: torch.Tensor, logits_to_keep) -> torch.Tensor:
     """The hidden states a CausalLM runs its head on for `logits_to_keep` (transformers' rule: 0 all,
     an int the last ones, a boolean [B, T] mask flattened row-major)."""
@@ -44,7 +57,7 @@ class ExpertTop(torch.nn.Module):
         if not 1 <= k <= len(layers):
             raise ValueError(f"an expert top of {k} layers on a model of {len(layers)}")
         self.start, self.k = len(layers) - k, k
-        self.layers = torch.nn.ModuleList(copy.deepcopy(layer) for layer in layers[self.start:])
+        self.layers = torch.nn.ModuleList(copy_without_hooks(layer) for layer in layers[self.start:])
         if state is not None:
             self.layers.load_state_dict(state)
         self.layers.requires_grad_(False).eval()

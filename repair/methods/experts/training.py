@@ -21,7 +21,6 @@ they run over the target's own trunk), else (`--expert-base`) as whole safetenso
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -120,7 +119,7 @@ def fine_tune(model, tokenizer, pairs: list[tuple[str, str]], config: TrainConfi
 def train(base, tokenizer, text: dict, config: TrainConfig, target=None) -> tuple[dict, dict]:
     """({role: a copy of `base` trained on text[role]}, what was done: sentences, losses). With
     `target` (the model `base` is), each expert is kept as its trained top layers over the target's trunk."""
-    from repair.methods.experts.top import ExpertTop, plain_head
+    from repair.methods.experts.top import ExpertTop, copy_without_hooks, plain_head
 
     if target is not None and not plain_head(target):
         target = None  # its logits are more than head(norm(h)) (a soft-cap): whole expert models, as with --expert-base
@@ -128,7 +127,7 @@ def train(base, tokenizer, text: dict, config: TrainConfig, target=None) -> tupl
     models, info = {}, {"config": asdict(config), "sentences": {r: len(t) for r, t in text.items()}, "loss": {}}
     for k, role in enumerate(ROLES):
         torch.manual_seed(config.seed + k)
-        model = copy.deepcopy(base)
+        model = copy_without_hooks(base)
         losses = fine_tune(model, tokenizer, text[role], config, f"training the {role.replace('_', '-')}")
         info["loss"][role] = {"first": losses[0], "last": sum(losses[-5:]) / len(losses[-5:]), "steps": len(losses)}
         models[role] = model if target is None else ExpertTop.from_model(target, model, config.layers)
