@@ -493,7 +493,7 @@ def run_search(config: RunConfig, loaded: LoadedModel, objectives: Objectives, m
     timing = Timing(config.out / "timing.json")
     search_split = eval_config(config, "search")
     probes = ProbePass(loaded, search_split, {site: modules for m in methods.values()
-                                              for site, modules in m.probe_sites(loaded.model).items()})
+                                              for site, modules in m.probe_sites(loaded.model).items()}, config.out)
     for name, method in methods.items():
         with timing(name):  # the shared probe pass is timed with the first method that asks for it
             method.prepare(loaded, method.config, eval_config(method.config, "search"), probes)

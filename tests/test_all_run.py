@@ -42,6 +42,18 @@ def _candidates(run):
     return [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
 
 
+def test_one_probe_pass_is_kept_and_both_fits_name_it(all_run):
+    """FairMed's probers and FairSteer's steering were fitted on the run's one pass, kept once in the run
+    folder with its sha256 (no method keeps activations of its own)."""
+    from repair.io import sha256_file
+
+    record = json.loads((all_run / "probe-pass.json").read_text())
+    assert record["sha256"] == sha256_file(all_run / "probe-pass.npz") and set(record["key"]["sites"]) == {"mlp", "residual"}
+    assert json.loads((all_run / "fairmed" / "probe-scores.json").read_text())["activations_sha256"] == record["sha256"]
+    assert json.loads((all_run / "fairsteer" / "steering.json").read_text())["activations_sha256"] == record["sha256"]
+    assert not list(all_run.glob("*/activations.npz"))
+
+
 # ---- parsing ------------------------------------------------------------------------------------
 
 

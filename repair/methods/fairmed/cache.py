@@ -14,6 +14,10 @@ suite data's sha256. A rerun reuses what still matches:
   fitted is refused rather than trusted (the neutralizer acts on whatever the file says);
 - anything else (new settings, recomputed activations, a missing file) refits from the activations.
 
+In a run the activations are the run's one probe pass (repair.methods.probe_pass, kept in the run
+folder for every method): the folder then holds only the probers and their scores, which name the
+pass's sha256.
+
 Every file is written atomically: a temporary name in the same folder, then os.replace.
 """
 from __future__ import annotations
@@ -40,12 +44,13 @@ BEST = 5  # layers named on format_scores' last line
 
 
 def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = True,
-          fit_settings: dict | None = None, compute=None) -> tuple[Probers, list[dict]]:
+          fit_settings: dict | None = None, source=None) -> tuple[Probers, list[dict]]:
     """The probers and their held-out scores for `loaded` on `eval_config`'s association prompts,
     cached in `folder` (created if missing; see the module docstring for what is reused).
     `fit_settings`: dims, l2_grid and/or folds for repair.methods.fairmed.probers.fit, its defaults otherwise.
-    `compute`: what measures the probe data when the folder holds none (default probe_data; a run
-    passes its shared pass)."""
+    `source`: where a run's probe data comes from (a repair.methods.probe_pass.PassSite, the run's
+    one pass for every method); the folder then keeps no activations of its own, and the probers are
+    refitted when the pass they were fitted on has been replaced."""
     from repair.methods.fairmed.probers import DIMS, FOLDS, L2_GRID, Probers
     from repair.suites.association import load_data
 
@@ -62,22 +67,28 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
         raise TypeError(f"unknown fit settings {sorted(unknown)}")
     settings = {**settings, "l2_grid": [float(x) for x in settings["l2_grid"]], "seed": seed}
     acts_path, probers_path, scores_path = folder / ACTIVATIONS, folder / PROBERS, folder / SCORES
-
-    fresh = not acts_path.exists()
-    if fresh:
-        from repair.methods.fairmed.probers import probe_data
-
-        data = compute() if compute is not None else probe_data(loaded, eval_config, progress=progress)
-        save_data(acts_path, data, key)
-    else:
-        data = load_data_file(acts_path, key)
-    acts_sha = sha256_file(acts_path)
-
     record = _read_scores(scores_path)
-    if record is not None and not fresh and record.get("activations_sha256") != acts_sha:
-        raise UserError(f"{acts_path} changed since the probers in {folder} were fitted on it (its sha256 differs "
-                        f"from {SCORES}'s); delete it to recompute")
-    if record is not None and not fresh and record.get("settings") == settings and probers_path.exists():
+
+    if source is not None:
+        kept = source.recorded()  # None: the pass is not kept (any more); the probers' own sha256 still guards them
+        reuse = record is not None and (kept is None or record.get("activations_sha256") == kept)
+        load, acts_sha = source.data, None
+    else:
+        fresh = not acts_path.exists()
+        if fresh:
+            from repair.methods.fairmed.probers import probe_data
+
+            data = probe_data(loaded, eval_config, progress=progress)
+            save_data(acts_path, data, key)
+        else:
+            data = load_data_file(acts_path, key)
+        acts_sha = sha256_file(acts_path)
+        if record is not None and not fresh and record.get("activations_sha256") != acts_sha:
+            raise UserError(f"{acts_path} changed since the probers in {folder} were fitted on it (its sha256 differs "
+                            f"from {SCORES}'s); delete it to recompute")
+        reuse = record is not None and not fresh
+        load = lambda: data  # noqa: E731
+    if reuse and record.get("data") == key and record.get("settings") == settings and probers_path.exists():
         if sha256_file(probers_path) != record.get("probers_sha256"):
             raise UserError(f"{probers_path} is not the file that was fitted (its sha256 differs from {SCORES}'s); "
                             f"delete it to recompute")
@@ -85,11 +96,12 @@ def probe(loaded, eval_config, folder: Path, *, seed: int = 0, progress: bool = 
 
     from repair.methods.fairmed.probers import fit
 
+    data = load()
     probers, scores = fit(data, **settings)
     probers_sha = _replace_with(probers_path, probers.save)
     write_json_atomic(scores_path, {
-        "scores": scores, "activations_sha256": acts_sha, "probers_sha256": probers_sha, "settings": settings,
-        "data_sha256": data_sha, "data": key,
+        "scores": scores, "activations_sha256": acts_sha or source.sha256(), "probers_sha256": probers_sha,
+        "settings": settings, "data_sha256": data_sha, "data": key,
     })
     return probers, scores
 

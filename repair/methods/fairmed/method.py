@@ -100,9 +100,9 @@ class FairMed(Method):
         return {"mlp": mlp_modules(model)}
 
     def prepare(self, loaded, config, search, probes) -> None:
-        """Probers on the search split, cached in RUN_DIR/fairmed/ (a rerun reuses them)."""
+        """Probers on the search split's probe pass, cached in RUN_DIR/fairmed/ (a rerun reuses them)."""
         self.probers, self.scores = probe(loaded, search, config.out / "fairmed", seed=config.seed,
-                                          compute=lambda: probes.data("mlp"))
+                                          source=probes.site("mlp"))
 
     def artifacts(self) -> dict:
         """The probers, for workers (they evaluate with the coordinator's, not ones of their own)."""

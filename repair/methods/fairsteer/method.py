@@ -114,7 +114,7 @@ class FairSteer(Method):
         """Probes and vectors on the search split, kept in RUN_DIR/fairsteer/ (a rerun reuses them)."""
         self.steering, self.scores = steering.prepare(loaded, search, config.out / "fairsteer",
                                                       self.options.steer_labels,
-                                                      measure=lambda: probes.data("residual"))
+                                                      source=probes.site("residual") if "residual" in probes.sites else None)
         self.space = replace(self.space, gates=self.steering.gate_table())
         best = sorted(self.scores, key=lambda s: -s["macro_f1"])[:3]
         print("FairSteer probes (held-out macro-F1, majority label %.3f): " % best[0]["majority_f1"]

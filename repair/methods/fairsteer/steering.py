@@ -225,32 +225,38 @@ def bbq_label(item, scores: np.ndarray) -> int:
 
 
 def prepare(loaded, eval_config, folder: Path, labelling: str = "association", margin: float = MARGIN,
-            progress: bool = True, measure=None) -> tuple[Steering, list[dict]]:
+            progress: bool = True, source=None) -> tuple[Steering, list[dict]]:
     """The steering for `loaded`, fitted once and kept in `folder` (steering.safetensors, and
     steering.json with its sha256 and the probe scores): a resumed run reads it back, checked.
-    `measure`: what gives the association labelling's probe data (default: measured here)."""
+    `source`: where the association labelling's probe data comes from (a run's probe pass,
+    repair.methods.probe_pass.PassSite, whose sha256 the record names: a fit on a pass since replaced
+    is refitted); default: measured here."""
     from repair.io import write_bytes_atomic, write_json_atomic
 
     folder = Path(folder)
     path, record_path = folder / "steering.safetensors", folder / "steering.json"
+    kept = source.recorded() if source is not None and labelling == "association" else None
     if path.is_file() and record_path.is_file():
         record = json.loads(record_path.read_text())
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != record.get("sha256"):
             raise UserError(f"{path} does not match the sha256 in {record_path} (delete both to refit)")
-        return Steering.from_bytes(data), record["scores"]
+        if kept is None or record.get("activations_sha256") == kept:
+            return Steering.from_bytes(data), record["scores"]
     if labelling == "bbq":
         acts, label, concepts = bbq_examples(loaded, eval_config, progress)
         excess = None
     else:
         acts, label, concepts, excess = association_examples(loaded, eval_config, margin, progress,
-                                                             measure() if measure is not None else None)
+                                                             source.data() if source is not None else None)
     steering, scores = fit(acts, label, concepts, excess=excess, extremes=VECTOR_EXTREMES)
     folder.mkdir(parents=True, exist_ok=True)
     raw = steering.to_bytes()
     write_bytes_atomic(path, raw)
+    used = source.sha256() if source is not None and labelling == "association" else None
     write_json_atomic(record_path, {"sha256": hashlib.sha256(raw).hexdigest(), "labels": labelling,
-                                    "margin": margin if labelling == "association" else None, "scores": scores})
+                                    "margin": margin if labelling == "association" else None,
+                                    "activations_sha256": used, "scores": scores})
     return steering, scores
 
 
