@@ -12,7 +12,6 @@ when a method's own fit is missing or stale."""
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +82,7 @@ class ProbePass:
 
     def data(self, site: str):
         """The ProbeData of `site`: measured now (and kept) when the folder holds no pass, else read back."""
-        from repair.methods.fairmed.probers import ProbeData
+        from repair.methods.fairmed.cache import read_npz
 
         self.site(site)
         if self._data is None and (self.recorded() is None or not (self.folder / FILE).is_file()):
@@ -100,15 +99,8 @@ class ProbePass:
             self._checked = True
         try:
             with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(str(z["meta"]))
-                width = {a: len(g) for a, g in meta["groups"].items()}
-                attributes = tuple(str(a) for a in z["attributes"])
-                return ProbeData(z[f"activations.{site}"], attributes, tuple(str(c) for c in z["concepts"]),
-                                 z["neutral"].astype(bool),
-                                 tuple(row[:width[a]] for row, a in zip(z["distributions"], attributes)),
-                                 {a: tuple(g) for a, g in meta["groups"].items()},
-                                 tuple(tuple(s) for s in meta["stereotyped"]))
-        except (OSError, ValueError, KeyError) as exc:
+                return read_npz(z, json.loads(str(z["meta"])), f"activations.{site}")
+        except (OSError, ValueError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
             raise UserError(f"{path} is not a readable probe pass ({type(exc).__name__}); delete it and {RECORD} "
                             "to measure the pass again") from None
 
@@ -146,23 +138,7 @@ class PassSite:
 
 def save(path: Path, data: dict) -> None:
     """Every site's ProbeData (they share their rows) as one .npz, atomically: `activations.SITE` per
-    site, the rows' fields once (distributions padded with NaN to the widest attribute)."""
-    from repair.methods.fairmed.cache import _replace_with
+    site, the rows' fields once (repair.methods.fairmed.cache.write_npz)."""
+    from repair.methods.fairmed.cache import write_npz
 
-    first = next(iter(data.values()))
-    width = max(len(g) for g in first.groups.values())
-    dists = np.full((len(first.distributions), width), np.nan, dtype=np.float64)
-    for i, d in enumerate(first.distributions):
-        dists[i, :len(d)] = d
-    meta = json.dumps({"groups": {a: list(g) for a, g in first.groups.items()},
-                       "stereotyped": [list(s) for s in first.stereotyped]})
-
-    def write(tmp: Path):
-        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez(f, **{f"activations.{name}": d.activations for name, d in data.items()},
-                     attributes=np.array(first.attributes, dtype=str), concepts=np.array(first.concepts, dtype=str),
-                     neutral=first.neutral, distributions=dists, meta=np.array(meta))
-            f.flush()
-            os.fsync(f.fileno())
-
-    _replace_with(path, write)
+    write_npz(path, {f"activations.{name}": d.activations for name, d in data.items()}, next(iter(data.values())), {})

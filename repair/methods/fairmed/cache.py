@@ -134,16 +134,39 @@ def _replace_with(path: Path, write) -> str:
 
 
 def save_data(path: Path, data: ProbeData, key: dict) -> None:
-    """ProbeData as an .npz (distributions padded with NaN to the widest attribute), atomically."""
+    """ProbeData as an .npz (`write_npz`), atomically."""
+    write_npz(path, {"activations": data.activations}, data, {"key": key})
+
+
+def load_data_file(path: Path, key: dict | None = None) -> ProbeData:
+    """ProbeData from `save_data`'s file; with `key`, a UserError unless it was measured for that key."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            data = read_npz(z, meta, "activations")
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not a readable probe cache ({type(exc).__name__}); delete it to recompute") from None
+    if key is not None and meta["key"] != key:
+        what = [k for k in key if meta["key"].get(k) != key[k]]
+        raise UserError(f"{path} holds activations of another {' and '.join(what)} than this run's; delete it to "
+                        f"recompute, or choose another folder")
+    return data
+
+
+def write_npz(path: Path, activations: dict, data: ProbeData, meta: dict) -> None:
+    """An .npz of `activations` (name -> array) and `data`'s per-row fields (distributions padded with
+    NaN to the widest attribute; groups and each row's stereotyped groups in the JSON `meta`, with
+    `meta`'s own entries), written atomically."""
     width = max(len(g) for g in data.groups.values())
     dists = np.full((len(data.distributions), width), np.nan, dtype=np.float64)
     for i, d in enumerate(data.distributions):
         dists[i, :len(d)] = d
-    meta = json.dumps({"key": key, "groups": {a: list(g) for a, g in data.groups.items()}})
+    meta = json.dumps({**meta, "groups": {a: list(g) for a, g in data.groups.items()},
+                       "stereotyped": [list(s) for s in data.stereotyped]})
 
     def write(tmp: Path):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
-            np.savez(f, activations=data.activations, attributes=np.array(data.attributes, dtype=str),
+            np.savez(f, **activations, attributes=np.array(data.attributes, dtype=str),
                      concepts=np.array(data.concepts, dtype=str), neutral=data.neutral, distributions=dists,
                      meta=np.array(meta))
             f.flush()
@@ -152,24 +175,16 @@ def save_data(path: Path, data: ProbeData, key: dict) -> None:
     _replace_with(path, write)
 
 
-def load_data_file(path: Path, key: dict | None = None) -> ProbeData:
-    """ProbeData from `save_data`'s file; with `key`, a UserError unless it was measured for that key."""
+def read_npz(z, meta: dict, activations: str) -> ProbeData:
+    """ProbeData from an open `write_npz` file `z` (its parsed `meta`), with the activations named `activations`."""
     from repair.methods.fairmed.probers import ProbeData
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"]))
-            n_groups = {a: len(g) for a, g in meta["groups"].items()}
-            attributes = tuple(str(a) for a in z["attributes"])
-            data = ProbeData(z["activations"], attributes, tuple(str(c) for c in z["concepts"]), z["neutral"].astype(bool),
-                             tuple(row[:n_groups[a]] for row, a in zip(z["distributions"], attributes)),
-                             {a: tuple(g) for a, g in meta["groups"].items()})
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} is not a readable probe cache ({type(exc).__name__}); delete it to recompute") from None
-    if key is not None and meta["key"] != key:
-        what = [k for k in key if meta["key"].get(k) != key[k]]
-        raise UserError(f"{path} holds activations of another {' and '.join(what)} than this run's; delete it to "
-                        f"recompute, or choose another folder")
-    return data
+
+    n_groups = {a: len(g) for a, g in meta["groups"].items()}
+    attributes = tuple(str(a) for a in z["attributes"])
+    return ProbeData(z[activations], attributes, tuple(str(c) for c in z["concepts"]), z["neutral"].astype(bool),
+                     tuple(row[:n_groups[a]] for row, a in zip(z["distributions"], attributes)),
+                     {a: tuple(g) for a, g in meta["groups"].items()},
+                     tuple(tuple(s) for s in meta.get("stereotyped", ())))
 
 
 def _read_scores(path: Path) -> dict | None:
