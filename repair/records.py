@@ -47,6 +47,11 @@ def redact(url: str) -> str:
         return url.split("@")[-1] if "@" in url else url
 
 
+# what a process loses when it opens a fresh database or study together with others (table and row
+# creation races; a commit that lost one, as Optuna reports it): opening again finds what the winner made
+RACES = ("IntegrityError", "ProgrammingError", "StorageInternalError")
+
+
 def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, attempts: int = 5) -> optuna.storages.RDBStorage:
     """An RDB storage whose RUNNING trials are stale after three missed heartbeats. Processes that open
     a fresh database together race to create Optuna's tables; the losers retry and find them made."""
@@ -57,22 +62,29 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, attempts: int = 5
             raise UserError(f"no database driver for {redact(url)} (for PostgreSQL: pip install 'psycopg[binary]', "
                             "or install this package with its [postgres] extra)") from None
         except Exception as exc:
-            if type(exc).__name__ not in ("IntegrityError", "ProgrammingError") or attempt == attempts - 1:
+            if type(exc).__name__ not in RACES or attempt == attempts - 1:
                 raise _unreachable(url, exc) from None
             time.sleep(0.2)
 
 
-def open_study(storage: str, name: str, heartbeat: int = HEARTBEAT_SECONDS, *, create: bool = True) -> optuna.Study:
+def open_study(storage: str, name: str, heartbeat: int = HEARTBEAT_SECONDS, *, create: bool = True,
+               attempts: int = 5) -> optuna.Study:
+    """The study `name` (created unless `create` is False), retried like `open_storage` when a process
+    opening it at the same time wins a race."""
     rdb = open_storage(storage, heartbeat)
-    try:
-        if not create:
-            return optuna.load_study(study_name=name, storage=rdb)
-        return optuna.create_study(storage=rdb, study_name=name, directions=["minimize", "minimize"], load_if_exists=True)
-    except KeyError:
-        raise NoSuchStudy(f"no study named {name!r} in {redact(storage)} (start `repair run --storage ... --study {name}` "
-                        "first, or check --study)") from None
-    except Exception as exc:
-        raise _unreachable(storage, exc) from None
+    for attempt in range(attempts):
+        try:
+            if not create:
+                return optuna.load_study(study_name=name, storage=rdb)
+            return optuna.create_study(storage=rdb, study_name=name, directions=["minimize", "minimize"],
+                                       load_if_exists=True)
+        except KeyError:
+            raise NoSuchStudy(f"no study named {name!r} in {redact(storage)} (start `repair run --storage ... --study "
+                              f"{name}` first, or check --study)") from None
+        except Exception as exc:
+            if type(exc).__name__ not in RACES or attempt == attempts - 1:
+                raise _unreachable(storage, exc) from None
+            time.sleep(0.2)
 
 
 def _unreachable(url: str, exc: BaseException) -> UserError:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import ROOT, SMALL, stored, study_trials
+from repair.errors import UserError
 
 PG = os.environ.get("REPAIR_TEST_POSTGRES")
 pytestmark = pytest.mark.skipif(not PG, reason="needs REPAIR_TEST_POSTGRES: run through bin/test, which creates a fresh database")
@@ -115,3 +116,29 @@ def test_processes_opening_a_fresh_database_together_all_succeed():
             assert proc.wait(120) == 0, proc.stderr.read()[-2000:]
     finally:
         subprocess.run([*tool, "drop", url], check=True)
+
+
+def test_opening_a_study_retries_a_commit_lost_to_another_process(tmp_path, monkeypatch):
+    """A worker once failed its start because its commit lost to the coordinator's on a fresh PostgreSQL
+    study (Optuna's StorageInternalError); opening again finds the study the winner made."""
+    import optuna
+
+    from repair.records import open_study
+
+    calls = []
+    create = optuna.create_study
+
+    def lose_once(**kwargs):
+        calls.append(kwargs["study_name"])
+        if len(calls) == 1:
+            create(**kwargs)  # the winner's study is there; this process's commit is the one that failed
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.")
+        return create(**kwargs)
+
+    monkeypatch.setattr(optuna, "create_study", lose_once)
+    study = open_study(f"sqlite:///{tmp_path / 'study.db'}", "raced")
+    assert calls == ["raced", "raced"] and study.study_name == "raced"
+    monkeypatch.setattr(optuna, "create_study", lambda **kw: (_ for _ in ()).throw(
+        optuna.exceptions.StorageInternalError("An exception is raised during the commit.")))
+    with pytest.raises(UserError, match="cannot open the study storage .* An exception is raised during the commit"):
+        open_study(f"sqlite:///{tmp_path / 'other.db'}", "never", attempts=2)
