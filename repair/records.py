@@ -52,12 +52,24 @@ def redact(url: str) -> str:
 RACES = ("IntegrityError", "ProgrammingError", "StorageInternalError")
 
 
+# one storage (one SQLAlchemy engine and its connection pool) per database server URL and heartbeat in a
+# process: a worker polling for its run would otherwise open a new pool at each poll and hold its
+# connections until garbage collection, and PostgreSQL refuses clients past max_connections (100 by
+# default). SQLite files are opened afresh: a file deleted and made again must not be written through
+# an old connection to the deleted one.
+_OPEN: dict[tuple[str, int], optuna.storages.RDBStorage] = {}
+
+
 def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """An RDB storage whose RUNNING trials are stale after three missed heartbeats. Processes that open
-    a fresh database together race to create Optuna's tables; the losers retry and find them made."""
+    """An RDB storage whose RUNNING trials are stale after three missed heartbeats, opened once per
+    process. Processes that open a fresh database together race to create Optuna's tables; the losers
+    retry and find them made."""
+    if (url, heartbeat) in _OPEN:
+        return _OPEN[url, heartbeat]
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
+            rdb = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
+            return rdb if url.startswith("sqlite") else _OPEN.setdefault((url, heartbeat), rdb)
         except ImportError:
             raise UserError(f"no database driver for {redact(url)} (for PostgreSQL: pip install 'psycopg[binary]', "
                             "or install this package with its [postgres] extra)") from None
