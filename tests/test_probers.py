@@ -112,6 +112,46 @@ def _score(scores, attr, layer):
     return s
 
 
+def test_written_out_gradient_fits_what_autograd_fits():
+    """softmax_regression's hand-written loss and gradient against the same L-BFGS run on autograd's
+    (the fit as it was first written): soft labels, two L2 strengths, every layer at once."""
+    gen = torch.Generator().manual_seed(0)
+    F = torch.randn(2, 40, 5, generator=gen, dtype=torch.float64)
+    Y = torch.softmax(torch.randn(40, 3, generator=gen, dtype=torch.float64), -1)
+    l2 = torch.tensor([1e-3, 1.0], dtype=torch.float64)
+    W = torch.zeros(2, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(2, 2, 3, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=30, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        logits = torch.einsum("lnk,rlkg->rlng", F, W) + b[:, :, None, :]
+        ce = -(Y * torch.log_softmax(logits, -1)).sum(-1).mean(-1)
+        total = (ce + l2[:, None] * (W ** 2).sum((2, 3))).sum()
+        total.backward()
+        return total
+
+    opt.step(loss)
+    got_W, got_b = P.softmax_regression(F, Y, l2, iters=30)
+    assert got_W.shape == W.shape and got_b.shape == b.shape
+    assert torch.allclose(got_W, W.detach(), atol=1e-8) and torch.allclose(got_b, b.detach(), atol=1e-8)
+    assert got_W[1].abs().sum() < got_W[0].abs().sum()  # the stronger penalty shrinks
+
+
+def test_principal_directions_are_the_svds_up_to_sign():
+    X = np.random.default_rng(1).normal(size=(50, 2, 8)).astype(np.float32) * np.arange(1, 9)  # distinct spreads
+    mu, sd, P_, F = P.features(X, 4)
+    for layer in range(2):
+        x = X[:, layer].astype(np.float64)
+        z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+        vt = np.linalg.svd(z - z.mean(0), full_matrices=False)[2][:4]
+        sign = np.sign((vt * P_[layer]).sum(-1))
+        np.testing.assert_allclose(P_[layer], vt * sign[:, None], atol=1e-8)
+        np.testing.assert_allclose(F[layer].numpy(), z @ (vt * sign[:, None]).T, atol=1e-8)
+        np.testing.assert_allclose(mu[layer], x.mean(0), rtol=1e-10)
+
+
 def test_fit_finds_the_signal_layer_and_not_the_noise(fitted):
     data, _, scores = fitted
     assert len(scores) == L * len(GROUPS)

@@ -157,42 +157,62 @@ def collect(model, tokenizer, prompts, batch: int = 64, progress=None, modules=N
     return np.concatenate(out).astype(np.float32)
 
 
-def _standardise_and_project(X: np.ndarray, dims: int):
-    """Per layer: mean, scale and the top principal directions of all prompts pooled. X: (n, L, d)."""
-    mu = X.mean(0)  # (L, d)
-    sd = X.std(0) + 1e-6
-    Z = (X - mu) / sd
-    proj = []
-    for layer in range(X.shape[1]):
-        _, _, vt = np.linalg.svd(Z[:, layer] - Z[:, layer].mean(0), full_matrices=False)
-        proj.append(vt[: min(dims, vt.shape[0])])
-    k = min(p.shape[0] for p in proj)
-    return mu, sd, np.stack([p[:k] for p in proj])  # (L, d), (L, d), (L, k, d)
+def features(X: np.ndarray, dims: int | None):
+    """(mu, sd, P, F) for X (n, L, d), float32 or float64, worked in float64 a layer at a time: each
+    layer's mean and scale over every row, its top `dims` principal directions (every one with None),
+    P (L, k, d), and the standardised rows projected on them, F (L, n, k) as a tensor.
+
+    The directions are the eigenvectors of the d x d scatter matrix: the right singular vectors an SVD
+    of the rows would give (up to sign, which the fits below mirror exactly), in about a third of its
+    time on a search split's 13,000 rows."""
+    n, L, d = X.shape
+    k = min(d if dims is None else dims, n, d)
+    mu, sd, P = np.empty((L, d)), np.empty((L, d)), np.empty((L, k, d))
+    F = torch.empty(L, n, k, dtype=torch.float64)
+    for layer in range(L):
+        x = torch.from_numpy(np.ascontiguousarray(X[:, layer], dtype=np.float64))
+        m, s = x.mean(0), x.std(0, correction=0) + 1e-6
+        z = (x - m) / s
+        centred = z - z.mean(0)
+        directions = torch.linalg.eigh(centred.T @ centred).eigenvectors.flip(-1)[:, :k].T  # (k, d), largest first
+        mu[layer], sd[layer], P[layer] = m.numpy(), s.numpy(), directions.numpy()
+        F[layer] = z @ directions.T
+    return mu, sd, P, F
 
 
 def softmax_regression(F: torch.Tensor, Y: torch.Tensor, l2: torch.Tensor, iters: int = 100):
     """Fit, for every layer and L2 strength at once, logits = F W + b to soft labels Y by cross-entropy
     + l2 * |W|^2 (full-batch L-BFGS; the problems are independent, so one optimiser serves them all).
-    F: (L, n, k), Y: (n, G), l2: (R,). Returns W (R, L, k, G), b (R, L, G)."""
+    F: (L, n, k), Y: (n, G), l2: (R,). Returns W (R, L, k, G), b (R, L, G).
+
+    The loss and its gradient are written out (d CE / d logits = softmax - Y, per row's label mass)
+    rather than taken by autograd: log_softmax over a handful of groups and its backward were half the
+    fit's time. The weights are laid out (L, k, R, G) so every strength shares one matmul per layer."""
     R, (L, n, k), G = len(l2), F.shape, Y.shape[1]
-    W = torch.zeros(R, L, k, G, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(R, L, G, dtype=torch.float64, requires_grad=True)
+    W = torch.zeros(L, k, R, G, dtype=torch.float64)
+    b = torch.zeros(L, R, G, dtype=torch.float64)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, tolerance_grad=1e-9, tolerance_change=1e-12,
                             line_search_fn="strong_wolfe")
+    Fc, Ft = F.contiguous(), F.transpose(1, 2)
+    labels, mass = Y[None, :, None, :], Y.sum(-1)[None, :, None]  # (1, n, 1, G), (1, n, 1)
+    penalty = l2.to(torch.float64)[None, None, :, None]
 
     def loss():
-        opt.zero_grad()
-        logits = torch.einsum("lnk,rlkg->rlng", F, W) + b[:, :, None, :]
-        ce = -(Y * torch.log_softmax(logits, -1)).sum(-1).mean(-1)  # (R, L)
-        total = (ce + l2[:, None] * (W ** 2).sum((2, 3))).sum()
-        total.backward()
-        return total
+        logits = torch.baddbmm(b.view(L, 1, R * G), Fc, W.view(L, k, R * G)).view(L, n, R, G)
+        top = logits.amax(-1, keepdim=True)
+        e = (logits - top).exp_()
+        total_e = e.sum(-1, keepdim=True)
+        lse = (top + total_e.log()).squeeze(-1)  # (L, n, R)
+        ce = (lse * mass - (logits * labels).sum(-1)).mean(1)  # (L, R)
+        d_logits = e.div_(total_e).mul_(mass[..., None]).sub_(labels).div_(n)
+        W.grad = torch.bmm(Ft, d_logits.view(L, n, R * G)).view(L, k, R, G).add_(penalty * W, alpha=2)
+        b.grad = d_logits.sum(1)
+        return ce.sum() + (penalty * W * W).sum()
 
     # torch's own thread count: one thread was once measured faster; on torch 2.13 and this 2-core CPU two
     # threads fit a problem of 30 layers, 64 dims and 200 / 700 / 2,000 rows 3.1x / 2.1x / 2.4x faster
-    with torch.enable_grad():
-        opt.step(loss)
-    return W.detach(), b.detach()
+    opt.step(loss)
+    return W.permute(2, 0, 1, 3).contiguous(), b.permute(1, 0, 2).contiguous()
 
 
 def _predict(F: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -211,12 +231,6 @@ def macro_f1(true: np.ndarray, pred: np.ndarray) -> float:
     return float(f1_score(true, pred, average="macro", labels=np.unique(true), zero_division=0))
 
 
-def features(X: np.ndarray, dims: int | None):
-    """(mu, sd, P, F): the standardise-and-project pieces for X (n, L, d) and its features F (L, n, k)."""
-    mu, sd, P = _standardise_and_project(X, X.shape[2] if dims is None else dims)
-    return mu, sd, P, torch.from_numpy(np.einsum("nld,lkd->lnk", (X - mu) / sd, P))
-
-
 def fit(data: ProbeData, *, dims: int | None = DIMS, l2_grid=L2_GRID, folds: int = FOLDS, seed: int = 0,
         pool_projection: bool = True) -> tuple["Probers", list[dict]]:
     """Probers for every layer and attribute, and their cross-validated scores (one dict per layer and
@@ -226,7 +240,7 @@ def fit(data: ProbeData, *, dims: int | None = DIMS, l2_grid=L2_GRID, folds: int
     benchmark lever: benchmarks/probers.py)."""
     from sklearn.model_selection import GroupKFold
 
-    X = data.activations.astype(np.float64)
+    X = data.activations
     n, L, d = X.shape
     pooled = features(X, dims) if pool_projection else None
     l2 = torch.tensor(l2_grid, dtype=torch.float64)

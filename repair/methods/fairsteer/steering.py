@@ -133,7 +133,7 @@ def fit(activations: np.ndarray, label: np.ndarray, concepts, *, dims: int | Non
     from sklearn.model_selection import GroupKFold
 
     use = label >= 0
-    X = activations[use].astype(np.float64)  # (n, L, d)
+    X = activations[use]  # (n, L, d)
     y = label[use]
     if len(set(y)) < 2:
         raise UserError(f"every labelled prompt is {'biased' if len(y) and y[0] else 'unbiased'}: FairSteer needs "
