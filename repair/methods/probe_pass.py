@@ -65,9 +65,10 @@ class ProbePass:
         except (OSError, ValueError, KeyError, TypeError):
             raise UserError(f"{path} is not a readable probe-pass record; delete it and {FILE} to measure the pass again") from None
         if key != self.key():
-            what = [k for k in self.key() if not isinstance(key, dict) or key.get(k) != self.key()[k]]
-            raise UserError(f"{self.folder / FILE} holds activations of another {' and '.join(what)} than this run's; "
-                            f"delete it and {RECORD} to measure the pass again")
+            from repair.methods.fairmed.cache import measured_for_another
+
+            raise UserError(f"{self.folder / FILE} {measured_for_another(key, self.key())}; delete it and {RECORD} to "
+                            "measure the pass again")
         return sha
 
     def sha256(self) -> str:

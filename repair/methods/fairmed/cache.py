@@ -147,10 +147,14 @@ def load_data_file(path: Path, key: dict | None = None) -> ProbeData:
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         raise UserError(f"{path} is not a readable probe cache ({type(exc).__name__}); delete it to recompute") from None
     if key is not None and meta["key"] != key:
-        what = [k for k in key if meta["key"].get(k) != key[k]]
-        raise UserError(f"{path} holds activations of another {' and '.join(what)} than this run's; delete it to "
-                        f"recompute, or choose another folder")
+        raise UserError(f"{path} {measured_for_another(meta['key'], key)}; delete it to recompute, or choose another folder")
     return data
+
+
+def measured_for_another(found, key: dict) -> str:
+    """What a kept activations file's key `found` differs in from this run's `key`, said in words."""
+    what = [k for k in key if not isinstance(found, dict) or found.get(k) != key[k]]
+    return f"holds activations of another {' and '.join(what)} than this run's"
 
 
 def write_npz(path: Path, activations: dict, data: ProbeData, meta: dict) -> None:

@@ -134,21 +134,24 @@ def collect(model, tokenizer, prompts, batch: int = 64, progress=None, modules=N
 
     handles = [m.register_forward_hook(keep(i)) for i, m in enumerate(modules)]
     device = _input_device(model)
-    out = []
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths: little padding
+    out: list[np.ndarray] = [None] * len(ids)
     try:
         for start in range(0, len(ids), batch):
-            chunk = ids[start:start + batch]
+            members = order[start:start + batch]
+            chunk, at = [ids[i] for i in members], [positions[i] for i in members]
             width = max(map(len, chunk))
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             x = torch.tensor([s + [pad] * (width - len(s)) for s in chunk], device=device)
             mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in chunk], device=device)
-            at = positions[start:start + batch]
             if any(not 0 <= t < len(s) for s, pos in zip(chunk, at) for t in pos):
                 raise ValueError("a read position lies outside its prompt's tokens")
             rows = torch.tensor([r for r, pos in enumerate(at) for _ in pos], device=device)
             cols = torch.tensor([t for pos in at for t in pos], device=device)
             model(input_ids=x, attention_mask=mask, use_cache=False)
-            out.append(torch.stack(taken, 1).numpy())
+            got = torch.stack(taken, 1).numpy()
+            for i, part in zip(members, np.split(got, np.cumsum([len(pos) for pos in at])[:-1])):
+                out[i] = part
             if progress is not None:
                 progress.update(len(chunk))
     finally:
