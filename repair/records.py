@@ -61,8 +61,8 @@ _OPEN: dict[tuple[str, int], optuna.storages.RDBStorage] = {}
 
 
 def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """An RDB storage whose RUNNING trials are stale after three missed heartbeats, opened once per
-    process. Processes that open a fresh database together race to create Optuna's tables; the losers
+    """An RDB storage whose RUNNING trials are stale after three missed heartbeats (a database server's
+    opened once per process, see _OPEN). Processes that open a fresh database together race to create Optuna's tables; the losers
     retry and find them made."""
     if (url, heartbeat) in _OPEN:
         return _OPEN[url, heartbeat]
