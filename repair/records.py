@@ -62,21 +62,17 @@ _OPEN: dict[tuple[str, int], optuna.storages.RDBStorage] = {}
 
 def open_storage(url: str, heartbeat: int = HEARTBEAT_SECONDS, attempts: int = 5) -> optuna.storages.RDBStorage:
     """An RDB storage whose RUNNING trials are stale after three missed heartbeats (a database server's
-    opened once per process, see _OPEN). Processes that open a fresh database together race to create Optuna's tables; the losers
-    retry and find them made."""
+    opened once per process, see _OPEN). Processes that open a fresh database together race to create
+    Optuna's tables; the losers retry and find them made."""
     if (url, heartbeat) in _OPEN:
         return _OPEN[url, heartbeat]
-    for attempt in range(attempts):
-        try:
-            rdb = optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat)
-            return rdb if url.startswith("sqlite") else _OPEN.setdefault((url, heartbeat), rdb)
-        except ImportError:
-            raise UserError(f"no database driver for {redact(url)} (for PostgreSQL: pip install 'psycopg[binary]', "
-                            "or install this package with its [postgres] extra)") from None
-        except Exception as exc:
-            if type(exc).__name__ not in RACES or attempt == attempts - 1:
-                raise _unreachable(url, exc) from None
-            time.sleep(0.2)
+    try:
+        rdb = _retrying_races(url, attempts, ImportError, lambda: optuna.storages.RDBStorage(
+            url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat))
+    except ImportError:
+        raise UserError(f"no database driver for {redact(url)} (for PostgreSQL: pip install 'psycopg[binary]', "
+                        "or install this package with its [postgres] extra)") from None
+    return rdb if url.startswith("sqlite") else _OPEN.setdefault((url, heartbeat), rdb)
 
 
 def open_study(storage: str, name: str, heartbeat: int = HEARTBEAT_SECONDS, *, create: bool = True,
@@ -84,18 +80,30 @@ def open_study(storage: str, name: str, heartbeat: int = HEARTBEAT_SECONDS, *, c
     """The study `name` (created unless `create` is False), retried like `open_storage` when a process
     opening it at the same time wins a race."""
     rdb = open_storage(storage, heartbeat)
+
+    def opened():
+        if not create:
+            return optuna.load_study(study_name=name, storage=rdb)
+        return optuna.create_study(storage=rdb, study_name=name, directions=["minimize", "minimize"], load_if_exists=True)
+
+    try:
+        return _retrying_races(storage, attempts, KeyError, opened)
+    except KeyError:
+        raise NoSuchStudy(f"no study named {name!r} in {redact(storage)} (start `repair run --storage ... --study "
+                          f"{name}` first, or check --study)") from None
+
+
+def _retrying_races(url: str, attempts: int, passing: type[Exception], opening: Callable):
+    """`opening()`, tried again after a lost race (RACES); a `passing` exception goes to the caller to
+    name, any other failure (or the last lost race) is the one-line "cannot open" UserError."""
     for attempt in range(attempts):
         try:
-            if not create:
-                return optuna.load_study(study_name=name, storage=rdb)
-            return optuna.create_study(storage=rdb, study_name=name, directions=["minimize", "minimize"],
-                                       load_if_exists=True)
-        except KeyError:
-            raise NoSuchStudy(f"no study named {name!r} in {redact(storage)} (start `repair run --storage ... --study "
-                              f"{name}` first, or check --study)") from None
+            return opening()
+        except passing:
+            raise
         except Exception as exc:
             if type(exc).__name__ not in RACES or attempt == attempts - 1:
-                raise _unreachable(storage, exc) from None
+                raise _unreachable(url, exc) from None
             time.sleep(0.2)
 
 
